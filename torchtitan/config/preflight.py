@@ -1,0 +1,74 @@
+"""Checks that need the world size and model shape but no process group.
+
+They run on every rank before `init_process_group`, so a bad combination is
+one clear line on stderr and a non-zero exit instead of a hang.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from torchtitan.config.job_config import JobConfig
+from torchtitan.config.manager import ConfigError
+
+
+def build_model_args(spec, cfg: JobConfig, device_type: str):
+    from torchtitan.models.common.attention import resolve_sdpa_backend
+
+    args = dataclasses.replace(spec.model_args(cfg.model.flavor))
+    if cfg.model.vocab_size > 0:
+        args.vocab_size = cfg.model.vocab_size
+    args.max_seq_len = cfg.training.seq_len
+    args.sdpa_backend = resolve_sdpa_backend(cfg.model.sdpa_backend, device_type)
+    return args
+
+
+def preflight(cfg: JobConfig, world_size: int) -> None:
+    from torchtitan.distributed.parallel_dims import ParallelDims
+    from torchtitan.models import get_train_spec
+
+    spec = get_train_spec(cfg.model.name)
+    args = spec.model_args(cfg.model.flavor)
+    p, t = cfg.parallelism, cfg.training
+    if cfg.checkpoint.create_seed_checkpoint:
+        if world_size > 1:
+            raise ConfigError(f"checkpoint.create_seed_checkpoint needs a single process (NGPU=1 and all parallel "
+                              f"degrees 1), but the world size is {world_size}")
+        if not cfg.checkpoint.enable:
+            raise ConfigError("checkpoint.create_seed_checkpoint needs checkpoint.enable_checkpoint")
+    dims = ParallelDims.from_config(p, world_size)
+    heads, kv = args.n_heads, getattr(args, "n_kv_heads", None) or args.n_heads
+    if heads % dims.tp or kv % dims.tp:
+        raise ConfigError(f"parallelism.tensor_parallel_degree = {dims.tp} must divide the model's {heads} attention "
+                          f"heads and {kv} KV heads ({cfg.model.name} {cfg.model.flavor})")
+    if dims.pp > args.n_layers:
+        raise ConfigError(f"parallelism.pipeline_parallel_degree = {dims.pp} exceeds the {args.n_layers} layers of "
+                          f"{cfg.model.name} {cfg.model.flavor}")
+    if dims.cp > 1 and t.seq_len % (2 * dims.cp):
+        raise ConfigError(f"training.seq_len = {t.seq_len} must be divisible by 2 x context_parallel_degree = {2 * dims.cp}")
+    if dims.tp > 1 and dims.tp * dims.cp > 1 and t.seq_len % (dims.tp * max(2 * dims.cp, 1)):
+        raise ConfigError(f"training.seq_len = {t.seq_len} must be divisible by tensor_parallel_degree x 2 x "
+                          f"context_parallel_degree for sequence parallel")
+    if dims.pp > 1 and t.local_batch_size % p.pipeline_parallel_microbatch_size:
+        raise ConfigError(f"training.local_batch_size = {t.local_batch_size} must be a multiple of "
+                          f"parallelism.pipeline_parallel_microbatch_size = {p.pipeline_parallel_microbatch_size}")
+    per_micro = t.local_batch_size * dims.dp
+    if t.global_batch_size > 0 and t.global_batch_size % per_micro:
+        raise ConfigError(f"training.global_batch_size = {t.global_batch_size} must be a multiple of local_batch_size x "
+                          f"data-parallel degree = {t.local_batch_size} x {dims.dp} = {per_micro}")
+    if p.enable_async_tensor_parallel and not (cfg.compile.enable and _has_cuda()):
+        raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and compile.enable")
+    if cfg.model.tokenizer_path and not os.path.exists(cfg.model.tokenizer_path):
+        raise ConfigError(f"model.tokenizer_path {cfg.model.tokenizer_path}: no such file or folder")
+    if t.dataset_path and not os.path.exists(t.dataset_path):
+        raise ConfigError(f"training.dataset_path {t.dataset_path}: no such file or folder")
+    if t.dataset == "memmap" and not t.memmap_paths:
+        raise ConfigError("training.dataset = memmap needs training.memmap_paths")
+    if cfg.float8.recipe_name and "float8" in cfg.model.converters and not _has_cuda():
+        raise ConfigError("model.converters float8 needs a CUDA GPU with float8 support (torchao)")
+
+
+def _has_cuda() -> bool:
+    from torchtitan.tools.device import detect_device_type
+
+    return detect_device_type() == "cuda"

@@ -1,0 +1,87 @@
+"""Parallel degrees, their validation, and the one DeviceMesh every parallelism uses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from torchtitan.config.job_config import Parallelism
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    world_size: int
+    _mesh: DeviceMesh | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: Parallelism, world_size: int) -> "ParallelDims":
+        """Validate degrees against the world size; dp_shard = -1 takes what is left."""
+        rep, shard, cp, tp, pp = (cfg.data_parallel_replicate_degree, cfg.data_parallel_shard_degree,
+                                  cfg.context_parallel_degree, cfg.tensor_parallel_degree, cfg.pipeline_parallel_degree)
+        others = rep * cp * tp * pp
+        if shard == -1:
+            if world_size % others:
+                raise ValueError(
+                    f"world size {world_size} is not divisible by data_parallel_replicate_degree x context_parallel_degree x "
+                    f"tensor_parallel_degree x pipeline_parallel_degree = {rep}x{cp}x{tp}x{pp} = {others}")
+            shard = world_size // others
+        if rep * shard * cp * tp * pp != world_size:
+            raise ValueError(
+                f"parallel degrees multiply to {rep}x{shard}x{cp}x{tp}x{pp} = {rep * shard * cp * tp * pp} "
+                f"(dp_replicate x dp_shard x cp x tp x pp) but the world size is {world_size}; "
+                f"set parallelism.data_parallel_shard_degree = -1 to infer it")
+        return cls(dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp, pp=pp, world_size=world_size)
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
+        # Flattened views: dp for data loading, dp_shard_cp for FSDP, dp_cp for loss averaging.
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        self._mesh = mesh
+        return mesh
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        assert self._mesh is not None, "call build_mesh first"
+        return self._mesh
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard * self.cp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def non_data_parallel_size(self) -> int:
+        return self.cp * self.tp * self.pp
+
+    def describe(self) -> str:
+        return (f"world {self.world_size}: pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} "
+                f"cp={self.cp} tp={self.tp}")
