@@ -37,15 +37,16 @@ def set_pg_timeout(seconds: int) -> None:
             pass  # not every backend exposes a settable timeout; the init timeout then stays
 
 
-def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
-    if dist.is_initialized() and (group is None or dist.get_world_size(group) > 1):
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over `group`; None means a trivial group (nothing to reduce), never the world."""
+    if group is not None and dist.get_world_size(group) > 1:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
 
 
-def all_reduce_max(x: torch.Tensor, group=None) -> torch.Tensor:
-    if dist.is_initialized() and (group is None or dist.get_world_size(group) > 1):
+def all_reduce_max(x: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
     return x

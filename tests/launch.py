@@ -1,0 +1,56 @@
+"""Launch the real trainer in subprocesses (torchrun on gloo) and read back its metrics."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBUG_CONFIG = os.path.join(ROOT, "train_configs", "debug_model.toml")
+
+# Small and fast: every layout in the parity tests uses these unless told otherwise.
+TINY = ["--training.seq_len", "64", "--training.local_batch_size", "4", "--metrics.log_freq", "1",
+        "--lr_scheduler.warmup_steps", "2", "--training.steps", "5", "--activation_checkpoint.mode", "none"]
+
+
+def _env(extra: dict | None) -> dict:
+    env = dict(os.environ)
+    env.update({"PYTHONUNBUFFERED": "1", "TORCHTITAN_FORCE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_train(dump_folder: str, args: list[str], nproc: int = 1, timeout: int = 300, config: str = DEBUG_CONFIG,
+              env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """torchrun -m torchtitan.train with a config and overrides; dump_folder is forced."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", "localhost:0", "-m", "torchtitan.train", "--job.config_file", config,
+           "--job.dump_folder", dump_folder, "--comm.init_timeout_seconds", "120", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_python(args: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(dump_folder: str) -> list[dict]:
+    path = os.path.join(dump_folder, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(dump_folder: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(dump_folder)}
+
+
+def make_seed_checkpoint(dump_folder: str, extra: list[str] | None = None) -> str:
+    """A step-0 seed in dump_folder/checkpoint; returns the step-0 path."""
+    run_train(dump_folder, ["--checkpoint.enable_checkpoint", "--checkpoint.create_seed_checkpoint",
+                            "--training.seq_len", "64", *(extra or [])], nproc=1)
+    return os.path.join(dump_folder, "checkpoint", "step-0")
