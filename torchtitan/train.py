@@ -51,8 +51,11 @@ def train(cfg: JobConfig) -> list[dict]:
     dist_utils.set_determinism(cfg.training.seed if cfg.training.seed is not None else 0, cfg.training.deterministic)
     with torch.device("meta"):
         model = spec.model_cls(model_args)
+    loss_fn = spec.build_loss_fn(cfg.training, "loss" in cfg.compile.components and cfg.compile.enable)
+    loss_scale = [1.0]  # train_step writes each step's global scale here; the pipeline loss reads it
     if dims.pp_enabled:
-        pp_schedule, model_parts, has_first, has_last = spec.pipelining_fn(model, dims, cfg, device, spec.parallelize_fn)
+        pp_schedule, model_parts, has_first, has_last = spec.pipelining_fn(
+            model, dims, cfg, device, spec.parallelize_fn, loss_fn=loss_fn, loss_scale=loss_scale)
     else:
         model_parts, pp_schedule, has_first, has_last = [spec.parallelize_fn(model, dims, cfg, device_type)], None, True, True
     for part in model_parts:
@@ -75,8 +78,7 @@ def train(cfg: JobConfig) -> list[dict]:
 
     ctx = TrainContext(cfg=cfg, dims=dims, mesh=mesh, model_parts=model_parts, pp_schedule=pp_schedule,
                        has_first=has_first, has_last=has_last, device=device,
-                       loss_fn=spec.build_loss_fn(cfg.training, "loss" in cfg.compile.components and cfg.compile.enable),
-                       optimizers=optimizers, lr_schedulers=lr_schedulers)
+                       loss_fn=loss_fn, optimizers=optimizers, lr_schedulers=lr_schedulers, loss_scale=loss_scale)
     metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, rank, device_type, model_args.flops_per_token(cfg.training.seq_len),
                             world, cfg.training.steps, write_files=(rank == 0))
     logger.info(f"{cfg.model.name} {cfg.model.flavor}: {model_args.num_params(False):,} params, {dims.describe()}, "
@@ -102,6 +104,7 @@ def train(cfg: JobConfig) -> list[dict]:
             dist_utils.set_pg_timeout(cfg.comm.train_timeout_seconds)
     checkpoint.close()
     metrics.close()
+    gc.enable()  # train() may be called again in this process (tests/integration/parity_driver.py)
     logger.info("training finished")
     return records
 

@@ -52,6 +52,10 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
     if dims.pp > 1 and t.local_batch_size % p.pipeline_parallel_microbatch_size:
         raise ConfigError(f"training.local_batch_size = {t.local_batch_size} must be a multiple of "
                           f"parallelism.pipeline_parallel_microbatch_size = {p.pipeline_parallel_microbatch_size}")
+    if dims.pp > 1:
+        from torchtitan.distributed.pipeline import check_pipeline_config
+
+        check_pipeline_config(cfg, args, dims)
     per_micro = t.local_batch_size * dims.dp
     if t.global_batch_size > 0 and t.global_batch_size % per_micro:
         raise ConfigError(f"training.global_batch_size = {t.global_batch_size} must be a multiple of local_batch_size x "

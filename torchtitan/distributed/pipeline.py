@@ -1,5 +1,279 @@
-"""Pipeline parallel (placeholder replaced in this change)."""
+"""Pipeline parallel: cut the meta-device model into stages, parallelize each, run a torch schedule.
+
+Why it is built this way:
+- The model is cut by pruning deep copies (drop the layers, embedding or head a
+  stage does not own; the model's forward and init_weights accept None), so
+  parameter FQNs stay global and DCP checkpoints move between any layouts.
+- Each stage is parallelized on its own (TP -> AC -> compile -> FSDP), exactly as
+  a whole model would be; pipelining composes with the other degrees by calling
+  the model family's parallelize function once per stage.
+- The loss is a sum over tokens scaled by the step's global factor (see
+  components/train_step.py), and the schedule is told not to rescale gradients
+  (scale_grads=False), so gradients equal those of the same step without PP.
+- Everything that can be wrong in the config is checked by `check_pipeline_config`
+  before any process group exists (config/preflight.py calls it).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from torchtitan.config.job_config import JobConfig, Parallelism
+from torchtitan.config.manager import ConfigError
+from torchtitan.distributed.parallel_dims import ParallelDims
+
+logger = logging.getLogger("torchtitan")
+
+# One stage per rank.
+SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
+# Several stages per rank, placed round-robin: stage s on rank s % pp.
+LOOPED_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble")
+# Exactly two stages per rank in a V: rank r holds stages r and 2*pp-1-r, so the
+# last stage sits next to the first and the loss's backward starts without a hop.
+V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+# Schedules that split backward into input and weight parts; torch refuses compiled stages for them.
+NO_COMPILE_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+CSV_SCHEDULE = "CSV"
+RUNNABLE_SCHEDULES = SINGLE_STAGE_SCHEDULES + LOOPED_SCHEDULES + V_SCHEDULES + (CSV_SCHEDULE,)
+
+# Module attributes that only the first / last stage keeps.
+FIRST_STAGE_MODULES = ("tok_embeddings",)
+LAST_STAGE_MODULES = ("norm", "output")
 
 
-def pipeline_llm(*args, **kwargs):
-    raise NotImplementedError
+@dataclass(frozen=True)
+class StagePlan:
+    """Which layers each stage owns and which stages each pipeline rank runs."""
+
+    layers: list[list[str]]  # layer keys per stage, in order
+    stage_ranks: list[int]  # pipeline rank that runs each stage
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.layers)
+
+    def stages_of(self, pp_rank: int) -> list[int]:
+        return [s for s, r in enumerate(self.stage_ranks) if r == pp_rank]
+
+
+# ------------------------------------------------------------------ planning (no process group)
+def even_layer_counts(n_layers: int, num_stages: int) -> list[int]:
+    """Split n_layers over stages as evenly as possible.
+
+    The first and last stage also carry the embedding and the output projection,
+    so the stages in the middle take the remainder first.
+    """
+    base, extra = divmod(n_layers, num_stages)
+    order = list(range(1, num_stages - 1)) + [0, num_stages - 1][: min(2, num_stages)]
+    counts = [base] * num_stages
+    for s in order[:extra]:
+        counts[s] += 1
+    return counts
+
+
+def _layers_from_split_points(points: list[str], n_layers: int) -> list[list[str]]:
+    cuts = []
+    for point in points:
+        name, _, idx = point.partition(".")
+        if name != "layers" or not idx.isdigit() or not 0 < int(idx) < n_layers:
+            raise ConfigError(f"parallelism.pipeline_parallel_split_points: {point!r} is not a layer boundary; "
+                              f"write layers.K with 0 < K < {n_layers}, e.g. layers.{max(1, n_layers // 2)}")
+        cuts.append(int(idx))
+    if cuts != sorted(set(cuts)):
+        raise ConfigError(f"parallelism.pipeline_parallel_split_points {points} must be strictly increasing")
+    bounds = [0, *cuts, n_layers]
+    return [[str(i) for i in range(a, b)] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def read_csv_schedule(path: str) -> list[list[str]]:
+    """The compute actions of a CSV schedule, one row per pipeline rank (torch's `_load_csv` format)."""
+    try:
+        with open(path, newline="") as f:
+            return [[cell.strip() for cell in row if cell.strip()] for row in csv.reader(f)]
+    except OSError as e:
+        raise ConfigError(f"parallelism.pipeline_parallel_schedule_csv {path!r}: {e.strerror}") from None
+
+
+def _csv_stage_ranks(path: str, pp: int) -> list[int]:
+    """Stage placement written in a CSV schedule: the rank whose row runs a stage owns it."""
+    from torch.distributed.pipelining.schedules import _Action
+
+    rows = read_csv_schedule(path)
+    if len(rows) != pp:
+        raise ConfigError(f"parallelism.pipeline_parallel_schedule_csv {path}: {len(rows)} rows but "
+                          f"pipeline_parallel_degree = {pp}; write one row of actions per pipeline rank")
+    owner: dict[int, int] = {}
+    for rank, row in enumerate(rows):
+        for cell in row:
+            try:
+                action = _Action.from_str(cell)
+            except RuntimeError as e:
+                raise ConfigError(f"parallelism.pipeline_parallel_schedule_csv {path}: {e}") from None
+            if action is None or action.stage_index < 0:
+                continue
+            if owner.setdefault(action.stage_index, rank) != rank:
+                raise ConfigError(f"parallelism.pipeline_parallel_schedule_csv {path}: stage {action.stage_index} "
+                                  f"appears on ranks {owner[action.stage_index]} and {rank}; a stage lives on one rank")
+    if sorted(owner) != list(range(len(owner))) or not owner:
+        raise ConfigError(f"parallelism.pipeline_parallel_schedule_csv {path}: stages {sorted(owner)} must be 0..N-1")
+    return [owner[s] for s in range(len(owner))]
+
+
+def _placement(schedule: str, num_stages: int, pp: int) -> list[int]:
+    if schedule in V_SCHEDULES:
+        return [s if s < pp else 2 * pp - 1 - s for s in range(num_stages)]
+    return [s % pp for s in range(num_stages)]
+
+
+def plan_stages(p: Parallelism, n_layers: int) -> StagePlan:
+    """Stages from split points, layers per stage, or the schedule's default (1 or 2 per rank)."""
+    pp, schedule = p.pipeline_parallel_degree, p.pipeline_parallel_schedule
+    if schedule not in RUNNABLE_SCHEDULES:
+        raise ConfigError(f"parallelism.pipeline_parallel_schedule = {schedule!r} cannot run; "
+                          f"valid: {', '.join(RUNNABLE_SCHEDULES)}")
+    if schedule == CSV_SCHEDULE and not p.pipeline_parallel_schedule_csv:
+        raise ConfigError("parallelism.pipeline_parallel_schedule = CSV needs parallelism.pipeline_parallel_schedule_csv")
+    csv_ranks = _csv_stage_ranks(p.pipeline_parallel_schedule_csv, pp) if schedule == CSV_SCHEDULE else None
+    if p.pipeline_parallel_split_points:
+        layers = _layers_from_split_points(p.pipeline_parallel_split_points, n_layers)
+        how = f"pipeline_parallel_split_points ({len(layers)} stages)"
+    else:
+        if p.pipeline_parallel_layers_per_stage:
+            lps = p.pipeline_parallel_layers_per_stage
+            if lps <= 0 or n_layers % lps:
+                raise ConfigError(f"parallelism.pipeline_parallel_layers_per_stage = {lps} must divide the model's "
+                                  f"{n_layers} layers")
+            num_stages = n_layers // lps
+            how = f"pipeline_parallel_layers_per_stage = {lps} ({num_stages} stages)"
+        else:
+            num_stages = len(csv_ranks) if csv_ranks else pp * (1 if schedule in SINGLE_STAGE_SCHEDULES else 2)
+            how = f"schedule {schedule} ({num_stages} stages)"
+        if num_stages > n_layers:
+            raise ConfigError(f"{how}: more stages than the model's {n_layers} layers; lower pipeline_parallel_degree")
+        counts = even_layer_counts(n_layers, num_stages)
+        starts = [sum(counts[:s]) for s in range(num_stages)]
+        layers = [[str(i) for i in range(a, a + c)] for a, c in zip(starts, counts)]
+    num_stages = len(layers)
+    if schedule in SINGLE_STAGE_SCHEDULES and num_stages != pp:
+        raise ConfigError(f"{how}: schedule {schedule} runs one stage per rank, so it needs exactly "
+                          f"pipeline_parallel_degree = {pp} stages; use Interleaved1F1B for several per rank")
+    if schedule in V_SCHEDULES and num_stages != 2 * pp:
+        raise ConfigError(f"{how}: schedule {schedule} needs exactly 2 stages per rank = {2 * pp} stages")
+    if schedule in LOOPED_SCHEDULES and num_stages % pp:
+        raise ConfigError(f"{how}: schedule {schedule} needs a multiple of pipeline_parallel_degree = {pp} stages")
+    if csv_ranks is not None and len(csv_ranks) != num_stages:
+        raise ConfigError(f"{how}: the CSV schedule {p.pipeline_parallel_schedule_csv} runs {len(csv_ranks)} stages")
+    ranks = csv_ranks if csv_ranks is not None else _placement(schedule, num_stages, pp)
+    return StagePlan(layers=layers, stage_ranks=ranks)
+
+
+def check_pipeline_config(cfg: JobConfig, model_args, dims: ParallelDims) -> None:
+    """Every pipeline constraint torch would otherwise report mid-run (or as a hang), as one ConfigError."""
+    p, t = cfg.parallelism, cfg.training
+    if not dims.pp_enabled:
+        return
+    plan = plan_stages(p, model_args.n_layers)
+    schedule, n_mb = p.pipeline_parallel_schedule, t.local_batch_size // p.pipeline_parallel_microbatch_size
+    if getattr(model_args, "tie_word_embeddings", False):
+        raise ConfigError(f"{cfg.model.name} {cfg.model.flavor} ties the embedding and output weights, which pipeline "
+                          f"parallel would place on different stages; set pipeline_parallel_degree = 1")
+    if schedule in ("1F1B", "DualPipeV") and n_mb < plan.num_stages:
+        raise ConfigError(f"schedule {schedule} needs at least as many micro-batches as stages ({plan.num_stages}): "
+                          f"training.local_batch_size / parallelism.pipeline_parallel_microbatch_size = {n_mb}")
+    if schedule in ("Interleaved1F1B", "InterleavedZeroBubble") and n_mb % max(1, n_mb // dims.pp):
+        raise ConfigError(f"schedule {schedule} needs the number of micro-batches ({n_mb}) to be a multiple of "
+                          f"pipeline_parallel_degree = {dims.pp} when it exceeds it")
+    if schedule in NO_COMPILE_SCHEDULES and cfg.compile.enable and "model" in cfg.compile.components:
+        raise ConfigError(f"schedule {schedule} splits backward into input and weight passes, which torch does not "
+                          f"support on compiled stages; set compile.enable = false or use Interleaved1F1B")
+
+
+# ------------------------------------------------------------------ building
+def prune_to_stage(model: nn.Module, layers: list[str], is_first: bool, is_last: bool) -> nn.Module:
+    """A deep copy of the (meta-device) model keeping only what one stage owns."""
+    part = copy.deepcopy(model)
+    keep = set(layers)
+    for name in list(part.layers.keys()):
+        if name not in keep:
+            del part.layers[name]
+    for name in () if is_first else FIRST_STAGE_MODULES:
+        if hasattr(part, name):
+            setattr(part, name, None)
+    for name in () if is_last else LAST_STAGE_MODULES:
+        if hasattr(part, name):
+            setattr(part, name, None)
+    return part
+
+
+def build_stage_modules(model: nn.Module, plan: StagePlan, pp_rank: int, dims: ParallelDims, cfg: JobConfig,
+                        device_type: str, parallelize_fn: Callable) -> list[tuple[int, nn.Module]]:
+    """(stage index, parallelized stage module) for every stage `pp_rank` runs."""
+    out = []
+    for s in plan.stages_of(pp_rank):
+        part = prune_to_stage(model, plan.layers[s], s == 0, s == plan.num_stages - 1)
+        out.append((s, parallelize_fn(part, dims, cfg, device_type)))
+    return out
+
+
+def scaled_loss(loss_fn: Callable, loss_scale: list) -> Callable:
+    """The loss the schedule calls per micro-batch: summed loss times the step's global scale.
+
+    `loss_scale` is the trainer's holder (TrainContext.loss_scale); train_step writes
+    the current scale into it before running the schedule.
+    """
+
+    def pipeline_loss(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_fn(pred, labels) * loss_scale[0]
+
+    return pipeline_loss
+
+
+def build_schedule(stages: list, plan: StagePlan, cfg: JobConfig, loss: Callable):
+    from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime, get_schedule_class
+
+    p = cfg.parallelism
+    n_mb = cfg.training.local_batch_size // p.pipeline_parallel_microbatch_size
+    if p.pipeline_parallel_schedule == CSV_SCHEDULE:
+        schedule = _PipelineScheduleRuntime(stages, n_microbatches=n_mb, loss_fn=loss, scale_grads=False)
+        schedule._load_csv(p.pipeline_parallel_schedule_csv)
+        return schedule
+    cls = get_schedule_class(p.pipeline_parallel_schedule)
+    if p.pipeline_parallel_schedule in SINGLE_STAGE_SCHEDULES:
+        (stage,) = stages
+        return cls(stage, n_microbatches=n_mb, loss_fn=loss, scale_grads=False)
+    return cls(stages, n_microbatches=n_mb, loss_fn=loss, scale_grads=False)
+
+
+def pipeline_llm(model: nn.Module, dims: ParallelDims, cfg: JobConfig, device: torch.device, parallelize_fn: Callable,
+                 loss_fn: Callable | None = None, loss_scale: list | None = None):
+    """Split, parallelize and schedule. Returns (schedule, model_parts, has_first_stage, has_last_stage).
+
+    loss_fn: summed loss (pred, labels) -> scalar; defaults to the [training] cross-entropy.
+    loss_scale: 1-element list read at every micro-batch (pass TrainContext.loss_scale).
+    """
+    from torch.distributed.pipelining import PipelineStage
+
+    if loss_fn is None:
+        from torchtitan.components.loss import build_loss_fn
+
+        loss_fn = build_loss_fn(cfg.training)
+    loss_scale = loss_scale if loss_scale is not None else [1.0]
+    pp_mesh = dims.mesh["pp"]
+    pp_rank, group = pp_mesh.get_local_rank(), pp_mesh.get_group()
+    plan = plan_stages(cfg.parallelism, len(model.layers))
+    parts = build_stage_modules(model, plan, pp_rank, dims, cfg, device.type, parallelize_fn)
+    stages = [PipelineStage(part, s, plan.num_stages, device, group=group) for s, part in parts]
+    schedule = build_schedule(stages, plan, cfg, scaled_loss(loss_fn, loss_scale))
+    for s, part in parts:
+        logger.info(f"pipeline rank {pp_rank}: stage {s}/{plan.num_stages} holds layers "
+                    f"{plan.layers[s][0] if plan.layers[s] else '-'}..{plan.layers[s][-1] if plan.layers[s] else '-'}"
+                    f"{' + embedding' if s == 0 else ''}{' + norm/output' if s == plan.num_stages - 1 else ''}")
+    has_first = any(s == 0 for s, _ in parts)
+    has_last = any(s == plan.num_stages - 1 for s, _ in parts)
+    return schedule, [part for _, part in parts], has_first, has_last

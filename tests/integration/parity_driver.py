@@ -1,0 +1,56 @@
+"""Train several layouts in one process group and write each one's per-step loss and grad norm.
+
+Launched once per world size by test_parallel_parity.py (torchrun pays its ~7-12 s
+start-up once, not once per layout):
+
+    torchrun --nproc_per_node N tests/integration/parity_driver.py SPEC.json OUT.json
+
+SPEC.json: {"common": [cli args], "layouts": {name: [cli args]}}. Every layout
+calls `torchtitan.train.train` with the common args plus its own, in order.
+OUT.json (written by rank 0): {name: {"loss": [...], "grad_norm": [...], "seconds": s}}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def main(spec_path: str, out_path: str) -> None:
+    import torch.distributed as dist
+
+    from torchtitan.config import load_config
+    from torchtitan.config.preflight import preflight
+    from torchtitan.tools.logging import init_logging
+    from torchtitan.train import train
+
+    init_logging()
+    with open(spec_path) as f:
+        spec = json.load(f)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    results: dict = {}
+    try:
+        for name, args in spec["layouts"].items():
+            cfg = load_config([*spec["common"], "--job.dump_folder", os.path.join(spec["dump_root"], name), *args],
+                              env={})
+            preflight(cfg, world)
+            t0 = time.perf_counter()
+            records = train(cfg)
+            results[name] = {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
+                             "seconds": time.perf_counter() - t0}
+            if int(os.environ.get("RANK", "0")) == 0:
+                # Written after every layout, so a later failure still leaves the earlier results to read.
+                with open(out_path, "w") as f:
+                    json.dump(results, f, indent=1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,148 @@
+"""Context parallel: the sequence is split over the "cp" mesh dim; attention sees all keys.
+
+Each CP rank holds S / cp tokens of every sequence. Causal attention makes late
+tokens costlier than early ones, so the sequence is cut into 2 x cp chunks and
+rank i takes chunks i and 2cp-1-i (one cheap, one expensive): every rank then
+does the same attention work. Positions travel with the tokens so RoPE and the
+causal mask use global token positions.
+
+Attention gathers K and V over the cp group with autograd-aware functional
+collectives (their backward reduce-scatters the K/V gradients back to their
+owners) and then runs one SDPA per query chunk. Two kernels, both exact:
+
+- "masked" (any device): a boolean mask key_pos <= query_pos over the gathered
+  keys. Needs the gathered positions; materializes a (S/cp x S) mask per sequence.
+- "chunked" (the CUDA default): the gathered K/V are put back in global order;
+  query chunk c attends keys [0, (c+1) x chunk) with lower-right causal
+  alignment, which flash/cuDNN kernels run without any mask tensor. Relies on
+  the chunk layout of `shard_sequence`.
+
+torch's experimental `context_parallel` is not used: it has no CPU sharding
+strategy (shared/TORCH_ON_CPU.md) and shards the batch itself inside a context
+manager, which would bypass `shard_sequence`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.attention.bias import causal_lower_right
+
+from torchtitan.models.common.attention import ScaledDotProductAttention
+
+ROTATE_METHODS = ("allgather", "alltoall")
+KERNELS = ("masked", "chunked")
+
+
+def chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:
+    """The two of the 2 x cp sequence chunks that `cp_rank` holds, in the order it holds them."""
+    return cp_rank, 2 * cp_size - 1 - cp_rank
+
+
+def shard_sequence(inputs: torch.Tensor, labels: torch.Tensor, cp_size: int,
+                   cp_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's load-balanced share of (B, S) inputs and labels, and their global positions (B, S / cp)."""
+    bsz, seqlen = inputs.shape[:2]
+    if seqlen % (2 * cp_size):
+        raise ValueError(f"sequence length {seqlen} is not divisible by 2 x context_parallel_degree = {2 * cp_size}")
+    chunk = seqlen // (2 * cp_size)
+    first, second = chunk_ids(cp_size, cp_rank)
+    idx = torch.cat([torch.arange(first * chunk, (first + 1) * chunk),
+                     torch.arange(second * chunk, (second + 1) * chunk)]).to(inputs.device)
+    positions = idx.unsqueeze(0).expand(bsz, -1).contiguous()
+    return inputs.index_select(1, idx), labels.index_select(1, idx), positions
+
+
+def _exchange(x: torch.Tensor, group: dist.ProcessGroup, method: str, dim: int) -> torch.Tensor:
+    """Every rank's `x` concatenated in rank order along `dim`; differentiable.
+
+    allgather: one all-gather (backward: reduce-scatter). alltoall: each rank sends
+    its block to every rank through all_to_all_single (backward: the reverse
+    all-to-all, then the copies' gradients are summed). Same result, different
+    collective: all-to-all is the primitive some fabrics/backends schedule better.
+    """
+    size = dist.get_world_size(group)
+    x = x.movedim(dim, 0).contiguous()
+    if method == "allgather":
+        out = funcol.all_gather_single_autograd(x, 0, group)
+    else:
+        n = x.shape[0]
+        out = funcol.all_to_all_single_autograd(x.repeat(size, *([1] * (x.dim() - 1))), [n] * size, [n] * size, group)
+    return out.movedim(0, dim)
+
+
+def _global_order(x: torch.Tensor, cp_size: int, dim: int) -> torch.Tensor:
+    """Gathered chunks (rank order: r0 first, r0 second, r1 first, ...) back in sequence order along `dim`."""
+    held = x.chunk(2 * cp_size, dim=dim)
+    by_chunk: list = [None] * (2 * cp_size)
+    for rank in range(cp_size):
+        a, b = chunk_ids(cp_size, rank)
+        by_chunk[a], by_chunk[b] = held[2 * rank], held[2 * rank + 1]
+    return torch.cat(by_chunk, dim=dim)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                     k_pos: torch.Tensor) -> torch.Tensor:
+    """Causal attention by global position: q (B, H, Sq, D), k/v (B, H, Sk, D), positions (B, Sq) / (B, Sk)."""
+    mask = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Causal attention of this rank's two query chunks over globally ordered k/v, without a mask tensor."""
+    chunk = q.shape[2] // 2
+    outs = []
+    for i, c in enumerate(chunk_ids(cp_size, cp_rank)):
+        qc = q[:, :, i * chunk:(i + 1) * chunk]
+        end = (c + 1) * chunk
+        outs.append(F.scaled_dot_product_attention(qc, k[:, :, :end], v[:, :, :end],
+                                                   attn_mask=causal_lower_right(chunk, end)))
+    return torch.cat(outs, dim=2)
+
+
+class ContextParallelAttention(ScaledDotProductAttention):
+    """Drop-in for the model's attention core when the sequence is sharded over `group`."""
+
+    def __init__(self, group: dist.ProcessGroup, rotate_method: str, kernel: str, backend: str = "default"):
+        super().__init__(backend)
+        self.group, self.rotate_method, self.kernel = group, rotate_method, kernel
+        self.cp_size, self.cp_rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            raise ValueError("context parallel attention needs the global positions of the local tokens "
+                             "(shard the batch with context_parallel.shard_sequence)")
+        k = _exchange(k, self.group, self.rotate_method, dim=2)
+        v = _exchange(v, self.group, self.rotate_method, dim=2)
+        with self._context():
+            if self.kernel == "chunked":
+                k, v = _global_order(k, self.cp_size, 2), _global_order(v, self.cp_size, 2)
+                return chunked_attention(q, k, v, self.cp_size, self.cp_rank)
+            with torch.no_grad():
+                k_pos = _exchange(positions, self.group, "allgather", dim=1)
+            return masked_attention(q, k, v, positions, k_pos)
+
+    def extra_repr(self) -> str:
+        return f"cp={self.cp_size}, rotate_method={self.rotate_method}, kernel={self.kernel}, backend={self.backend}"
+
+
+def default_kernel(device_type: str) -> str:
+    """chunked on CUDA (mask-free flash/cuDNN); masked elsewhere (CPU SDPA takes a mask at no extra cost)."""
+    return "chunked" if device_type == "cuda" else "masked"
+
+
+def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, rotate_method: str, kernel: str | None = None) -> None:
+    """Replace every block's `attention.sdpa` with a context-parallel one over `cp_mesh`."""
+    if rotate_method not in ROTATE_METHODS:
+        raise ValueError(f"parallelism.context_parallel_rotate_method = {rotate_method!r}; valid: {', '.join(ROTATE_METHODS)}")
+    kernel = kernel or default_kernel(cp_mesh.device_type)
+    if kernel not in KERNELS:
+        raise ValueError(f"context parallel kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+    group = cp_mesh.get_group()
+    for block in model.layers.values():
+        old = block.attention.sdpa
+        block.attention.sdpa = ContextParallelAttention(group, rotate_method, kernel, getattr(old, "backend", "default"))
