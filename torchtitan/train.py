@@ -21,6 +21,7 @@ from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.models import get_train_spec
 from torchtitan.tools.device import detect_device_type, local_device
 from torchtitan.tools.logging import init_logging
+from torchtitan.tools.profiling import Profiler
 from torchtitan.components.train_step import NonFiniteLoss, TrainContext, train_step
 from torchtitan.config.preflight import build_model_args, preflight
 
@@ -84,6 +85,7 @@ def train(cfg: JobConfig) -> list[dict]:
     logger.info(f"{cfg.model.name} {cfg.model.flavor}: {model_args.num_params(False):,} params, {dims.describe()}, "
                 f"device {device_type}, steps {state.step + 1}..{cfg.training.steps}")
 
+    profiler = Profiler(cfg.profiling, cfg.job.dump_folder, rank, device_type, state.step)
     gc.disable()  # collect on a schedule, so no rank stalls at a random step
     data_iter = iter(dataloader)
     records = []
@@ -92,6 +94,7 @@ def train(cfg: JobConfig) -> list[dict]:
         if state.step % cfg.training.gc_freq == 0:
             gc.collect(1)
         result = train_step(ctx, data_iter, metrics)
+        profiler.step(state.step)
         state.tokens_seen += result.global_tokens
         if metrics.should_log(state.step):
             rec = result.log(state.step, metrics, lr_schedulers.get_last_lr())
@@ -104,6 +107,8 @@ def train(cfg: JobConfig) -> list[dict]:
             dist_utils.set_pg_timeout(cfg.comm.train_timeout_seconds)
     checkpoint.close()
     metrics.close()
+    profiler.close()
+    gc.enable()
     gc.enable()  # train() may be called again in this process (tests/integration/parity_driver.py)
     logger.info("training finished")
     return records

@@ -1,16 +1,18 @@
 """DCP checkpoints: save, resume the newest complete one, reshard, export weights, seed.
 
 Layout: {dump_folder}/{folder}/step-N/ is a plain DCP checkpoint (stock
-`torch.distributed.checkpoint` tools read it) plus a `.complete` marker that
-rank 0 writes after every rank's data and the DCP metadata are on disk. A
-folder without the marker (a save cut by a crash or SIGKILL) is never loaded.
+`torch.distributed.checkpoint` tools read it, e.g. `format_utils dcp_to_torch`)
+plus a `.complete` marker that rank 0 writes only after every rank's data and
+the DCP metadata are on disk. A folder without the marker (a save cut by a
+crash or SIGKILL) is never loaded; it is overwritten when the run reaches that
+step again. Top-level keys: model, optimizer, lr_scheduler, dataloader,
+train_state; each is a Stateful, and DCP reshards DTensors on load, so a run
+resumes on any number of processes. Folder helpers live in checkpoint_io.py.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import time
 from concurrent.futures import Future
@@ -23,17 +25,31 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchtitan.components.checkpoint_io import (
+    DTYPES,
+    MARKER,
+    CheckpointError,
+    check_fits,
+    dcp_error_detail,
+    model_args_to_dict,
+    model_shapes,
+    read_dcp_metadata,
+    read_marker,
+    state_shapes,
+    step_folders,
+    top_level_keys,
+    write_marker,
+)
 from torchtitan.config.job_config import Checkpoint as CheckpointConfig
 
 logger = logging.getLogger("torchtitan")
 
-MARKER = ".complete"
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["CheckpointError", "CheckpointManager", "ModelWrapper", "TrainState", "EXPORT_DTYPES", "STATE_KEYS"]
+
+EXPORT_DTYPES = DTYPES
 STATE_KEYS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the folder and the problem."""
+# Kinds of complete step folders (marker "kind"): full training state, or model weights only.
+RESUMABLE_KINDS = ("full", "seed", "converted")
 
 
 class ModelWrapper(Stateful):
@@ -52,6 +68,13 @@ class ModelWrapper(Stateful):
         for part in self.model_parts:
             set_model_state_dict(part, state_dict, options=StateDictOptions(strict=False))
 
+    def load_full_state_dict(self, state_dict: dict) -> None:
+        """Full (unsharded) tensors on every rank, e.g. from HF safetensors; each part keeps its own slice."""
+        for part in self.model_parts:
+            own = set(get_model_state_dict(part))
+            set_model_state_dict(part, {k: v for k, v in state_dict.items() if k in own},
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+
 
 @dataclass
 class TrainState(Stateful):
@@ -61,7 +84,8 @@ class TrainState(Stateful):
     extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        # RNG is global (every rank seeds alike), so one copy follows any change of world size.
+        # RNG is global (every rank seeds alike and the model has no dropout), so one copy
+        # follows any change of world size. DCP keeps one copy of replicated tensors.
         return {"step": torch.tensor(self.step), "tokens_seen": torch.tensor(self.tokens_seen),
                 "elapsed_seconds": torch.tensor(self.elapsed_seconds), "rng_cpu": torch.get_rng_state()}
 
@@ -70,32 +94,6 @@ class TrainState(Stateful):
         self.tokens_seen = int(sd["tokens_seen"])
         self.elapsed_seconds = float(sd["elapsed_seconds"])
         torch.set_rng_state(sd["rng_cpu"])
-
-
-def step_folders(root: str) -> list[tuple[int, str, bool]]:
-    """(step, path, complete) for every step-N folder under root, by step."""
-    out = []
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            m = re.fullmatch(r"step-(\d+)", name)
-            if m:
-                path = os.path.join(root, name)
-                out.append((int(m.group(1)), path, os.path.isfile(os.path.join(path, MARKER))))
-    return sorted(out)
-
-
-def read_marker(path: str) -> dict:
-    with open(os.path.join(path, MARKER)) as f:
-        return json.load(f)
-
-
-def checkpoint_keys(path: str) -> set[str]:
-    """Top-level state keys present in a DCP folder, or a CheckpointError if it is unreadable."""
-    try:
-        meta = dcp.FileSystemReader(path).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata means the same thing to the user
-        raise CheckpointError(f"checkpoint {path} is not a readable DCP checkpoint ({type(e).__name__}: {e})") from None
-    return {k.split(".", 1)[0] for k in meta.state_dict_metadata}
 
 
 def _rank() -> int:
@@ -107,6 +105,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@dataclass
+class _PendingSave:
+    """An async save in flight: its marker is written once rank 0's upload future is done."""
+
+    future: Future
+    path: str
+    info: dict
+    marked: bool = False
+
+
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, states: dict[str, Stateful], total_steps: int,
                  model_adapter=None):
@@ -115,88 +123,133 @@ class CheckpointManager:
         self.states = states
         self.total_steps = total_steps
         self.model_adapter = model_adapter  # for initial loads from HF safetensors
+        self.model_args = getattr(model_adapter, "args", None)
         self.enabled = cfg.enable
-        self._pending: tuple[Future, str, int, dict] | None = None
-        self._async_pg = None
-        self._last_save_time = time.monotonic()
         self.loaded_path: str | None = None
+        self._pending: _PendingSave | None = None
+        self._async_pg = None
+        self._stager = None
+        self._last_save_time = time.monotonic()
+        bad = sorted(set(cfg.exclude_from_loading) - set(STATE_KEYS))
+        if bad:
+            raise CheckpointError(f"checkpoint.exclude_from_loading: {', '.join(bad)} not among {', '.join(STATE_KEYS)}")
         if self.enabled and cfg.async_mode != "disabled" and dist.is_initialized():
-            # A separate gloo group: async DCP on the default group hangs while training uses it (TORCH_ON_CPU.md).
+            # A separate gloo group: async DCP on the default group hangs while training uses it
+            # (TORCH_ON_CPU.md), and NCCL-only default groups cannot run DCP's CPU collectives.
             self._async_pg = dist.new_group(backend="gloo")
 
     # ---------------------------------------------------------------- loading
     def load(self) -> int:
-        """Resume from this run's newest complete checkpoint, else the initial load path. Returns the step."""
+        """Resume this run's newest complete checkpoint (or load_step), else initial_load_path. Returns the step."""
         if not self.enabled:
             return 0
         folders = step_folders(self.root)
-        for step, path, complete in folders:
-            if not complete:
-                logger.warning(f"checkpoint {path} is incomplete (no {MARKER}: the save was interrupted); skipping it")
-        complete = [(s, p) for s, p, c in folders if c]
+        for f in folders:
+            if not f.complete and (self.cfg.load_step < 0 or f.step == self.cfg.load_step):
+                logger.warning(f"checkpoint {f.path} is incomplete (no {MARKER}: its save was interrupted); skipping it")
+        complete = [f for f in folders if f.complete]
+        kinds = {f.path: read_marker(f.path).get("kind", "full") for f in complete}
         if self.cfg.load_step >= 0:
-            match = [p for s, p in complete if s == self.cfg.load_step]
+            match = [f for f in complete if f.step == self.cfg.load_step]
             if not match:
-                have = ", ".join(str(s) for s, _ in complete) or "none"
+                have = ", ".join(str(f.step) for f in complete) or "none"
                 raise CheckpointError(f"checkpoint.load_step = {self.cfg.load_step}: no complete checkpoint "
-                                      f"{self.root}/step-{self.cfg.load_step} (complete steps: {have})")
-            return self._load_folder(match[0], self.cfg.load_step)
-        resumable = [(s, p) for s, p in complete if read_marker(p).get("kind") != "export" or s == 0]
-        if resumable:
-            step, path = resumable[-1]
-            return self._load_folder(path, step)
-        exports = [(s, p) for s, p in complete if read_marker(p).get("kind") == "export"]
-        if exports:
-            raise CheckpointError(f"{exports[-1][1]} is the final weights-only export of a finished run and no full "
-                                  f"checkpoint is left to resume from; use a new job.dump_folder or checkpoint.folder")
-        if self.cfg.initial_load_path:
+                                      f"{os.path.join(self.root, f'step-{self.cfg.load_step}')} (complete steps: {have})")
+            chosen = match[0]
+        elif complete:
+            chosen = complete[-1]
+        elif self.cfg.initial_load_path:
             return self._initial_load(self.cfg.initial_load_path)
-        return 0
+        else:
+            return 0
+        if kinds[chosen.path] == "export":
+            return self._finished_run(chosen)
+        self._refuse_overwrite_of_newer(chosen.step, complete)
+        return self._load_folder(chosen.path, chosen.step)
+
+    def _finished_run(self, export) -> int:
+        if export.step >= self.total_steps:
+            logger.info(f"{export.path} is the final weights-only export of this run (step {export.step} >= "
+                        f"training.steps {self.total_steps}): nothing left to train")
+            return export.step
+        raise CheckpointError(
+            f"{export.path} is the final weights-only export of a finished run, which cannot be resumed "
+            f"(no optimizer or data state); to train further start a new job.dump_folder with "
+            f"checkpoint.initial_load_path = {export.path}, or resume an earlier full checkpoint with "
+            f"checkpoint.load_step in a copy of this folder")
+
+    def _refuse_overwrite_of_newer(self, step: int, complete) -> None:
+        """Resuming an older step would later collide with (or purge) newer complete checkpoints."""
+        newer = [f.step for f in complete if step < f.step <= self.total_steps]
+        if newer:
+            raise CheckpointError(
+                f"checkpoint.load_step = {step}, but {self.root} also holds newer complete checkpoints (steps "
+                f"{', '.join(map(str, newer))}) that this run would overwrite; copy step-{step} into a new "
+                f"checkpoint.folder (or job.dump_folder) and resume there")
 
     def _load_folder(self, path: str, step: int) -> int:
-        keys = checkpoint_keys(path)
+        meta = read_dcp_metadata(path)
+        keys = top_level_keys(meta)
         if "model" not in keys:
             raise CheckpointError(f"checkpoint {path} has no model weights (keys: {', '.join(sorted(keys))})")
         wanted = [k for k in STATE_KEYS if k in keys and k in self.states and k not in self.cfg.exclude_from_loading]
-        model_only = wanted == ["model"]
         logger.info(f"loading checkpoint {path} ({', '.join(wanted)})")
-        self._dcp_load({k: self.states[k] for k in wanted}, path)
+        self._dcp_load(wanted, path, meta)
         self.loaded_path = path
-        return 0 if model_only and "train_state" not in keys else step
+        # Model-only folders (seed, converted) start training at step 0; a full checkpoint continues
+        # at its step even when train_state is excluded, so later saves never collide with it.
+        return step if "train_state" in keys else 0
 
     def _initial_load(self, path: str) -> int:
         if not os.path.isdir(path):
             raise CheckpointError(f"checkpoint.initial_load_path {path}: no such folder")
-        if os.path.isfile(os.path.join(path, ".metadata")):
-            keys = checkpoint_keys(path)
-            wanted = ["model"] if self.cfg.initial_load_model_only else [k for k in STATE_KEYS if k in keys and k in self.states]
-            logger.info(f"initial load from DCP {path} ({', '.join(wanted)})")
-            self._dcp_load({k: self.states[k] for k in wanted}, path)
-            return int(self.states["train_state"].step) if "train_state" in wanted else 0
-        if any(f.endswith(".safetensors") for f in os.listdir(path)):
+        files = os.listdir(path)
+        if any(f.endswith(".safetensors") for f in files) and ".metadata" not in files:
             from torchtitan.components.hf_checkpoint import load_hf_into_model
 
             if self.model_adapter is None:
-                raise CheckpointError(f"checkpoint.initial_load_path {path} is an HF folder but this model has no HF adapter")
+                raise CheckpointError(f"checkpoint.initial_load_path {path} is an HF folder but this model has no "
+                                      f"state_dict_adapter to map HF names")
             logger.info(f"initial load from HF safetensors {path}")
             load_hf_into_model(self.states["model"], self.model_adapter, path)
             return 0
-        raise CheckpointError(f"checkpoint.initial_load_path {path} holds neither a DCP checkpoint (.metadata) "
-                              f"nor HF *.safetensors files")
+        steps = step_folders(path)
+        if steps and ".metadata" not in files:
+            newest = [f.path for f in steps if f.complete]
+            raise CheckpointError(f"checkpoint.initial_load_path {path} is a folder of step checkpoints, not one "
+                                  f"checkpoint; point it at a step folder" + (f", e.g. {newest[-1]}" if newest else ""))
+        meta = read_dcp_metadata(path)
+        keys = top_level_keys(meta)
+        if self.cfg.initial_load_model_only:
+            wanted = ["model"]
+        else:
+            wanted = [k for k in STATE_KEYS if k in keys and k in self.states and k not in self.cfg.exclude_from_loading]
+        if "model" not in keys:
+            raise CheckpointError(f"checkpoint.initial_load_path {path} has no model weights "
+                                  f"(keys: {', '.join(sorted(keys))})")
+        logger.info(f"initial load from DCP {path} ({', '.join(wanted)})")
+        self._dcp_load(wanted, path, meta)
+        return int(self.states["train_state"].step) if "train_state" in wanted else 0
 
-    def _dcp_load(self, state: dict, path: str) -> None:
+    def _dcp_load(self, wanted: list[str], path: str, meta) -> None:
+        model = self.states["model"]
+        check_fits(path, model_shapes(meta), state_shapes(model.state_dict()), what="checkpoint")
         try:
-            dcp.load(state, checkpoint_id=path)
-        except Exception as e:  # noqa: BLE001
-            msg = str(e).strip().splitlines()
-            detail = next((line for line in msg if "size" in line.lower() or "shape" in line.lower() or "missing" in line.lower()),
-                          msg[0] if msg else type(e).__name__)
-            raise CheckpointError(f"checkpoint {path} does not fit this model/run: {detail.strip()[:400]}") from None
+            dcp.load({k: self.states[k] for k in wanted}, checkpoint_id=path)
+        except CheckpointError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException, a BaseException
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise CheckpointError(f"checkpoint {path} could not be loaded ({', '.join(wanted)}): "
+                                  f"{dcp_error_detail(e)}") from None
 
     # ----------------------------------------------------------------- saving
     def should_save(self, step: int, last: bool = False) -> bool:
+        """Whether to save after this step; also completes a finished async save (called every step)."""
         if not self.enabled:
             return False
+        self._poll_pending()
         if last:
             return True
         if step == 1 and self.cfg.enable_first_step_checkpoint:
@@ -205,9 +258,10 @@ class CheckpointManager:
             return step % self.cfg.interval == 0
         due = time.monotonic() - self._last_save_time >= self.cfg.interval
         if dist.is_initialized():
-            # Ranks must agree, or some would enter the collective save and others not.
+            # Ranks must agree, or some would enter the collective save and others not. The default
+            # group: the async group may be busy with a background save in another thread.
             flag = torch.tensor(int(due))
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._async_pg or None)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             due = bool(flag.item())
         return due
 
@@ -217,73 +271,111 @@ class CheckpointManager:
         if last and self.cfg.last_save_model_only:
             state, kind = self._export_state(), "export"
         else:
-            state, kind = {k: v for k, v in self.states.items()}, "full"
-        if _rank() == 0:
-            if os.path.isdir(path):
-                if os.path.isfile(os.path.join(path, MARKER)):
-                    raise CheckpointError(f"{path} already holds a complete checkpoint; refusing to overwrite it")
-                shutil.rmtree(path)  # an interrupted save of the same step: nothing usable is lost
-            os.makedirs(path, exist_ok=True)
-        _barrier()
+            state, kind = dict(self.states), "full"
+        self._prepare_folder(path)
+        info = self._info(step, kind)
+        t0 = time.perf_counter()
+        if self.cfg.async_mode != "disabled" and not last:
+            self._pending = _PendingSave(self._async_save(state, path), path, info)
+            logger.info(f"checkpoint step-{step}: async save started, training blocked {time.perf_counter() - t0:.3f}s")
+        else:
+            dcp.save(state, checkpoint_id=path)
+            self._complete(path, info)
+            logger.info(f"checkpoint step-{step} saved ({kind}) in {time.perf_counter() - t0:.3f}s, "
+                        f"training blocked for all of it")
+        self._last_save_time = time.monotonic()
+
+    def _info(self, step: int, kind: str) -> dict:
         info = {"step": step, "kind": kind, "time": time.time(),
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1}
         if kind == "export":
             info["dtype"] = self.cfg.export_dtype
-        t0 = time.perf_counter()
-        if self.cfg.async_mode != "disabled" and not last:
-            fut = self._async_save(state, path)
-            self._pending = (fut, path, step, info)
-            logger.info(f"checkpoint step-{step}: async save started, training blocked {time.perf_counter() - t0:.3f}s")
-        else:
-            dcp.save(state, checkpoint_id=path)
-            self._complete(path, step, info)
-            logger.info(f"checkpoint step-{step} saved ({kind}) in {time.perf_counter() - t0:.3f}s")
-        self._last_save_time = time.monotonic()
+        if self.model_args is not None:
+            info["model_args"] = model_args_to_dict(self.model_args)
+        return info
+
+    def _prepare_folder(self, path: str) -> None:
+        if _rank() == 0:
+            if os.path.isdir(path):
+                if os.path.isfile(os.path.join(path, MARKER)):
+                    raise CheckpointError(f"{path} already holds a complete checkpoint; refusing to overwrite it")
+                shutil.rmtree(path)  # an interrupted save of this same step: nothing usable is lost
+            os.makedirs(path)
+        _barrier()
 
     def _async_save(self, state: dict, path: str) -> Future:
-        kwargs = {"checkpoint_id": path, "process_group": self._async_pg}
-        if self.cfg.async_mode == "async_with_pinned_mem" and torch.cuda.is_available():
-            try:
-                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-                kwargs["async_stager"] = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
-                                                                      use_async_staging=True, use_non_blocking_copy=True))
-            except ImportError:
-                logger.warning("this torch has no DCP DefaultStager; async_with_pinned_mem falls back to plain async")
+        kwargs: dict = {"checkpoint_id": path, "process_group": self._async_pg}
+        stager = self._get_stager()
+        if stager is not None:
+            kwargs["async_stager"] = stager
         result = dcp.async_save(state, **kwargs)
         # Newer torch returns an AsyncSaveResponse holding the upload future.
         return getattr(result, "upload_completion", result)
 
-    def finish_pending(self) -> None:
-        if self._pending is None:
-            return
-        fut, path, step, info = self._pending
-        fut.result()
-        self._pending = None
-        self._complete(path, step, info)
+    def _get_stager(self):
+        """One stager for the whole run: its CPU (or pinned) buffers are reused by every save."""
+        if self._stager is None:
+            try:
+                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            except ImportError:
+                return None
+            pinned = self.cfg.async_mode == "async_with_pinned_mem" and torch.cuda.is_available()
+            if self.cfg.async_mode == "async_with_pinned_mem" and not pinned:
+                logger.info("checkpoint.async_mode = async_with_pinned_mem: no CUDA device, staging in plain CPU memory")
+            # Staging is synchronous (training waits for the device-to-host copy, not for the write):
+            # the optimizer step after a save must not change weights that are still being copied.
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=False))
+        return self._stager
 
-    def _complete(self, path: str, step: int, info: dict) -> None:
+    def _poll_pending(self) -> None:
+        """Write the marker as soon as the background write is done, without blocking or collectives.
+
+        DCP's coordinator (rank 0) returns only after gathering every rank's write
+        results and writing .metadata, so rank 0's future being done means the whole
+        checkpoint is on disk; rank 0 alone writes the marker and no rank waits.
+        """
+        p = self._pending
+        if p is not None and not p.marked and p.future.done():
+            self._mark_async(p)
+
+    def finish_pending(self) -> None:
+        """Wait for an async save (before the next save, and at the end of training)."""
+        p = self._pending
+        if p is None:
+            return
+        self._pending = None
+        if not p.marked:
+            self._mark_async(p)
+
+    def _mark_async(self, p: _PendingSave) -> None:
+        try:
+            p.future.result()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"async save of {p.path} failed: {type(e).__name__}: {e}") from e
+        p.marked = True
+        if _rank() == 0:
+            write_marker(p.path, p.info)
+            self._purge()
+            logger.info(f"checkpoint {p.path} complete (async write finished)")
+
+    def _complete(self, path: str, info: dict) -> None:
         _barrier()
         if _rank() == 0:
-            tmp = os.path.join(path, MARKER + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(info, f)
-            os.replace(tmp, os.path.join(path, MARKER))
+            write_marker(path, info)
             self._purge()
         _barrier()
 
     def _purge(self) -> None:
+        """keep_latest_k over full checkpoints. Never deleted: the newest full one (so the run
+        stays resumable even after a weights-only final export), seeds, converted folders,
+        final exports and incomplete folders."""
         if self.cfg.keep_latest_k <= 0:
             return
-        complete = [(s, p) for s, p, c in step_folders(self.root) if c]
-        keep = {p for _, p in complete[-self.cfg.keep_latest_k:]}
-        newest = complete[-1][1] if complete else None
-        for _, p in complete:
-            if p not in keep and p != newest and p != self.loaded_path and not p.endswith("step-0"):
-                logger.info(f"keep_latest_k={self.cfg.keep_latest_k}: removing {p}")
-                shutil.rmtree(p, ignore_errors=True)
-        if self.loaded_path and self.loaded_path not in keep and any(s > 0 for s, _ in complete[-self.cfg.keep_latest_k:]):
-            self.loaded_path = None  # newer complete checkpoints exist: the loaded one may go next time
+        full = [f for f in step_folders(self.root) if f.complete and read_marker(f.path).get("kind", "full") == "full"]
+        for f in full[:-self.cfg.keep_latest_k]:
+            logger.info(f"keep_latest_k={self.cfg.keep_latest_k}: removing {f.path}")
+            shutil.rmtree(f.path, ignore_errors=True)
 
     def _export_state(self) -> dict:
         """Weights only, cast to export_dtype whatever the training dtype (no silent float32 gate)."""
@@ -294,12 +386,17 @@ class CheckpointManager:
     def save_seed(self) -> None:
         """step-0 weights from a single-process init; any layout can start from them."""
         path = os.path.join(self.root, "step-0")
-        if os.path.isfile(os.path.join(path, MARKER)):
-            raise CheckpointError(f"{path} already holds a seed checkpoint; remove it or pick another job.dump_folder")
-        os.makedirs(path, exist_ok=True)
+        existing = [f.path for f in step_folders(self.root) if f.complete]
+        if existing:
+            raise CheckpointError(f"{self.root} already holds checkpoints ({', '.join(existing)}); a seed checkpoint "
+                                  f"starts a run: pick a new job.dump_folder or checkpoint.folder")
+        self._prepare_folder(path)
         dcp.save({"model": self.states["model"]}, checkpoint_id=path)
-        self._complete(path, 0, {"step": 0, "kind": "seed", "time": time.time(), "world_size": 1})
+        self._complete(path, self._info(0, "seed"))
         logger.info(f"seed checkpoint written to {path}")
 
     def close(self) -> None:
         self.finish_pending()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None

@@ -101,7 +101,8 @@ def train_step(ctx: TrainContext, data_iter, metrics) -> StepResult:
     metrics.add_data_time(time.perf_counter() - t0)
 
     n_local = sum((labels != IGNORE_INDEX).sum() for _, labels in micro)
-    n_global = dist_utils.all_reduce_sum(n_local.to(ctx.device), ctx.group("dp_cp"))
+    # Labels are counted before context-parallel sharding, so cp ranks hold the same count: sum over dp only.
+    n_global = dist_utils.all_reduce_sum(n_local.to(ctx.device), ctx.group("dp"))
     # Gradient reduction averages over dp x cp; undo that so gradients are of the global mean.
     scale = ctx.dims.dp * ctx.dims.cp / n_global.clamp(min=1).float()
     ctx.loss_scale[0] = scale

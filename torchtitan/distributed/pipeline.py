@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from torchtitan.config.job_config import JobConfig, Parallelism
 from torchtitan.config.manager import ConfigError
@@ -229,7 +230,12 @@ def scaled_loss(loss_fn: Callable, loss_scale: list) -> Callable:
     """
 
     def pipeline_loss(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return loss_fn(pred, labels) * loss_scale[0]
+        loss = loss_fn(pred, labels)
+        if isinstance(loss, DTensor):
+            # Loss parallel (TP) returns a replicated DTensor; the trainer sums and all-reduces
+            # plain tensors over the pipeline group, which a DTensor cannot join.
+            loss = loss.full_tensor()
+        return loss * loss_scale[0]
 
     return pipeline_loss
 

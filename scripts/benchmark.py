@@ -1,0 +1,224 @@
+"""Throughput benchmarks: named trainer configurations, trainer overhead on CPU, data-path speed.
+
+    python scripts/benchmark.py rows --rows 8b8l_compile_sacop,1b_compile_noac --steps 30 --skip 15
+    python scripts/benchmark.py rows --rows ... --baseline .bench/torchtitan_anchor --wheels .bench/whl
+    python scripts/benchmark.py overhead            # trainer step vs a minimal hand-written loop (CPU)
+    python scripts/benchmark.py data                # tokenizer + packing tokens/s on one core
+
+`rows` runs the real trainer (run_train.sh) per row, averages the logged steps after `--skip`, and prints
+tokens/s, TFLOP/s, MFU and peak memory. With `--baseline`, torchtitan's anchor recipe
+(shared/bench/torchtitan_anchor) runs first on the same machine and the table gains ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BENCH_8B = os.path.join(ROOT, "train_configs", "bench_llama3_8b_8l.toml")
+BENCH_1B = os.path.join(ROOT, "train_configs", "bench_llama3_1b.toml")
+
+# name -> (config, overrides, torchtitan anchor row name). Same shapes, seq, batch, compile and AC as the anchor.
+ROWS: dict[str, tuple[str, list[str], str]] = {
+    "8b8l_compile_sacop": (BENCH_8B, [], "8b8l_compile_sacop"),
+    "8b8l_eager_sacop": (BENCH_8B, ["--compile.no-enable"], "8b8l_eager_sacop"),
+    "8b8l_compile_noac": (BENCH_8B, ["--activation_checkpoint.mode", "none"], "8b8l_compile_noac"),
+    "1b_compile_noac": (BENCH_1B, [], "1b_compile_noac"),
+    "8b8l_compile_noac_float8_tensorwise": (BENCH_8B, ["--activation_checkpoint.mode", "none", "--model.converters", "float8",
+                                                       "--float8.recipe_name", "tensorwise"], ""),
+    "8b8l_compile_noac_float8_rowwise": (BENCH_8B, ["--activation_checkpoint.mode", "none", "--model.converters", "float8",
+                                                    "--float8.recipe_name", "rowwise"], ""),
+    # CPU rows: the harness itself, runnable anywhere.
+    "cpu_debug": (os.path.join(ROOT, "train_configs", "debug_model.toml"), ["--training.seq_len", "256",
+                                                                          "--training.local_batch_size", "4"], ""),
+}
+
+
+def summarize(records: list[dict], skip: int) -> dict:
+    rows = [r for r in records if r["step"] > skip] or records[-1:]
+    pick = lambda k: statistics.mean(r[k] for r in rows) if rows and rows[0].get(k) is not None else None  # noqa: E731
+    return {"tps": pick("tps"), "tflops": pick("tflops"), "mfu": pick("mfu"),
+            "memory_gib": max(r["memory_gib"] for r in rows), "data_wait_pct": pick("data_wait_pct"),
+            "steps": [r["step"] for r in rows]}
+
+
+def run_row(name: str, steps: int, skip: int, log_freq: int, extra: list[str]) -> dict:
+    config, overrides, _ = ROWS[name]
+    with tempfile.TemporaryDirectory() as dump:
+        cmd = ["./run_train.sh", "--job.dump_folder", dump, "--training.steps", str(steps), "--metrics.log_freq",
+               str(log_freq), *overrides, *extra]
+        env = dict(os.environ, NGPU=os.environ.get("NGPU", "1"), CONFIG=config)
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": (proc.stdout + proc.stderr)[-1500:]}
+        with open(os.path.join(dump, "metrics.jsonl")) as f:
+            recs = [json.loads(line) for line in f]
+    out = summarize(recs, skip)
+    out["wall_s"] = time.time() - t0
+    return out
+
+
+def run_baseline(anchor: str, wheels: str) -> dict[str, dict]:
+    """torchtitan's own recipe, same machine, right before ours; parses its 'step:' lines."""
+    proc = subprocess.run(["bash", "run_anchor.sh", os.path.abspath(wheels)], cwd=anchor, capture_output=True, text=True)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)
+    results, name = {}, None
+    for line in text.splitlines():
+        m = re.match(r"== (\S+) \(exit", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"tps: ([\d,]+).*tflops: ([\d.]+).*mfu: ([\d.]+)%", line)
+        mem = re.search(r"memory: ([\d.]+)GiB", line)
+        if m and name:
+            results.setdefault(name, []).append({"tps": float(m.group(1).replace(",", "")), "tflops": float(m.group(2)),
+                                                 "mfu": float(m.group(3)), "memory_gib": float(mem.group(1)) if mem else None})
+    return {k: {"tps": statistics.mean(r["tps"] for r in v[-2:]), "tflops": statistics.mean(r["tflops"] for r in v[-2:]),
+                "mfu": statistics.mean(r["mfu"] for r in v[-2:]), "memory_gib": v[-1]["memory_gib"]} for k, v in results.items()}
+
+
+def cmd_rows(args) -> None:
+    baseline = run_baseline(args.baseline, args.wheels) if args.baseline else {}
+    names = args.rows.split(",")
+    print(f"{'row':40s} {'tok/s':>10s} {'TFLOP/s':>8s} {'MFU':>7s} {'mem GiB':>8s} {'data%':>6s} {'vs tt':>7s} {'tt tok/s':>9s}")
+    for name in names:
+        r = run_row(name, args.steps, args.skip, args.log_freq, args.extra or [])
+        if "error" in r:
+            print(f"{name:40s} FAILED: {r['error']}")
+            continue
+        tt = baseline.get(ROWS[name][2]) if ROWS[name][2] else None
+        ratio = f"{r['tps'] / tt['tps']:.3f}x" if tt else "-"
+        mfu = f"{r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{name:40s} {r['tps']:10,.0f} {r['tflops']:8.1f} {mfu:>7s} {r['memory_gib']:8.2f} {r['data_wait_pct']:6.2f} "
+              f"{ratio:>7s} {tt['tps'] if tt else 0:9,.0f}")
+    print(f"(steps {args.steps}, averaged over logged steps > {args.skip}; same machine, one run after the other)")
+
+
+def cmd_overhead(args) -> None:
+    """Our train_step on one process vs the plainest PyTorch loop: same model, batch, optimizer, data in memory."""
+    import torch
+
+    from torchtitan.components.checkpoint import TrainState  # noqa: F401 - import cost is not measured
+    from torchtitan.components.loss import cross_entropy_sum
+    from torchtitan.components.metrics import MetricsLogger
+    from torchtitan.components.train_step import TrainContext, train_step
+    from torchtitan.config import load_config
+    from torchtitan.distributed.parallel_dims import ParallelDims
+    from torchtitan.models import get_train_spec
+    from torchtitan.config.preflight import build_model_args
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(["--training.seq_len", str(args.seq_len), "--training.local_batch_size", str(args.batch),
+                       "--metrics.log_freq", "1000000", "--training.steps", str(args.steps + 10)], env={})
+    spec = get_train_spec("llama3")
+    margs = build_model_args(spec, cfg, "cpu")
+    batches = [torch.randint(0, margs.vocab_size, (args.batch, args.seq_len + 1)) for _ in range(8)]
+
+    def fresh():
+        torch.manual_seed(0)
+        m = spec.model_cls(margs)
+        m.init_weights()
+        return m
+
+    def plain(n):
+        model = fresh()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            b = batches[i % len(batches)]
+            logits = model(b[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten()) 
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def ours(n):
+        model = fresh()
+        dims = ParallelDims.from_config(cfg.parallelism, 1)
+        opts = spec.build_optimizers_fn([model], cfg.optimizer, "cpu")
+        scheds = spec.build_lr_schedulers_fn(opts, cfg.lr_scheduler, cfg.training.steps)
+        ctx = TrainContext(cfg=cfg, dims=dims, mesh=None, model_parts=[model], pp_schedule=None, has_first=True,
+                           has_last=True, device=torch.device("cpu"), loss_fn=lambda lg, lb: cross_entropy_sum(lg, lb),
+                           optimizers=opts, lr_schedulers=scheds)
+        metrics = MetricsLogger(cfg.metrics, "/tmp", 0, "cpu", 1.0, 1, cfg.training.steps, write_files=False)
+        data = ((({"input": b[:, :-1]}), b[:, 1:]) for i in range(10**9) for b in [batches[i % len(batches)]])
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            train_step(ctx, data, metrics)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    # Alternate the two, several rounds, so drift of the machine hits both alike.
+    plain_t, ours_t = [], []
+    for _ in range(args.rounds):
+        plain_t += plain(args.steps)[args.warmup:]
+        ours_t += ours(args.steps)[args.warmup:]
+    p, o = statistics.median(plain_t), statistics.median(ours_t)
+    print(f"debug model, batch {args.batch} x seq {args.seq_len}, {args.threads} threads, median of {len(plain_t)} steps")
+    print(f"minimal loop: {p * 1000:.1f} ms/step   trainer: {o * 1000:.1f} ms/step   ratio {o / p:.3f}")
+
+
+def cmd_data(args) -> None:
+    """Tokenizer + packing on one core: tokens/s of the path the dataloader runs."""
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from torchtitan.components.tokenizer import build_tokenizer
+    from torchtitan.datasets.text import DocumentSource, PackedWindows
+    from torchtitan.train import DEFAULT_TOKENIZER
+
+    tok = build_tokenizer(args.tokenizer or DEFAULT_TOKENIZER)
+    src = DocumentSource("pydoc", None, "text")
+    best = 0.0
+    for _ in range(3):
+        ds = PackedWindows(src, lambda t: tok.encode_batch(t, bos=True, eos=True), 2048, 1, 0, 1, infinite=True)
+        it = iter(ds)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args.seconds:
+            item = next(it)
+            n += item["input"].numel()
+        best = max(best, n / (time.perf_counter() - t0))
+    print(f"tokenize + pack (seq 2048, one core): {best:,.0f} tokens/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("rows")
+    r.add_argument("--rows", default="8b8l_compile_sacop,8b8l_eager_sacop,8b8l_compile_noac,1b_compile_noac")
+    r.add_argument("--steps", type=int, default=30)
+    r.add_argument("--skip", type=int, default=15)
+    r.add_argument("--log-freq", type=int, default=5)
+    r.add_argument("--baseline", help="folder with torchtitan's anchor recipe (run_anchor.sh)")
+    r.add_argument("--wheels", default=".bench/whl")
+    r.add_argument("extra", nargs="*", help="more trainer overrides, after --")
+    o = sub.add_parser("overhead")
+    o.add_argument("--steps", type=int, default=12)
+    o.add_argument("--warmup", type=int, default=2)
+    o.add_argument("--rounds", type=int, default=3)
+    o.add_argument("--batch", type=int, default=4)
+    o.add_argument("--seq-len", type=int, default=256)
+    o.add_argument("--threads", type=int, default=2)
+    d = sub.add_parser("data")
+    d.add_argument("--seconds", type=float, default=3.0)
+    d.add_argument("--tokenizer", default="")
+    args = ap.parse_args()
+    {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Every parallel layout reproduces single-process training (CPU, gloo, fp32, real processes).
+
+All runs start from one seed checkpoint and see the same global batch (local
+batch x dp is constant), so per-step losses must agree to float32 noise. After a
+few AdamW steps last-bit gradient noise grows, hence losses (not weights) are
+compared, plus the first step's gradient norm.
+
+Cost: each world size is one launch of parity_driver.py that trains all of its
+layouts in one process group (a torchrun start-up costs ~7-12 s on 2 cores).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import launch
+
+DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parity_driver.py")
+LOSS_TOL = 1e-5
+GRAD_NORM_TOL = 1e-5
+COMPILE_TOL = 1e-4
+
+
+def _bs(n: int) -> list[str]:
+    return ["--training.local_batch_size", str(n)]
+
+
+def _ac(mode: str, option: str = "2") -> list[str]:
+    return ["--activation_checkpoint.mode", mode, "--activation_checkpoint.selective_ac_option", option]
+
+
+FSDP = ["--parallelism.data_parallel_shard_degree", "-1"]
+TP2 = ["--parallelism.tensor_parallel_degree", "2"]
+CP2 = ["--parallelism.context_parallel_degree", "2"]
+
+# name -> (world size, CLI overrides, reference layout, tolerance). Global batch 4 x 64 tokens everywhere,
+# except the gradient-accumulation pair (global batch 8).
+LAYOUTS: dict[str, tuple[int, list[str], str, float]] = {
+    "single": (1, _bs(4), "single", 0.0),
+    "single_bs8": (1, _bs(8), "single_bs8", 0.0),
+    "fsdp2": (2, FSDP + _bs(2), "single", LOSS_TOL),
+    "fsdp2_reshard_never": (2, FSDP + _bs(2) + ["--parallelism.fsdp_reshard_after_forward", "never"], "single", LOSS_TOL),
+    "ddp2": (2, ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]
+             + _bs(2), "single", LOSS_TOL),
+    "tp2": (2, TP2 + _bs(4), "single", LOSS_TOL),
+    "tp2_no_loss_parallel": (2, TP2 + _bs(4) + ["--parallelism.disable_loss_parallel"], "single", LOSS_TOL),
+    "cp2": (2, CP2 + _bs(4), "single", LOSS_TOL),
+    "cp2_alltoall": (2, CP2 + _bs(4) + ["--parallelism.context_parallel_rotate_method", "alltoall"], "single", LOSS_TOL),
+    "fsdp2_full_ac": (2, FSDP + _bs(2) + _ac("full"), "single", LOSS_TOL),
+    "fsdp2_selective_layer_ac": (2, FSDP + _bs(2) + _ac("selective", "2"), "single", LOSS_TOL),
+    "fsdp2_selective_op_ac": (2, FSDP + _bs(2) + _ac("selective", "op"), "single", LOSS_TOL),
+    "fsdp2_grad_accum2": (2, FSDP + _bs(2) + ["--training.global_batch_size", "8"], "single_bs8", LOSS_TOL),
+    # Last in its launch: inductor compiles while the other layouts' processes are long done.
+    "fsdp2_compile": (2, FSDP + _bs(2) + ["--compile.enable"], "single", COMPILE_TOL),
+    "hsdp2x2": (4, ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]
+                + _bs(1), "single", LOSS_TOL),
+    "fsdp2_tp2": (4, FSDP + TP2 + _bs(2), "single", LOSS_TOL),
+    "fsdp2_cp2": (4, FSDP + CP2 + _bs(2), "single", LOSS_TOL),
+    "tp2_cp2": (4, TP2 + CP2 + _bs(4), "single", LOSS_TOL),
+}
+COMPARED = [name for name, (_, _, ref, _) in LAYOUTS.items() if ref != name]
+
+
+def _common(seed: str) -> list[str]:
+    return ["--job.config_file", launch.DEBUG_CONFIG, *launch.TINY,
+            "--checkpoint.enable", "--checkpoint.initial_load_path", seed, "--metrics.enable_jsonl=false",
+            "--comm.init_timeout_seconds", "120", "--comm.train_timeout_seconds", "60"]
+
+
+def _run_world(world: int, seed: str, tmp: str) -> dict:
+    layouts = {name: args for name, (w, args, _, _) in LAYOUTS.items() if w == world}
+    spec_path, out_path = os.path.join(tmp, f"spec{world}.json"), os.path.join(tmp, f"out{world}.json")
+    with open(spec_path, "w") as f:
+        json.dump({"common": _common(seed), "dump_root": os.path.join(tmp, f"runs{world}"), "layouts": layouts}, f)
+    if world == 1:
+        cmd = [sys.executable, DRIVER, spec_path, out_path]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--rdzv_backend", "c10d",
+               "--rdzv_endpoint", "localhost:0", DRIVER, spec_path, out_path]
+    proc = subprocess.run(cmd, cwd=launch.ROOT, env=launch._env(None), capture_output=True, text=True, timeout=600)
+    results = json.load(open(out_path)) if os.path.exists(out_path) else {}
+    if proc.returncode != 0:
+        missing = sorted(set(layouts) - set(results))
+        results["_error"] = (f"world {world} driver failed ({proc.returncode}) before {missing}:\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return results
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory) -> dict:
+    tmp = str(tmp_path_factory.mktemp("parity"))
+    seed = launch.make_seed_checkpoint(os.path.join(tmp, "seed"))
+    results: dict = {}
+    errors = []
+    for world in (1, 2, 4):
+        out = _run_world(world, seed, tmp)
+        if "_error" in out:
+            errors.append(out.pop("_error"))
+        results.update(out)
+    results["_errors"] = errors
+    _print_summary(results)
+    return results
+
+
+def _diffs(results: dict, name: str) -> tuple[float, float]:
+    ref = results[LAYOUTS[name][2]]
+    got = results[name]
+    assert len(got["loss"]) == len(ref["loss"]) == 5, f"{name}: expected 5 logged steps, got {len(got['loss'])}"
+    loss = max(abs(a - b) for a, b in zip(got["loss"], ref["loss"]))
+    return loss, abs(got["grad_norm"][0] - ref["grad_norm"][0])
+
+
+def _print_summary(results: dict) -> None:
+    lines = ["layout                      max|dloss|   |dgradnorm1|   seconds"]
+    for name in COMPARED:
+        if name in results and LAYOUTS[name][2] in results:
+            loss, gn = _diffs(results, name)
+            lines.append(f"{name:<26}  {loss:10.2e}   {gn:10.2e}   {results[name]['seconds']:7.1f}")
+    print("\n" + "\n".join(lines))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMPARED)
+def test_layout_matches_single_process(parity: dict, name: str):
+    if name not in parity or LAYOUTS[name][2] not in parity:
+        pytest.fail(f"{name} did not run:\n" + "\n".join(parity["_errors"]))
+    tol = LAYOUTS[name][3]
+    loss, grad_norm = _diffs(parity, name)
+    ref = parity[LAYOUTS[name][2]]
+    assert loss <= tol, f"{name}: losses {parity[name]['loss']} vs reference {ref['loss']} (max diff {loss:.2e})"
+    assert grad_norm <= tol, (f"{name}: first grad norm {parity[name]['grad_norm'][0]} vs reference "
+                              f"{ref['grad_norm'][0]} (diff {grad_norm:.2e})")
+
+
+@pytest.mark.slow
+def test_layouts_train(parity: dict):
+    """Guards against vacuous parity: the reference itself learns over the 5 steps."""
+    losses = parity["single"]["loss"]
+    assert losses[-1] < losses[0] - 0.3, losses

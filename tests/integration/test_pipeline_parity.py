@@ -1,0 +1,113 @@
+"""Pipeline parallel reproduces single-process training: every schedule, and PP composed with FSDP, TP and CP.
+
+Every run starts from one seed checkpoint, trains the debug model in float32 for
+5 steps and must match the single-process loss of every step and the first
+step's gradient norm within 1e-5 (later norms drift with Adam; see
+shared/TORCH_ON_CPU.md). Layouts are grouped into one torchrun launch per world
+size (parity_driver.py), since a launch costs more than a 5-step run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.launch import DEBUG_CONFIG, ROOT, TINY, _env, make_seed_checkpoint
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-5
+DRIVER = os.path.join(ROOT, "tests", "integration", "parity_driver.py")
+PP = ["--parallelism.pipeline_parallel_degree", "2"]
+
+
+def _schedule(name: str) -> list[str]:
+    return [*PP, "--parallelism.pipeline_parallel_schedule", name]
+
+
+# 4 stages over 2 ranks, placed round-robin (rank 0: stages 0 and 2), 4 micro-batches.
+# Rank 0 runs breadth-first; rank 1 alternates forward and backward on the last stage.
+CSV_ROWS = [
+    "0F0,0F1,0F2,0F3,2F0,2F1,2F2,2F3,2B0,2B1,2B2,2B3,0B0,0B1,0B2,0B3",
+    "1F0,1F1,1F2,1F3,3F0,3B0,3F1,3B1,3F2,3B2,3F3,3B3,1B0,1B1,1B2,1B3",
+]
+
+# The single-process reference sees 4 sequences a step; layouts with dp = 2 take 2 each.
+WORLD_2 = {
+    "GPipe": _schedule("GPipe"),
+    "1F1B": _schedule("1F1B"),
+    "Interleaved1F1B": _schedule("Interleaved1F1B"),
+    "LoopedBFS": _schedule("LoopedBFS"),
+    "InterleavedZeroBubble": _schedule("InterleavedZeroBubble"),
+    "ZBVZeroBubble": _schedule("ZBVZeroBubble"),
+    "DualPipeV": _schedule("DualPipeV"),
+    "CSV": _schedule("CSV"),  # + the CSV path, added once the file exists
+    "1F1B_split_points": [*_schedule("1F1B"), "--parallelism.pipeline_parallel_split_points", "layers.2"],
+}
+WORLD_4 = {
+    "PP2xFSDP2_Interleaved1F1B": [*_schedule("Interleaved1F1B"), "--parallelism.data_parallel_shard_degree", "2",
+                                  "--training.local_batch_size", "2"],
+    "PP2xTP2_1F1B": [*_schedule("1F1B"), "--parallelism.tensor_parallel_degree", "2"],
+    "PP2xCP2_Interleaved1F1B": [*_schedule("Interleaved1F1B"), "--parallelism.context_parallel_degree", "2"],
+}
+WORLD_8 = {
+    "PP2xFSDP2xTP2_1F1B": [*_schedule("1F1B"), "--parallelism.data_parallel_shard_degree", "2",
+                           "--parallelism.tensor_parallel_degree", "2", "--training.local_batch_size", "2"],
+}
+GROUPS = {1: {"reference": []}, 2: WORLD_2, 4: WORLD_4, 8: WORLD_8}
+LAYOUTS = [(n, name) for n in (2, 4, 8) for name in GROUPS[n]]
+
+
+def _launch(nproc: int, layouts: dict, common: list[str], root: str) -> dict:
+    spec_path, out_path = os.path.join(root, f"spec_{nproc}.json"), os.path.join(root, f"out_{nproc}.json")
+    with open(spec_path, "w") as f:
+        json.dump({"common": common, "layouts": layouts, "dump_root": os.path.join(root, f"world{nproc}")}, f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", "localhost:0", DRIVER, spec_path, out_path]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(None), capture_output=True, text=True, timeout=120 + 60 * len(layouts))
+    results = {}
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            results = json.load(f)
+    if proc.returncode != 0:
+        results["__error__"] = f"launch of {nproc} ranks failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{world size: {layout: {"loss": [...], "grad_norm": [...]}}}, launched lazily once per world size."""
+    root = str(tmp_path_factory.mktemp("pp_parity"))
+    seed = make_seed_checkpoint(os.path.join(root, "seed"))
+    csv_path = os.path.join(root, "schedule.csv")
+    with open(csv_path, "w") as f:
+        f.write("\n".join(CSV_ROWS) + "\n")
+    common = ["--job.config_file", DEBUG_CONFIG, *TINY, "--comm.init_timeout_seconds", "60", "--checkpoint.enable", "--checkpoint.initial_load_path", seed,
+              "--checkpoint.interval", "1000"]
+    groups = {n: dict(g) for n, g in GROUPS.items()}
+    groups[2]["CSV"] = [*groups[2]["CSV"], "--parallelism.pipeline_parallel_schedule_csv", csv_path]
+    cache: dict = {}
+
+    def get(nproc: int) -> dict:
+        if nproc not in cache:
+            cache[nproc] = _launch(nproc, groups[nproc], common, root)
+        return cache[nproc]
+
+    return get
+
+
+@pytest.mark.parametrize("nproc,layout", LAYOUTS, ids=[name for _, name in LAYOUTS])
+def test_pipeline_matches_single_process(runs, nproc, layout):
+    ref = runs(1).get("reference")
+    assert ref, runs(1).get("__error__", "reference run produced no result")
+    got = runs(nproc).get(layout)
+    assert got, runs(nproc).get("__error__", f"{layout} produced no result")
+    assert len(got["loss"]) == len(ref["loss"]) == 5
+    loss_diff = max(abs(a - b) for a, b in zip(got["loss"], ref["loss"]))
+    grad_diff = abs(got["grad_norm"][0] - ref["grad_norm"][0])
+    print(f"{layout}: max loss diff {loss_diff:.2e}, first grad-norm diff {grad_diff:.2e}")
+    assert loss_diff <= TOL, f"{layout} losses {got['loss']} vs single-process {ref['loss']}"
+    assert grad_diff <= TOL, f"{layout} first grad norm {got['grad_norm'][0]} vs {ref['grad_norm'][0]}"

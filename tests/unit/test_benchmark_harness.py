@@ -1,0 +1,28 @@
+"""The benchmark harness itself (its numbers live in docs/performance.md, never in tests)."""
+import pytest
+
+from tests.launch import run_python
+
+
+def test_summarize_skips_warmup():
+    import importlib.util
+
+    from tests.launch import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench", f"{ROOT}/scripts/benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    recs = [{"step": s, "tps": 10.0 * s, "tflops": 1.0, "mfu": None, "memory_gib": s, "data_wait_pct": 0.0} for s in (5, 10, 15, 20)]
+    out = bench.summarize(recs, skip=10)
+    assert out["tps"] == 175.0 and out["steps"] == [15, 20] and out["memory_gib"] == 20 and out["mfu"] is None
+
+
+@pytest.mark.slow
+def test_overhead_and_data_commands_run():
+    proc = run_python(["scripts/benchmark.py", "overhead", "--steps", "3", "--warmup", "1", "--rounds", "1",
+                       "--seq-len", "32", "--batch", "2"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ratio" in proc.stdout
+    proc = run_python(["scripts/benchmark.py", "data", "--seconds", "0.5"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tokens/s" in proc.stdout
