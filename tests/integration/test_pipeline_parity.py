@@ -16,8 +16,11 @@ import sys
 import pytest
 
 from tests.launch import DEBUG_CONFIG, ROOT, TINY, _env, make_seed_checkpoint
-
-pytestmark = pytest.mark.slow
+from torchtitan.config.job_config import JobConfig
+from torchtitan.config.manager import ConfigError
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.pipeline import check_pipeline_config, even_layer_counts, plan_stages
+from torchtitan.models.llama3 import llama3_flavors
 
 TOL = 1e-5
 DRIVER = os.path.join(ROOT, "tests", "integration", "parity_driver.py")
@@ -99,6 +102,7 @@ def runs(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,layout", LAYOUTS, ids=[name for _, name in LAYOUTS])
 def test_pipeline_matches_single_process(runs, nproc, layout):
     ref = runs(1).get("reference")
@@ -111,3 +115,73 @@ def test_pipeline_matches_single_process(runs, nproc, layout):
     print(f"{layout}: max loss diff {loss_diff:.2e}, first grad-norm diff {grad_diff:.2e}")
     assert loss_diff <= TOL, f"{layout} losses {got['loss']} vs single-process {ref['loss']}"
     assert grad_diff <= TOL, f"{layout} first grad norm {got['grad_norm'][0]} vs {ref['grad_norm'][0]}"
+
+
+# ---------------------------------------------------------------- stage planning (no processes, milliseconds)
+def _cfg(**parallelism) -> JobConfig:
+    cfg = JobConfig()
+    cfg.parallelism.pipeline_parallel_degree = 2
+    for key, value in parallelism.items():
+        setattr(cfg.parallelism, key, value)
+    return cfg
+
+
+def test_even_split_gives_middle_stages_the_extra_layers():
+    # 405B: 126 layers over 16 stages; the first and last stage also hold the embedding and output.
+    counts = even_layer_counts(126, 16)
+    assert sum(counts) == 126 and counts[0] == counts[-1] == 7 and set(counts[1:-1]) == {8}
+    assert even_layer_counts(6, 4) == [1, 2, 2, 1]
+
+
+@pytest.mark.parametrize("schedule,ranks", [("1F1B", [0, 1]), ("GPipe", [0, 1]), ("Interleaved1F1B", [0, 1, 0, 1]),
+                                            ("LoopedBFS", [0, 1, 0, 1]), ("ZBVZeroBubble", [0, 1, 1, 0]),
+                                            ("DualPipeV", [0, 1, 1, 0])])
+def test_default_stage_placement(schedule, ranks):
+    plan = plan_stages(_cfg(pipeline_parallel_schedule=schedule).parallelism, 6)
+    assert plan.stage_ranks == ranks
+    assert [layer for stage in plan.layers for layer in stage] == [str(i) for i in range(6)]
+
+
+def test_split_points_and_layers_per_stage():
+    plan = plan_stages(_cfg(pipeline_parallel_split_points=["layers.2"]).parallelism, 6)
+    assert plan.layers == [["0", "1"], ["2", "3", "4", "5"]]
+    plan = plan_stages(_cfg(pipeline_parallel_schedule="Interleaved1F1B",
+                            pipeline_parallel_layers_per_stage=2).parallelism, 8)
+    assert plan.num_stages == 4 and plan.stages_of(1) == [1, 3]
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(pipeline_parallel_split_points=["layers.9"]), "0 < K < 6"),
+    (dict(pipeline_parallel_split_points=["layers.4", "layers.2"]), "strictly increasing"),
+    (dict(pipeline_parallel_split_points=["layers.1", "layers.2"]), "exactly pipeline_parallel_degree = 2"),
+    (dict(pipeline_parallel_schedule="ZBVZeroBubble", pipeline_parallel_layers_per_stage=3), "exactly 2 stages per rank"),
+    (dict(pipeline_parallel_layers_per_stage=4), "must divide"),
+    (dict(pipeline_parallel_schedule="CSV"), "pipeline_parallel_schedule_csv"),
+    (dict(pipeline_parallel_schedule="PipelineScheduleSingle"), "cannot run"),
+])
+def test_bad_stage_plans_name_the_key(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_stages(_cfg(**settings).parallelism, 6)
+
+
+def test_csv_schedule_places_stages_where_its_rows_run_them(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("\n".join(CSV_ROWS) + "\n")
+    plan = plan_stages(_cfg(pipeline_parallel_schedule="CSV", pipeline_parallel_schedule_csv=str(path)).parallelism, 6)
+    assert plan.stage_ranks == [0, 1, 0, 1]
+    path.write_text(CSV_ROWS[0] + "\n")
+    with pytest.raises(ConfigError, match="1 rows but pipeline_parallel_degree = 2"):
+        plan_stages(_cfg(pipeline_parallel_schedule="CSV", pipeline_parallel_schedule_csv=str(path)).parallelism, 6)
+
+
+@pytest.mark.parametrize("schedule,batch,compile_on,message", [
+    ("DualPipeV", 2, False, "at least as many micro-batches as stages"),
+    ("Interleaved1F1B", 5, False, "use a multiple of 2"),
+    ("ZBVZeroBubble", 4, True, "compile.enable = false"),
+])
+def test_schedule_constraints_fail_in_preflight(schedule, batch, compile_on, message):
+    cfg = _cfg(pipeline_parallel_schedule=schedule)
+    cfg.training.local_batch_size, cfg.compile.enable = batch, compile_on
+    dims = ParallelDims.from_config(cfg.parallelism, 2)
+    with pytest.raises(ConfigError, match=message):
+        check_pipeline_config(cfg, llama3_flavors["debugmodel"], dims)

@@ -62,9 +62,10 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
                           f"data-parallel degree = {t.local_batch_size} x {dims.dp} = {per_micro}")
     if p.enable_async_tensor_parallel and not (cfg.compile.enable and _has_cuda()):
         raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and compile.enable")
-    if cfg.model.tokenizer_path and not os.path.exists(cfg.model.tokenizer_path):
+    dry_run = cfg.comm.mode == "fake_backend"  # builds the model only: no tokenizer or data is read
+    if cfg.model.tokenizer_path and not dry_run and not os.path.exists(cfg.model.tokenizer_path):
         raise ConfigError(f"model.tokenizer_path {cfg.model.tokenizer_path}: no such file or folder")
-    if t.dataset_path and not os.path.exists(t.dataset_path):
+    if t.dataset_path and not dry_run and not os.path.exists(t.dataset_path):
         raise ConfigError(f"training.dataset_path {t.dataset_path}: no such file or folder")
     if t.dataset == "memmap" and not t.memmap_paths:
         raise ConfigError("training.dataset = memmap needs training.memmap_paths")

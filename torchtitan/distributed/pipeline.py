@@ -187,9 +187,11 @@ def check_pipeline_config(cfg: JobConfig, model_args, dims: ParallelDims) -> Non
     if schedule in ("1F1B", "DualPipeV") and n_mb < plan.num_stages:
         raise ConfigError(f"schedule {schedule} needs at least as many micro-batches as stages ({plan.num_stages}): "
                           f"training.local_batch_size / parallelism.pipeline_parallel_microbatch_size = {n_mb}")
-    if schedule in ("Interleaved1F1B", "InterleavedZeroBubble") and n_mb % max(1, n_mb // dims.pp):
-        raise ConfigError(f"schedule {schedule} needs the number of micro-batches ({n_mb}) to be a multiple of "
-                          f"pipeline_parallel_degree = {dims.pp} when it exceeds it")
+    rounds = max(1, n_mb // dims.pp)
+    if schedule in ("Interleaved1F1B", "InterleavedZeroBubble") and n_mb % rounds:
+        raise ConfigError(f"schedule {schedule} runs micro-batches in rounds of pipeline_parallel_degree = {dims.pp}: "
+                          f"{n_mb} micro-batches (training.local_batch_size / pipeline_parallel_microbatch_size) "
+                          f"do not split into {rounds} equal rounds; use a multiple of {dims.pp}")
     if schedule in NO_COMPILE_SCHEDULES and cfg.compile.enable and "model" in cfg.compile.components:
         raise ConfigError(f"schedule {schedule} splits backward into input and weight passes, which torch does not "
                           f"support on compiled stages; set compile.enable = false or use Interleaved1F1B")
@@ -197,18 +199,18 @@ def check_pipeline_config(cfg: JobConfig, model_args, dims: ParallelDims) -> Non
 
 # ------------------------------------------------------------------ building
 def prune_to_stage(model: nn.Module, layers: list[str], is_first: bool, is_last: bool) -> nn.Module:
-    """A deep copy of the (meta-device) model keeping only what one stage owns."""
-    part = copy.deepcopy(model)
+    """A deep copy of the (meta-device) model keeping only what one stage owns.
+
+    Modules the stage drops are never copied (the deepcopy memo maps them to None): copying
+    all 126 layers of 405B to keep 8, once per stage, was most of a dry run's time.
+    """
     keep = set(layers)
-    for name in list(part.layers.keys()):
-        if name not in keep:
-            del part.layers[name]
-    for name in () if is_first else FIRST_STAGE_MODULES:
-        if hasattr(part, name):
-            setattr(part, name, None)
-    for name in () if is_last else LAST_STAGE_MODULES:
-        if hasattr(part, name):
-            setattr(part, name, None)
+    dropped = [block for name, block in model.layers.items() if name not in keep]
+    dropped += [getattr(model, n, None) for n in (() if is_first else FIRST_STAGE_MODULES)]
+    dropped += [getattr(model, n, None) for n in (() if is_last else LAST_STAGE_MODULES)]
+    part = copy.deepcopy(model, memo={id(m): None for m in dropped if m is not None})
+    for name in [n for n in part.layers.keys() if n not in keep]:
+        del part.layers[name]
     return part
 
 
@@ -240,7 +242,8 @@ def scaled_loss(loss_fn: Callable, loss_scale: list) -> Callable:
     return pipeline_loss
 
 
-def build_schedule(stages: list, plan: StagePlan, cfg: JobConfig, loss: Callable):
+def build_schedule(stages: list, cfg: JobConfig, loss: Callable):
+    """The configured torch schedule over this rank's stages; it must not rescale gradients (see module doc)."""
     from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime, get_schedule_class
 
     p = cfg.parallelism
@@ -261,7 +264,8 @@ def pipeline_llm(model: nn.Module, dims: ParallelDims, cfg: JobConfig, device: t
     """Split, parallelize and schedule. Returns (schedule, model_parts, has_first_stage, has_last_stage).
 
     loss_fn: summed loss (pred, labels) -> scalar; defaults to the [training] cross-entropy.
-    loss_scale: 1-element list read at every micro-batch (pass TrainContext.loss_scale).
+    loss_scale: 1-element list read at every micro-batch (train.py passes TrainContext.loss_scale).
+        None: a new holder, exposed as `schedule.loss_scale`; whoever runs the schedule must fill it.
     """
     from torch.distributed.pipelining import PipelineStage
 
@@ -275,11 +279,12 @@ def pipeline_llm(model: nn.Module, dims: ParallelDims, cfg: JobConfig, device: t
     plan = plan_stages(cfg.parallelism, len(model.layers))
     parts = build_stage_modules(model, plan, pp_rank, dims, cfg, device.type, parallelize_fn)
     stages = [PipelineStage(part, s, plan.num_stages, device, group=group) for s, part in parts]
-    schedule = build_schedule(stages, plan, cfg, scaled_loss(loss_fn, loss_scale))
-    for s, part in parts:
+    schedule = build_schedule(stages, cfg, scaled_loss(loss_fn, loss_scale))
+    schedule.loss_scale = loss_scale
+    for s, _ in parts:
+        extra = (" + embedding" if s == 0 else "") + (" + norm/output" if s == plan.num_stages - 1 else "")
         logger.info(f"pipeline rank {pp_rank}: stage {s}/{plan.num_stages} holds layers "
-                    f"{plan.layers[s][0] if plan.layers[s] else '-'}..{plan.layers[s][-1] if plan.layers[s] else '-'}"
-                    f"{' + embedding' if s == 0 else ''}{' + norm/output' if s == plan.num_stages - 1 else ''}")
+                    f"{plan.layers[s][0]}..{plan.layers[s][-1]}{extra}")
     has_first = any(s == 0 for s, _ in parts)
     has_last = any(s == plan.num_stages - 1 for s, _ in parts)
     return schedule, [part for _, part in parts], has_first, has_last

@@ -22,6 +22,22 @@ from torch.distributed.tensor.parallel import (
 )
 
 
+class _EmbeddingParallel(RowwiseParallel):
+    """RowwiseParallel for the embedding, handing the first block a tensor of its own.
+
+    The stock style returns `to_local()` of an async reduce-scatter: a view/async wrapper of
+    the DTensor's storage. A compiled first block (AOTAutograd) then routes that input's
+    gradient past to_local's backward and the reduce-scatter's backward receives a plain
+    tensor ("'Tensor' object has no attribute '_local_tensor'", torch 2.13). One copy of
+    the (B, S/tp, dim) activation avoids it.
+    """
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        out = RowwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
+        return out.clone() if use_local_output else out
+
+
 def _block_plan() -> dict:
     # Attention.forward(x, rope, positions) is called positionally: rope and positions stay plain tensors.
     return {
@@ -43,7 +59,7 @@ def _block_plan() -> dict:
 def _outer_plan(model: nn.Module, loss_parallel: bool) -> dict:
     plan: dict = {}
     if getattr(model, "tok_embeddings", None) is not None:
-        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+        plan["tok_embeddings"] = _EmbeddingParallel(input_layouts=Replicate(), output_layouts=Shard(1))
     if getattr(model, "norm", None) is not None:
         plan["norm"] = SequenceParallel()
     if getattr(model, "output", None) is not None:

@@ -73,8 +73,10 @@ class OlmoStateDictAdapter(TableAdapter):
             out["output.weight"] = out["tok_embeddings.weight"]
         return out
 
-    def hf_config(self, dtype: str = "float32", **overrides: Any) -> dict[str, Any]:
+    def hf_config(self, dtype: str | torch.dtype = "float32", **overrides: Any) -> dict[str, Any]:
+        """config.json for transformers; dtype names the weights' dtype (string or torch.dtype)."""
         a = self.args
+        dtype = str(dtype).removeprefix("torch.")
         cfg = {
             "architectures": [self.architecture],
             "model_type": self.model_type,
@@ -94,7 +96,7 @@ class OlmoStateDictAdapter(TableAdapter):
             "tie_word_embeddings": a.tie_word_embeddings,
             "initializer_range": 0.02,
             "use_cache": True,
-            "torch_dtype": dtype,
+            "torch_dtype": dtype,  # transformers 4.x name; 5.x reads it as `dtype`
             # Ids outside the vocabulary (a debug model with a small tokenizer) would break transformers.
             **{k: (v if v is not None and v < a.vocab_size else None) for k, v in self.token_ids.items()},
             **self._family_config(),

@@ -1,0 +1,90 @@
+"""Seed checkpoint and resharding, for real: FSDP on 4 processes -> 2 -> 1, same losses as one run.
+
+One module-scoped fixture pays for four launches (seed via run_train.sh, then one
+parity_driver launch per world size that trains every layout of that size):
+
+  seed   run_train.sh --checkpoint.create_seed_checkpoint ... (the documented command)
+  w4/ref     FSDP x4 from the seed, steps 1-6, checkpoints at 2, 4, 6 (the uninterrupted reference)
+  w2/seed    FSDP x2 from the seed as its own step-0, step 1 only
+  w2/resume  FSDP x2 from ref's step-2, steps 3-6, async saves at 4 and 6
+  w1/seed    one process from the seed, step 1 only
+  w1/resume  one process from w2/resume's step-4 (written asynchronously by 2 ranks), steps 5-6
+
+The global batch stays 4 sequences (local_batch_size 1/2/4), so the saved data
+position (global windows consumed) is valid at every size.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests import launch
+from tests.integration.checkpoint_helpers import run_layouts
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
+
+COMMON = [*launch.TINY, "--training.steps", "6", "--checkpoint.enable_checkpoint", "--checkpoint.interval", "2",
+          "--checkpoint.keep_latest_k", "0", "--checkpoint.last_save_model_only", "false", "--metrics.enable_jsonl=false",
+          "--comm.train_timeout_seconds", "60"]
+SEED_COMMAND = ["--checkpoint.enable_checkpoint", "--checkpoint.create_seed_checkpoint",
+                "--training.data_parallel_replicate_degree", "1", "--training.data_parallel_shard_degree", "1",
+                "--training.tensor_parallel_degree", "1", "--experimental.pipeline_parallel_degree", "1",
+                "--experimental.context_parallel_degree", "1"]
+
+
+def _copy_step(src_dump: str, step: int, dst_dump: str) -> None:
+    shutil.copytree(os.path.join(src_dump, "checkpoint", f"step-{step}"),
+                    os.path.join(dst_dump, "checkpoint", f"step-{step}"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tmp = str(tmp_path_factory.mktemp("reshard"))
+    seed_dump = os.path.join(tmp, "seed")
+    env = launch._env({"NGPU": "1", "CONFIG": launch.DEBUG_CONFIG, "PYTHON": sys.executable})
+    proc = subprocess.run(["./run_train.sh", *SEED_COMMAND, "--job.dump_folder", seed_dump], cwd=launch.ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seed = os.path.join(seed_dump, "checkpoint", "step-0")
+    out = {"seed_listing": sorted(os.listdir(seed_dump)), "seed_files": sorted(os.listdir(seed))}
+
+    w4 = run_layouts(tmp, 4, COMMON, {"ref": ["--training.local_batch_size", "1",
+                                              "--checkpoint.initial_load_path", seed]}, "w4")
+    for name in ("w2", "w1"):
+        _copy_step(seed_dump, 0, os.path.join(tmp, name, "seed"))
+    _copy_step(os.path.join(tmp, "w4", "ref"), 2, os.path.join(tmp, "w2", "resume"))
+    w2 = run_layouts(tmp, 2, COMMON, {"seed": ["--training.local_batch_size", "2", "--training.steps", "1"],
+                                      "resume": ["--training.local_batch_size", "2", "--checkpoint.async_mode", "async"]},
+                     "w2")
+    _copy_step(os.path.join(tmp, "w2", "resume"), 4, os.path.join(tmp, "w1", "resume"))
+    w1 = run_layouts(tmp, 1, COMMON, {"seed": ["--training.local_batch_size", "4", "--training.steps", "1"],
+                                      "resume": ["--training.local_batch_size", "4"]}, "w1")
+    out.update({"ref": w4["ref"], "seed2": w2["seed"], "resume2": w2["resume"], "seed1": w1["seed"],
+                "resume1": w1["resume"]})
+    return out
+
+
+def test_seed_command_writes_step0_and_exits(runs):
+    assert runs["seed_listing"] == ["checkpoint"]  # no metrics: it did not train
+    assert ".complete" in runs["seed_files"] and ".metadata" in runs["seed_files"]
+
+
+def test_seed_loaded_by_1_2_and_4_processes_gives_the_same_step1_loss(runs):
+    l1, l2, l4 = runs["seed1"]["loss"][0], runs["seed2"]["loss"][0], runs["ref"]["loss"][0]
+    print(f"step-1 loss from the seed: 1 proc {l1!r}, 2 procs {l2!r}, 4 procs {l4!r}")
+    assert len(runs["seed1"]["loss"]) == len(runs["seed2"]["loss"]) == 1
+    assert abs(l1 - l2) <= 1e-6 and abs(l1 - l4) <= 1e-6
+
+
+def test_resume_on_fewer_processes_continues_the_same_run(runs):
+    ref = runs["ref"]["loss"]
+    assert len(ref) == 6
+    r2, r1 = runs["resume2"]["loss"], runs["resume1"]["loss"]
+    assert len(r2) == 4 and len(r1) == 2  # steps 3-6 and 5-6: the step counter came from the checkpoint
+    diffs = [abs(a - b) for a, b in zip(r2, ref[2:])] + [abs(a - b) for a, b in zip(r1, ref[4:])]
+    print(f"4 -> 2 -> 1 processes: max |loss - reference| = {max(diffs):.2e}")
+    assert max(diffs) <= 1e-5, (ref, r2, r1)

@@ -1,0 +1,177 @@
+"""Exact resume after SIGKILL, weights-only export read by stock DCP tools, and data-state errors.
+
+Everything here runs the real trainer in subprocesses (torchrun, one process, CPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.launch import DEBUG_CONFIG, ROOT, TINY, _env, losses, read_metrics, run_python, run_train
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+STEPS = 12
+CKPT = ["--training.steps", str(STEPS), "--checkpoint.enable_checkpoint", "--checkpoint.interval", "4",
+        "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "0", "--checkpoint.export_dtype", "bfloat16"]
+
+
+def _train_cmd(dump: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", "localhost:0", "-m", "torchtitan.train", "--job.config_file", DEBUG_CONFIG,
+            "--job.dump_folder", dump, "--comm.init_timeout_seconds", "120", *args]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below pid: torchrun starts its workers in their own sessions, so killpg misses them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _sigkill_tree(pid: int) -> None:
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_gone(pids: list[int], timeout: float = 30) -> None:
+    """SIGKILL is asynchronous: the next run must not start while the killed worker still writes."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"process {pid} survived SIGKILL for {timeout}s")
+
+
+def _kill_after_step(dump: str, args: list[str], kill_step: int, timeout: float = 240) -> int:
+    """Start training, SIGKILL the whole process group once metrics.jsonl shows kill_step; return the last step seen."""
+    log = open(os.path.join(dump, "killed_run.log"), "w")
+    proc = subprocess.Popen(_train_cmd(dump, args), cwd=ROOT, env=_env(None), stdout=log, stderr=subprocess.STDOUT)
+    path, deadline, seen = os.path.join(dump, "metrics.jsonl"), time.monotonic() + timeout, 0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.isfile(path):
+                with open(path) as f:
+                    seen = max([json.loads(line)["step"] for line in f if line.strip()] or [0])
+                if seen >= kill_step:
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before step {kill_step}: see {log.name}"
+        workers = _descendants(proc.pid)
+        _sigkill_tree(proc.pid)  # like kill -9 of the job: torchrun and its worker, no clean-up
+        proc.wait(30)
+        _wait_gone(workers)
+    finally:
+        if proc.poll() is None:
+            _sigkill_tree(proc.pid)
+        log.close()
+    return seen
+
+
+def _complete_steps(dump: str) -> list[int]:
+    root = os.path.join(dump, "checkpoint")
+    return sorted(int(n.split("-")[1]) for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, ".complete")))
+
+
+def test_sigkill_between_checkpoints_then_resume_is_bitwise(tmp_path):
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    os.makedirs(run)
+    run_train(ref, [*TINY, "--training.steps", str(STEPS)])  # uninterrupted, no checkpointing at all
+    reference = {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(ref)}
+
+    seen = _kill_after_step(run, [*TINY, *CKPT], kill_step=6)
+    assert seen < STEPS
+    resumed_from = max(_complete_steps(run))
+    assert resumed_from in (4, 8), _complete_steps(run)
+
+    proc = run_train(run, [*TINY, *CKPT])  # the same command again
+    assert f"loading checkpoint {os.path.join(run, 'checkpoint', f'step-{resumed_from}')}" in proc.stdout + proc.stderr
+    records = read_metrics(run)
+    after_restart = records[[i for i, r in enumerate(records) if r["step"] == resumed_from + 1][-1]:]
+    assert [r["step"] for r in after_restart] == list(range(resumed_from + 1, STEPS + 1))
+    for r in after_restart:
+        assert (r["loss"], r["grad_norm"]) == reference[r["step"]], r["step"]  # bitwise, data order included
+
+    # Earlier checkpoints stay full; the final one is weights only, really cast to bfloat16.
+    ck = os.path.join(run, "checkpoint")
+    full, export = os.path.join(ck, "step-8"), os.path.join(ck, f"step-{STEPS}")
+    for src, out in ((full, tmp_path / "full.pt"), (export, tmp_path / "export.pt")):
+        p = run_python(["-m", "torch.distributed.checkpoint.format_utils", "dcp_to_torch", src, str(out)])
+        assert p.returncode == 0, p.stderr[-3000:]
+    full_pt = torch.load(tmp_path / "full.pt", weights_only=True)
+    export_pt = torch.load(tmp_path / "export.pt", weights_only=True)
+    assert set(full_pt) == {"model", "optimizer", "lr_scheduler", "dataloader", "train_state"}
+    assert set(export_pt) == {"model"}
+    assert {v.dtype for v in full_pt["model"].values()} == {torch.float32}
+    assert {v.dtype for v in export_pt["model"].values()} == {torch.bfloat16}
+    assert int(full_pt["train_state"]["step"]) == 8
+
+    # The .pt loads into our (Meta-named) model with the same logits as loading the DCP folder.
+    from torchtitan.components.checkpoint_io import load_model_from_dcp
+    from torchtitan.models.llama3 import llama3_flavors
+    from torchtitan.models.llama3.model import Transformer
+
+    def fresh():
+        m = Transformer(llama3_flavors["debugmodel"])
+        m.init_weights(buffer_device="cpu")
+        return m
+
+    a, b = fresh(), fresh()
+    a.load_state_dict(full_pt["model"], strict=True)
+    load_model_from_dcp(full, b.state_dict())
+    x = torch.randint(0, 2048, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_resume_errors_are_one_clear_line_and_touch_nothing(tmp_path):
+    dump = str(tmp_path / "run")
+    run_train(dump, [*TINY, "--training.steps", "1", "--checkpoint.enable_checkpoint",
+                     "--checkpoint.last_save_model_only", "false"])
+    step1 = os.path.join(dump, "checkpoint", "step-1")
+    before = {n: os.path.getmtime(os.path.join(step1, n)) for n in os.listdir(step1)}
+
+    def fails(extra: list[str], *expected: str) -> None:
+        proc = run_train(dump, [*TINY, "--training.steps", "3", "--checkpoint.enable_checkpoint", *extra], check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        for e in expected:
+            assert e in out, out[-3000:]
+        assert f'File "{ROOT}/torchtitan' not in out  # no traceback of ours (torchrun prints its own)
+        assert {n: os.path.getmtime(os.path.join(step1, n)) for n in os.listdir(step1)} == before
+        assert _complete_steps(dump) == [1] and losses(dump).keys() == {1}
+
+    # Another vocabulary (flavor): the mismatching tensors are named before anything is read.
+    fails(["--model.vocab_size", "4096"], "ERROR error: checkpoint " + step1 + " does not fit this model",
+          "tok_embeddings.weight is [2048, 256] in the checkpoint but [4096, 256] in the model")
+    # Global micro-batch 4 -> 8: the saved data position (window 4) is not on a boundary of the new batch.
+    fails(["--training.local_batch_size", "8"], "keep local_batch_size x dp the same")
