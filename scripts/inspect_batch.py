@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     t = cfg.training
     if t.dataset != "memmap":
         raise SystemExit(f"error: training.dataset is {t.dataset!r}; inspect_batch reads memmap runs only")
-    dp = ParallelDims.from_config(cfg.parallelism, args.world_size).dp
+    try:
+        dp = ParallelDims.from_config(cfg.parallelism, args.world_size).dp
+    except ValueError as e:
+        raise SystemExit(f"error: {e}; pass --world-size with the run's number of ranks") from None
     micro = t.local_batch_size * dp
     global_batch = t.global_batch_size if t.global_batch_size > 0 else micro
     instances = MemmapInstances(list(t.memmap_paths), t.memmap_dtype, t.seq_len, list(t.memmap_label_mask_paths) or None)

@@ -5,7 +5,8 @@
         --out-dir data/corpus --tokens-per-file 500000000
 
 Sources: "pydoc" (the bundled offline corpus), a local json/jsonl/parquet/txt/csv/arrow
-file or folder, or a Hugging Face hub dataset name (streamed). Each document is
+file or folder (read by `datasets`: one document per record, per line for .txt), or a
+Hugging Face hub dataset name (streamed). Each document is
 encoded and followed by the tokenizer's EOS, as OLMo's data is (no BOS); files
 are headerless arrays of --dtype (uint16 if the vocabulary fits, else uint32),
 cut at document boundaries once they exceed --tokens-per-file. The TOML lines

@@ -108,7 +108,6 @@ def train(cfg: JobConfig) -> list[dict]:
     checkpoint.close()
     metrics.close()
     profiler.close()
-    gc.enable()
     gc.enable()  # train() may be called again in this process (tests/integration/parity_driver.py)
     logger.info("training finished")
     return records

@@ -9,6 +9,7 @@ parity_driver launch per world size that trains every layout of that size):
   w2/resume  FSDP x2 from ref's step-2, steps 3-6, async saves at 4 and 6
   w1/seed    one process from the seed, step 1 only
   w1/resume  one process from w2/resume's step-4 (written asynchronously by 2 ranks), steps 5-6
+  w2/hf, w1/hf  step 1 from an HF safetensors folder (initial_load_path): FSDP ranks keep their shards
 
 The global batch stays 4 sequences (local_batch_size 1/2/4), so the saved data
 position (global windows consumed) is valid at every size.
@@ -23,7 +24,7 @@ import sys
 import pytest
 
 from tests import launch
-from tests.integration.checkpoint_helpers import run_layouts
+from tests.integration.checkpoint_helpers import make_tiny_hf, run_layouts
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
@@ -51,6 +52,9 @@ def runs(tmp_path_factory) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seed = os.path.join(seed_dump, "checkpoint", "step-0")
     out = {"seed_listing": sorted(os.listdir(seed_dump)), "seed_files": sorted(os.listdir(seed))}
+    hf_dir = os.path.join(tmp, "hf")
+    make_tiny_hf(hf_dir)
+    from_hf = ["--training.steps", "1", "--checkpoint.initial_load_path", hf_dir]
 
     w4 = run_layouts(tmp, 4, COMMON, {"ref": ["--training.local_batch_size", "1",
                                               "--checkpoint.initial_load_path", seed]}, "w4")
@@ -58,13 +62,16 @@ def runs(tmp_path_factory) -> dict:
         _copy_step(seed_dump, 0, os.path.join(tmp, name, "seed"))
     _copy_step(os.path.join(tmp, "w4", "ref"), 2, os.path.join(tmp, "w2", "resume"))
     w2 = run_layouts(tmp, 2, COMMON, {"seed": ["--training.local_batch_size", "2", "--training.steps", "1"],
-                                      "resume": ["--training.local_batch_size", "2", "--checkpoint.async_mode", "async"]},
+                                      "resume": ["--training.local_batch_size", "2", "--checkpoint.async_mode", "async"],
+                                      "hf": ["--training.local_batch_size", "2", *from_hf]},
                      "w2")
     _copy_step(os.path.join(tmp, "w2", "resume"), 4, os.path.join(tmp, "w1", "resume"))
     w1 = run_layouts(tmp, 1, COMMON, {"seed": ["--training.local_batch_size", "4", "--training.steps", "1"],
-                                      "resume": ["--training.local_batch_size", "4"]}, "w1")
+                                      "resume": ["--training.local_batch_size", "4"],
+                                      "hf": ["--training.local_batch_size", "4", *from_hf]}, "w1")
     out.update({"ref": w4["ref"], "seed2": w2["seed"], "resume2": w2["resume"], "seed1": w1["seed"],
-                "resume1": w1["resume"]})
+                "resume1": w1["resume"],
+                "hf2": w2["hf"], "hf1": w1["hf"]})
     return out
 
 
@@ -88,3 +95,8 @@ def test_resume_on_fewer_processes_continues_the_same_run(runs):
     diffs = [abs(a - b) for a, b in zip(r2, ref[2:])] + [abs(a - b) for a, b in zip(r1, ref[4:])]
     print(f"4 -> 2 -> 1 processes: max |loss - reference| = {max(diffs):.2e}")
     assert max(diffs) <= 1e-5, (ref, r2, r1)
+
+
+def test_hf_initial_load_under_fsdp_matches_one_process(runs):
+    l1, l2 = runs["hf1"]["loss"][0], runs["hf2"]["loss"][0]
+    assert abs(l1 - l2) <= 1e-6 and abs(l1 - runs["seed1"]["loss"][0]) > 1e-3  # HF weights, not the seed's

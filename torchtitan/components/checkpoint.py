@@ -116,6 +116,12 @@ class _PendingSave:
 
 
 class CheckpointManager:
+    """What the training loop calls: load() once, should_save()/save() after each step, close() at the end.
+
+    Every rank calls every method (DCP saves and loads are collective); rank 0 alone
+    writes markers and deletes old folders, so the file system sees one writer.
+    """
+
     def __init__(self, cfg: CheckpointConfig, dump_folder: str, states: dict[str, Stateful], total_steps: int,
                  model_adapter=None):
         self.cfg = cfg
@@ -260,7 +266,8 @@ class CheckpointManager:
         if dist.is_initialized():
             # Ranks must agree, or some would enter the collective save and others not. The default
             # group: the async group may be busy with a background save in another thread.
-            flag = torch.tensor(int(due))
+            # (A host sync each step, the price of a wall-clock interval.)
+            flag = torch.tensor(int(due), device="cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             due = bool(flag.item())
         return due

@@ -112,7 +112,7 @@ class Parallelism:
     pipeline_parallel_split_points: list[str] = opt([], "Module names where a new stage starts, e.g. layers.2,layers.4.")
     pipeline_parallel_layers_per_stage: int | None = opt(None, "Split evenly with this many layers per stage.")
     pipeline_parallel_schedule: str = opt("1F1B", "Pipeline schedule.",
-                                          ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV", "PipelineScheduleSingle", "CSV"))
+                                          ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV", "CSV"))
     pipeline_parallel_schedule_csv: str = opt("", "CSV schedule file (with schedule = CSV).")
     pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline micro-batch.")
     context_parallel_degree: int = opt(1, "Context parallel degree: the sequence is sharded over these ranks.")

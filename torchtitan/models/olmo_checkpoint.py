@@ -13,7 +13,8 @@ from the file, which can execute code when the file is malicious, so it is
 refused unless the caller opts in with trust_pickled_keys. Even then keys are
 unpickled with an Unpickler that rejects every global, which is all a tuple of
 strings and a bool needs; tensors stored as pickled values are skipped.
-model.pt is read with torch.load(weights_only=True).
+model.pt is read with torch.load(weights_only=True), and a model.safetensors whose
+names are already plain `transformer.*` strings is read as is.
 """
 from __future__ import annotations
 
@@ -134,13 +135,18 @@ def read_olmo_weights(folder: str, trust_pickled_keys: bool = False) -> dict[str
     """OLMo-named tensors (transformer.*) from model.safetensors (encoded keys) or model.pt."""
     st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.pt")
     if os.path.isfile(st):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(st, "pt") as f:
+            names = list(f.keys())
+        if all(n.startswith(("transformer.", "model.transformer.")) for n in names):
+            return load_file(st)  # plain tensor names (re-saved checkpoints): nothing to decode
         if not trust_pickled_keys:
             raise OlmoCheckpointError(
                 f"{st} stores its tensor names as base64-encoded pickles (OLMo's safetensors format); decoding them "
                 f"unpickles data from the file, which can run code if the file is malicious. Pass "
                 f"--trust-pickled-keys (trust_pickled_keys=True) if you trust where this checkpoint came from")
-        from safetensors.torch import load_file
-
         out = {}
         for key, value in load_file(st).items():
             keys, value_is_pickled = decode_key(key)

@@ -159,8 +159,9 @@ def test_dcp_to_torch_of_full_checkpoint_loads_into_model(tmp_path):
     assert int(obj["train_state"]["step"]) == 2
 
 
-def test_async_save_snapshots_weights_at_save_time(tmp_path):
-    mgr, model, opt, sched, states = build(tmp_path, async_mode="async", last_save_model_only=False)
+@pytest.mark.parametrize("mode", ["async", "async_with_pinned_mem"])
+def test_async_save_snapshots_weights_at_save_time(tmp_path, mode):
+    mgr, model, opt, sched, states = build(tmp_path, async_mode=mode, last_save_model_only=False)
     step(model, opt, sched, states, 2)
     mgr.save(2)
     at_save = {k: v.clone() for k, v in model.state_dict().items()}

@@ -166,3 +166,14 @@ def test_convert_script_writes_dcp_and_hf(tmp_path):
     tokens = torch.randint(0, VOCAB, (1, 32))
     with torch.no_grad():
         assert (exported(tokens).logits - hf(tokens).logits).abs().max().item() < 1e-5
+
+
+def test_plain_safetensors_names_need_no_trust_flag(tmp_path):
+    from safetensors.torch import save_file
+
+    hf = write_olmo_checkpoint(tmp_path, "olmo2", False, 2, fmt="pt")
+    save_file(torch.load(tmp_path / "model.pt"), str(tmp_path / "model.safetensors"))
+    os.remove(tmp_path / "model.pt")
+    ckpt = load_olmo_checkpoint(str(tmp_path))
+    expected = Olmo2StateDictAdapter(ckpt.args).from_hf(hf.state_dict())
+    assert all(torch.equal(ckpt.state_dict[k], v) for k, v in expected.items())

@@ -127,3 +127,23 @@ def test_flavor_sizes(family, flavor, params_b):
     with torch.device("meta"):
         model = FAMILIES[family][1](args)
     assert sum(p.numel() for p in model.parameters()) == args.num_params(exclude_embedding=False)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_initial_load_from_an_hf_folder(family, tmp_path):
+    """checkpoint.initial_load_path = an HF folder goes through our adapter (tied weights stay tied)."""
+    from safetensors.torch import save_file
+
+    from torchtitan.components.checkpoint import ModelWrapper
+    from torchtitan.components.hf_checkpoint import load_hf_into_model
+
+    args, src, adapter, _ = build(family, tie_word_embeddings=(family == "olmo"))
+    save_file({k: v.contiguous() for k, v in adapter.to_hf(src.state_dict()).items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(adapter.hf_config()))
+    torch.manual_seed(1)
+    dst = FAMILIES[family][1](args)
+    dst.init_weights()
+    load_hf_into_model(ModelWrapper([dst]), adapter, str(tmp_path))
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    assert (dst.output.weight is dst.tok_embeddings.weight) == args.tie_word_embeddings
