@@ -27,8 +27,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=None, help="override the flavor's vocab_size")
 
 
-def resolve_model(a: argparse.Namespace, marker_args: dict | None = None, overrides: list[str] | None = None):
-    """(train spec, model args) from --config/--model/--flavor, else from a checkpoint marker's model_args."""
+def resolve_model(a: argparse.Namespace, marker: dict | None = None, overrides: list[str] | None = None):
+    """(train spec, model args) from --config/--model/--flavor, else from a checkpoint marker's
+    model_args (and "model", which converted folders record; training markers default to llama3)."""
     from torchtitan.components.checkpoint_io import CheckpointError, model_args_from_dict
     from torchtitan.models import get_train_spec
 
@@ -37,7 +38,8 @@ def resolve_model(a: argparse.Namespace, marker_args: dict | None = None, overri
         from torchtitan.config import load_config
 
         cfg = load_config([*(["--job.config_file", a.config] if a.config else []), *(overrides or [])], env={})
-    name = a.model or (cfg.model.name if cfg else "llama3")
+    marker = marker or {}
+    name = a.model or (cfg.model.name if cfg else marker.get("model", "llama3"))
     spec = get_train_spec(name)
     flavor = a.flavor or (cfg.model.flavor if cfg else None)
     if flavor is not None:
@@ -48,8 +50,8 @@ def resolve_model(a: argparse.Namespace, marker_args: dict | None = None, overri
         if vocab:
             args.vocab_size = vocab
         return spec, args
-    if marker_args:
-        return spec, model_args_from_dict(next(iter(spec.flavors.values())), marker_args)
+    if marker.get("model_args"):
+        return spec, model_args_from_dict(next(iter(spec.flavors.values())), marker["model_args"])
     raise CheckpointError("no model args: pass --config or --flavor (the checkpoint's .complete marker records none)")
 
 

@@ -35,7 +35,7 @@ def main() -> int:
     dtype = parse_dtype(a.dtype)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    info = {"step": 0, "kind": "converted", "source": a.meta_dir, "format": "meta", "time": time.time(),
+    info = {"step": 0, "kind": "converted", "source": a.meta_dir, "format": "meta", "model": "llama3", "time": time.time(),
             "world_size": 1, "model_args": model_args_to_dict(args)}
     write_model_checkpoint(sd, a.out_dir, info)
     flavor = matching_llama_flavor(args)

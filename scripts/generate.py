@@ -60,21 +60,50 @@ def model_args_for(a, kind: str):
     from torchtitan.components.checkpoint_io import MARKER, read_marker
 
     if kind == "hf" and not (a.config or a.flavor):
-        from torchtitan.components.hf_checkpoint import llama_args_from_hf_config, read_hf_config
-        from torchtitan.models import get_train_spec
+        from torchtitan.components.hf_checkpoint import model_from_hf_config, read_hf_config
 
-        return get_train_spec("llama3"), llama_args_from_hf_config(read_hf_config(a.checkpoint), a.checkpoint)[0]
+        spec, args, _ = model_from_hf_config(read_hf_config(a.checkpoint), a.checkpoint, a.model)
+        return spec, args
     marker = {}
     if kind == "dcp" and os.path.isfile(os.path.join(a.checkpoint, MARKER)):
-        marker = read_marker(a.checkpoint).get("model_args") or {}
+        marker = read_marker(a.checkpoint)
     return resolve_model(a, marker)
 
 
-def load_weights(model, path: str, kind: str, adapter) -> None:
+def _read_pt(path: str) -> dict:
     import torch
 
+    from torchtitan.components.checkpoint_io import CheckpointError
+
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path}: not a readable torch file ({type(e).__name__}: {e})") from None
+    # dcp_to_torch output nests the weights under "model"; Meta's consolidated.00.pth is flat.
+    sd = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    return {k: v for k, v in sd.items() if k != "rope.freqs"}
+
+
+def check_checkpoint_fits(model, path: str, kind: str, adapter) -> None:
+    """Shapes from headers/metadata against the model still on the meta device: a wrong flavor fails
+    before gigabytes are allocated."""
+    from torchtitan.components.checkpoint_io import check_fits, model_shapes, read_dcp_metadata, state_shapes
+
+    want = state_shapes(model.state_dict())
+    if kind == "dcp":
+        have, what = model_shapes(read_dcp_metadata(path)), "checkpoint"
+    elif kind == "hf":
+        from torchtitan.components.hf_checkpoint import hf_native_shapes
+
+        have, what = hf_native_shapes(path, adapter), "HF checkpoint"
+    else:
+        have, what = state_shapes(_read_pt(path)), ".pt checkpoint"
+    check_fits(path, have, want, what=what, union_across_ranks=False)
+
+
+def load_weights(model, path: str, kind: str, adapter) -> None:
     from torchtitan.components.checkpoint import ModelWrapper
-    from torchtitan.components.checkpoint_io import CheckpointError, check_fits, load_model_from_dcp, state_shapes
+    from torchtitan.components.checkpoint_io import load_model_from_dcp
 
     if kind == "dcp":
         load_model_from_dcp(path, model.state_dict())  # the state dict's tensors alias the parameters
@@ -83,15 +112,7 @@ def load_weights(model, path: str, kind: str, adapter) -> None:
 
         load_hf_into_model(ModelWrapper([model]), adapter, path)
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {path}: not a readable torch file ({type(e).__name__}: {e})") from None
-        # dcp_to_torch output nests the weights under "model"; Meta's consolidated.00.pth is flat.
-        sd = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-        sd = {k: v for k, v in sd.items() if k != "rope.freqs"}
-        check_fits(path, state_shapes(sd), state_shapes(model.state_dict()), what=".pt checkpoint", union_across_ranks=False)
-        model.load_state_dict(sd, strict=True)
+        model.load_state_dict(_read_pt(path), strict=True)
 
 
 def main() -> int:
@@ -132,9 +153,10 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TORCHTITAN_FORCE_CPU") != "1" else "cpu")
     with torch.device("meta"):
         model = spec.model_cls(args)
+    adapter = spec.state_dict_adapter(args) if spec.state_dict_adapter else None
+    check_checkpoint_fits(model, a.checkpoint, kind, adapter)
     model.to_empty(device=device)
     model.init_weights(buffer_device=device)  # also builds the RoPE table, which checkpoints never hold
-    adapter = spec.state_dict_adapter(args) if spec.state_dict_adapter else None
     load_weights(model, a.checkpoint, kind, adapter)
     model.eval()
 

@@ -93,6 +93,33 @@ def test_hf_to_dcp_matches_transformers_and_round_trips_bitwise(tmp_path, hf_sha
     assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("family", ["olmo", "olmo2"])
+def test_other_families_round_trip_through_their_adapters(tmp_path, family):
+    """The scripts are not Llama-only: OLMo's adapter brings its names and config.json."""
+    from torchtitan.models import get_train_spec
+
+    spec = get_train_spec(family)
+    args = spec.flavors["debugmodel"]
+    torch.manual_seed(0)
+    model = spec.model_cls(args)
+    model.init_weights(buffer_device="cpu")
+    adapter = spec.state_dict_adapter(args)
+    src, dcp_dir, back = tmp_path / "hf", tmp_path / "dcp", tmp_path / "back"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in adapter.to_hf(model.state_dict()).items()}, src / "model.safetensors",
+              metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps(adapter.hf_config()))
+    assert "model.flavor debugmodel" in ok(script("convert_hf_to_dcp.py", src, dcp_dir))
+    fresh = spec.model_cls(args)
+    fresh.init_weights(buffer_device="cpu")
+    load_model_from_dcp(str(dcp_dir), fresh.state_dict())
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    ok(script("convert_dcp_to_hf.py", dcp_dir, back))  # family and args from the marker
+    a, b = hf_tensors(src), hf_tensors(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((back / "config.json").read_text())["model_type"] == adapter.model_type
+
+
 def _meta_split(sd: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
     """Meta's Llama 3 model-parallel layout (fairscale): column-parallel and VocabParallelEmbedding
     split dim 0, row-parallel (wo, w2) split dim 1, norms replicated."""

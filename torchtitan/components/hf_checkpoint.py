@@ -242,6 +242,44 @@ def llama_hf_config(args, dtype: torch.dtype) -> dict:
     }
 
 
+# HF model_type -> our train spec name.
+HF_MODEL_TYPES = {"llama": "llama3", "olmo": "olmo", "olmo2": "olmo2"}
+
+
+def model_from_hf_config(cfg: dict, folder: str, name: str | None = None):
+    """(train spec, model args, matching flavor or None) for an HF config.json.
+
+    Llama is mapped here; other families bring `from_hf_config` on their state_dict_adapter.
+    """
+    from torchtitan.models import get_train_spec
+
+    model_type = cfg.get("model_type", "llama")
+    name = name or HF_MODEL_TYPES.get(model_type)
+    if name is None:
+        raise CheckpointError(f"HF checkpoint {folder}: model_type {model_type!r} is not one of "
+                              f"{', '.join(HF_MODEL_TYPES)}; pass --model")
+    spec = get_train_spec(name)
+    if name == "llama3":
+        args, flavor = llama_args_from_hf_config(cfg, folder)
+        return spec, args, flavor
+    adapter_cls = spec.state_dict_adapter
+    if adapter_cls is None or not hasattr(adapter_cls, "from_hf_config"):
+        raise CheckpointError(f"model {name} has no HF config mapping (state_dict_adapter.from_hf_config)")
+    args = adapter_cls.from_hf_config(cfg).args
+    from torchtitan.components.checkpoint_io import expected_shapes
+
+    want = expected_shapes(args, spec.model_cls)
+    flavor = next((fl for fl, fa in spec.flavors.items() if expected_shapes(fa, spec.model_cls) == want), None)
+    return spec, args, flavor
+
+
+def hf_config_for(adapter, args, dtype: torch.dtype) -> dict:
+    """config.json: the adapter's own (OLMo) or the Llama mapping above."""
+    if hasattr(adapter, "hf_config"):
+        return adapter.hf_config(dtype)
+    return llama_hf_config(args, dtype)
+
+
 # --------------------------------------------------------------------- HF <-> native
 def hf_to_native(hf_sd: dict[str, torch.Tensor], adapter, folder: str, tie_word_embeddings: bool = False) -> dict:
     """Adapter renames + permutations; tied HF models get an explicit output matrix (ours is untied)."""
@@ -253,28 +291,27 @@ def hf_to_native(hf_sd: dict[str, torch.Tensor], adapter, folder: str, tie_word_
         raise CheckpointError(f"HF checkpoint {folder}: {e.args[0]} has no native name for this model") from None
 
 
+def hf_native_shapes(folder: str, adapter) -> dict[str, tuple]:
+    """Native name -> (shape,) of an HF folder, from the headers; unmappable names kept as reported extras."""
+    tied = os.path.isfile(os.path.join(folder, CONFIG_FILE)) and bool(read_hf_config(folder).get("tie_word_embeddings"))
+    out = {}
+    for hk, (shape, _) in read_hf_shapes(folder).items():
+        if not hk.endswith("rotary_emb.inv_freq"):
+            out[adapter.native_key(hk) or hk] = (shape,)
+    if tied and "output.weight" not in out and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
+
+
 def load_hf_into_model(model_wrapper, adapter, folder: str) -> None:
     """checkpoint.initial_load_path = an HF folder: every rank reads full tensors, keeps its shard."""
     want = model_wrapper.state_dict()
     dtypes = {v.dtype for v in want.values()}
-    cfg_tied = False
-    if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
-        cfg_tied = bool(read_hf_config(folder).get("tie_word_embeddings", False))
     # Shapes first (headers only), so another flavor fails before any tensor is read.
-    hf_shapes = read_hf_shapes(folder)
-    native_shapes = {}
-    for hk, (shape, _) in hf_shapes.items():
-        k = adapter.native_key(hk)
-        if k is not None:
-            native_shapes[k] = (shape,)
-        elif not hk.endswith("rotary_emb.inv_freq"):
-            native_shapes[hk] = (shape,)  # reported as unexpected
-    if cfg_tied and "output.weight" not in native_shapes and "tok_embeddings.weight" in native_shapes:
-        native_shapes["output.weight"] = native_shapes["tok_embeddings.weight"]
-    check_fits(folder, native_shapes, state_shapes(want), what="HF checkpoint")
+    check_fits(folder, hf_native_shapes(folder, adapter), state_shapes(want), what="HF checkpoint")
+    tied = os.path.isfile(os.path.join(folder, CONFIG_FILE)) and bool(read_hf_config(folder).get("tie_word_embeddings"))
     hf_sd = read_hf_state_dict(folder, dtype=dtypes.pop() if len(dtypes) == 1 else None)
-    native = hf_to_native(hf_sd, adapter, folder, cfg_tied)
-    model_wrapper.load_full_state_dict(native)
+    model_wrapper.load_full_state_dict(hf_to_native(hf_sd, adapter, folder, tied))
 
 
 def native_to_hf(native: dict[str, torch.Tensor], adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

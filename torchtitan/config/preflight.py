@@ -62,6 +62,12 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
                           f"data-parallel degree = {t.local_batch_size} x {dims.dp} = {per_micro}")
     if p.enable_async_tensor_parallel and not (cfg.compile.enable and _has_cuda()):
         raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and compile.enable")
+    if cfg.compile.enable and "loss" in cfg.compile.components and dims.tp > 1 and not p.disable_loss_parallel:
+        # torch 2.13: a compiled cross-entropy on vocab-sharded logits under loss_parallel() gives a wrong
+        # loss in training and hangs on its second call in isolation (tests/integration/test_parallel_parity.py).
+        raise ConfigError("compile.components includes \"loss\" but tensor parallel runs the loss vocab-sharded under "
+                          "loss_parallel, which torch.compile gets wrong; set compile.components = [\"model\"] "
+                          "or parallelism.disable_loss_parallel = true")
     dry_run = cfg.comm.mode == "fake_backend"  # builds the model only: no tokenizer or data is read
     if cfg.model.tokenizer_path and not dry_run and not os.path.exists(cfg.model.tokenizer_path):
         raise ConfigError(f"model.tokenizer_path {cfg.model.tokenizer_path}: no such file or folder")

@@ -56,3 +56,44 @@ def test_kernels_match_full_causal_attention(cp: int, kernel: str):
 
 def test_chunk_ids_pair_first_and_last():
     assert [chunk_ids(4, r) for r in range(4)] == [(0, 7), (1, 6), (2, 5), (3, 4)]
+
+
+def _simulate(q, k, v, cp: int, kernel: str) -> list[torch.Tensor]:
+    """Each simulated rank's output from what the K/V exchange would hand it."""
+    b, h, s, d = q.shape
+    shards = [shard_sequence(torch.zeros(b, s), torch.zeros(b, s), cp, r)[2].to(q.device) for r in range(cp)]
+    pick = lambda t, p: t.gather(2, p[:, None, :, None].expand(b, h, -1, d))  # noqa: E731
+    k_all, v_all = torch.cat([pick(k, p) for p in shards], 2), torch.cat([pick(v, p) for p in shards], 2)
+    pos_all = torch.cat(shards, dim=1)
+    outs = []
+    for rank, pos in enumerate(shards):
+        if kernel == "masked":
+            outs.append(masked_attention(pick(q, pos), k_all, v_all, pos, pos_all))
+        else:
+            outs.append(chunked_attention(pick(q, pos), _global_order(k_all, cp, 2), _global_order(v_all, cp, 2),
+                                          cp, rank))
+    return outs, shards, pick
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
+@pytest.mark.parametrize("kernel", ["masked", "chunked"])
+def test_kernels_on_cuda_backends(backend: str, kernel: str):
+    from torch.nn.attention import sdpa_kernel
+
+    from torchtitan.models.common.attention import SDPA_BACKENDS
+
+    if kernel == "masked" and backend == "flash":
+        pytest.skip("flash attention takes no mask")
+    torch.manual_seed(0)
+    b, h, s, d, cp = 2, 4, 1024, 128, 4
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with sdpa_kernel([SDPA_BACKENDS[backend]]):
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ref_grads = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+        outs, shards, pick = _simulate(q, k, v, cp, kernel)
+        grads = torch.autograd.grad(sum(o.float().square().sum() for o in outs), (q, k, v))
+    for out, pos in zip(outs, shards):
+        torch.testing.assert_close(out, pick(ref, pos), atol=2e-2, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=5e-2, rtol=5e-2)
