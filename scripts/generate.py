@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from _checkpoint_cli import ROOT, add_model_flags, main_guard, resolve_model
 

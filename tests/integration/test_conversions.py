@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.integration.checkpoint_helpers import CONFIG, make_tiny_hf, run_layouts, script
 from tests.launch import TINY
-from torchtitan.components.checkpoint_io import MARKER, load_model_from_dcp, read_dcp_metadata
+from torchtitan.components.checkpoint_io import MARKER, load_model_from_dcp
 from torchtitan.models.llama3 import llama3_flavors
 from torchtitan.models.llama3.model import LlamaModelArgs, Transformer
 

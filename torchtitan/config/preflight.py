@@ -20,6 +20,9 @@ def build_model_args(spec, cfg: JobConfig, device_type: str):
         args.vocab_size = cfg.model.vocab_size
     args.max_seq_len = cfg.training.seq_len
     args.sdpa_backend = resolve_sdpa_backend(cfg.model.sdpa_backend, device_type)
+    if args.sdpa_backend == "flash" and device_type == "cuda" and cfg.parallelism.context_parallel_degree > 1:
+        # auto picked flash (pre-Hopper); context-parallel attention needs a mask, which CUDA flash takes not.
+        args.sdpa_backend = "efficient"
     return args
 
 
@@ -62,6 +65,9 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
                           f"data-parallel degree = {t.local_batch_size} x {dims.dp} = {per_micro}")
     if p.enable_async_tensor_parallel and not (cfg.compile.enable and _has_cuda()):
         raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and compile.enable")
+    if dims.cp > 1 and cfg.model.sdpa_backend == "flash" and _has_cuda():
+        raise ConfigError("model.sdpa_backend = flash cannot run context parallel attention (it masks by global "
+                          "position and CUDA flash attention takes no mask); use auto, cudnn, efficient or math")
     if cfg.compile.enable and "loss" in cfg.compile.components and dims.tp > 1 and not p.disable_loss_parallel:
         # torch 2.13: a compiled cross-entropy on vocab-sharded logits under loss_parallel() gives a wrong
         # loss in training and hangs on its second call in isolation (tests/integration/test_parallel_parity.py).

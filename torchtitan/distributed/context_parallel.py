@@ -6,16 +6,13 @@ rank i takes chunks i and 2cp-1-i (one cheap, one expensive): every rank then
 does the same attention work. Positions travel with the tokens so RoPE and the
 causal mask use global token positions.
 
-Attention gathers K and V over the cp group with autograd-aware functional
-collectives (their backward reduce-scatters the K/V gradients back to their
-owners) and then runs one SDPA per query chunk. Two kernels, both exact:
-
-- "masked" (any device): a boolean mask key_pos <= query_pos over the gathered
-  keys. Needs the gathered positions; materializes a (S/cp x S) mask per sequence.
-- "chunked" (the CUDA default): the gathered K/V are put back in global order;
-  query chunk c attends keys [0, (c+1) x chunk) with lower-right causal
-  alignment, which flash/cuDNN kernels run without any mask tensor. Relies on
-  the chunk layout of `shard_sequence`.
+Attention gathers K and V (and their positions) over the cp group with
+autograd-aware functional collectives, whose backward reduce-scatters the K/V
+gradients back to their owners, then runs SDPA with the boolean mask
+key_pos <= query_pos. Exact on every device and under torch.compile; the cost
+is a (S/cp x S) mask per sequence and the full K/V on every rank (see
+docs/parallelism.md, "Context parallel", for the trade-offs and what a faster
+CUDA path would need).
 
 torch's experimental `context_parallel` is not used: it has no CPU sharding
 strategy (shared/TORCH_ON_CPU.md) and shards the batch itself inside a context
@@ -29,12 +26,10 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.nn.attention.bias import causal_lower_right
 
 from torchtitan.models.common.attention import ScaledDotProductAttention
 
 ROTATE_METHODS = ("allgather", "alltoall")
-KERNELS = ("masked", "chunked")
 
 
 def chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:
@@ -74,16 +69,6 @@ def _exchange(x: torch.Tensor, group: dist.ProcessGroup, method: str, dim: int) 
     return out.movedim(0, dim)
 
 
-def _global_order(x: torch.Tensor, cp_size: int, dim: int) -> torch.Tensor:
-    """Gathered chunks (rank order: r0 first, r0 second, r1 first, ...) back in sequence order along `dim`."""
-    held = x.chunk(2 * cp_size, dim=dim)
-    by_chunk: list = [None] * (2 * cp_size)
-    for rank in range(cp_size):
-        a, b = chunk_ids(cp_size, rank)
-        by_chunk[a], by_chunk[b] = held[2 * rank], held[2 * rank + 1]
-    return torch.cat(by_chunk, dim=dim)
-
-
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      k_pos: torch.Tensor) -> torch.Tensor:
     """Causal attention by global position: q (B, H, Sq, D), k/v (B, H, Sk, D), positions (B, Sq) / (B, Sk)."""
@@ -91,24 +76,12 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Causal attention of this rank's two query chunks over globally ordered k/v, without a mask tensor."""
-    chunk = q.shape[2] // 2
-    outs = []
-    for i, c in enumerate(chunk_ids(cp_size, cp_rank)):
-        qc = q[:, :, i * chunk:(i + 1) * chunk]
-        end = (c + 1) * chunk
-        outs.append(F.scaled_dot_product_attention(qc, k[:, :, :end], v[:, :, :end],
-                                                   attn_mask=causal_lower_right(chunk, end)))
-    return torch.cat(outs, dim=2)
-
-
 class ContextParallelAttention(ScaledDotProductAttention):
     """Drop-in for the model's attention core when the sequence is sharded over `group`."""
 
-    def __init__(self, group: dist.ProcessGroup, rotate_method: str, kernel: str, backend: str = "default"):
+    def __init__(self, group: dist.ProcessGroup, rotate_method: str, backend: str = "default"):
         super().__init__(backend)
-        self.group, self.rotate_method, self.kernel = group, rotate_method, kernel
+        self.group, self.rotate_method = group, rotate_method
         self.cp_size, self.cp_rank = dist.get_world_size(group), dist.get_rank(group)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -118,31 +91,20 @@ class ContextParallelAttention(ScaledDotProductAttention):
                              "(shard the batch with context_parallel.shard_sequence)")
         k = _exchange(k, self.group, self.rotate_method, dim=2)
         v = _exchange(v, self.group, self.rotate_method, dim=2)
+        with torch.no_grad():
+            k_pos = _exchange(positions, self.group, "allgather", dim=1)
         with self._context():
-            if self.kernel == "chunked":
-                k, v = _global_order(k, self.cp_size, 2), _global_order(v, self.cp_size, 2)
-                return chunked_attention(q, k, v, self.cp_size, self.cp_rank)
-            with torch.no_grad():
-                k_pos = _exchange(positions, self.group, "allgather", dim=1)
             return masked_attention(q, k, v, positions, k_pos)
 
     def extra_repr(self) -> str:
-        return f"cp={self.cp_size}, rotate_method={self.rotate_method}, kernel={self.kernel}, backend={self.backend}"
+        return f"cp={self.cp_size}, rotate_method={self.rotate_method}, backend={self.backend}"
 
 
-def default_kernel(device_type: str) -> str:
-    """chunked on CUDA (mask-free flash/cuDNN); masked elsewhere (CPU SDPA takes a mask at no extra cost)."""
-    return "chunked" if device_type == "cuda" else "masked"
-
-
-def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, rotate_method: str, kernel: str | None = None) -> None:
+def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, rotate_method: str) -> None:
     """Replace every block's `attention.sdpa` with a context-parallel one over `cp_mesh`."""
     if rotate_method not in ROTATE_METHODS:
         raise ValueError(f"parallelism.context_parallel_rotate_method = {rotate_method!r}; valid: {', '.join(ROTATE_METHODS)}")
-    kernel = kernel or default_kernel(cp_mesh.device_type)
-    if kernel not in KERNELS:
-        raise ValueError(f"context parallel kernel {kernel!r}; valid: {', '.join(KERNELS)}")
     group = cp_mesh.get_group()
     for block in model.layers.values():
-        old = block.attention.sdpa
-        block.attention.sdpa = ContextParallelAttention(group, rotate_method, kernel, getattr(old, "backend", "default"))
+        backend = getattr(block.attention.sdpa, "backend", "default")
+        block.attention.sdpa = ContextParallelAttention(group, rotate_method, backend)
