@@ -103,7 +103,8 @@ class ContextParallelAttention(ScaledDotProductAttention):
 def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, rotate_method: str) -> None:
     """Replace every block's `attention.sdpa` with a context-parallel one over `cp_mesh`."""
     if rotate_method not in ROTATE_METHODS:
-        raise ValueError(f"parallelism.context_parallel_rotate_method = {rotate_method!r}; valid: {', '.join(ROTATE_METHODS)}")
+        raise ValueError(f"parallelism.context_parallel_rotate_method = {rotate_method!r}; "
+                         f"valid: {', '.join(ROTATE_METHODS)}")
     group = cp_mesh.get_group()
     for block in model.layers.values():
         backend = getattr(block.attention.sdpa, "backend", "default")
