@@ -23,7 +23,7 @@ from torchtitan.tools.device import detect_device_type, local_device
 from torchtitan.tools.logging import init_logging
 from torchtitan.tools.profiling import Profiler
 from torchtitan.components.train_step import NonFiniteLoss, TrainContext, train_step
-from torchtitan.config.preflight import build_model_args, preflight
+from torchtitan.config.preflight import build_model_args, compile_loss_enabled, preflight
 
 logger = logging.getLogger("torchtitan")
 DEFAULT_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tokenizer")
@@ -52,7 +52,10 @@ def train(cfg: JobConfig) -> list[dict]:
     dist_utils.set_determinism(cfg.training.seed if cfg.training.seed is not None else 0, cfg.training.deterministic)
     with torch.device("meta"):
         model = spec.model_cls(model_args)
-    loss_fn = spec.build_loss_fn(cfg.training, "loss" in cfg.compile.components and cfg.compile.enable)
+    compile_loss = compile_loss_enabled(cfg, dims.tp)
+    if cfg.compile.enable and "loss" in cfg.compile.components and not compile_loss:
+        logger.info("compile: the loss stays eager under tensor-parallel loss_parallel (see config/preflight.py)")
+    loss_fn = spec.build_loss_fn(cfg.training, compile_loss)
     loss_scale = [1.0]  # train_step writes each step's global scale here; the pipeline loss reads it
     if dims.pp_enabled:
         pp_schedule, model_parts, has_first, has_last = spec.pipelining_fn(
@@ -63,6 +66,10 @@ def train(cfg: JobConfig) -> list[dict]:
         part.to_empty(device=device)
         part.init_weights(buffer_device=device)
         part.train()
+    if cfg.memory_estimation.enabled:
+        from torchtitan.tools.dry_run import rank_memory_line
+
+        logger.info(rank_memory_line(model_parts, dims, cfg))
 
     optimizers = spec.build_optimizers_fn(model_parts, cfg.optimizer, device_type)
     lr_schedulers = spec.build_lr_schedulers_fn(optimizers, cfg.lr_scheduler, cfg.training.steps)

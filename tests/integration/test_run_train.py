@@ -1,5 +1,4 @@
 """run_train.sh end to end, as users launch it, with 1 and 2 CPU processes."""
-import json
 import os
 import subprocess
 
@@ -35,15 +34,24 @@ def test_run_train_sh(tmp_path, ngpu):
 
 @pytest.mark.slow
 def test_one_and_two_processes_same_losses(tmp_path):
-    """Same seed, same global batch: FSDP over 2 CPU processes trains what 1 process trains."""
+    """From one seed checkpoint (made with the documented command), FSDP over 2 CPU processes trains
+    what 1 process trains: the same global batches, the same losses."""
+    seed_dump = str(tmp_path / "seed")
+    proc = run_sh(1, seed_dump, ["--checkpoint.enable_checkpoint", "--checkpoint.create_seed_checkpoint",
+                                 "--training.data_parallel_replicate_degree", "1", "--training.data_parallel_shard_degree", "1",
+                                 "--training.tensor_parallel_degree", "1", "--experimental.pipeline_parallel_degree", "1",
+                                 "--experimental.context_parallel_degree", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seed = os.path.join(seed_dump, "checkpoint", "step-0")
+    assert os.path.isfile(os.path.join(seed, ".metadata"))
     out = {}
     for ngpu in (1, 2):
         dump = str(tmp_path / f"n{ngpu}")
         proc = run_sh(ngpu, dump, ["--training.steps", "3", "--metrics.log_freq", "1", "--training.seq_len", "64",
-                                   "--training.local_batch_size", str(4 // ngpu)])
+                                   "--training.local_batch_size", str(4 // ngpu), "--checkpoint.enable_checkpoint",
+                                   "--checkpoint.initial_load_path", seed, "--checkpoint.interval", "100"])
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[ngpu] = [r["loss"] for r in read_metrics(dump)]
-    # Both start from the same deterministic init (seed 0 on every rank, FSDP shards the same full tensors).
     assert out[1] == pytest.approx(out[2], abs=1e-5)
 
 

@@ -150,6 +150,10 @@ def train_step(ctx: TrainContext, data_iter, metrics) -> StepResult:
     params = [p for part in ctx.model_parts for p in part.parameters()]
     grad_norm = dist_utils.clip_grad_norm_(params, cfg.training.max_norm, pp_group=ctx.group("pp"))
     ctx.optimizers.step()
+    if "float8" in cfg.model.converters:
+        from torchtitan.components.float8 import precompute_float8_scales
+
+        precompute_float8_scales(ctx.model_parts, cfg.float8)
     ctx.lr_schedulers.step()
     ctx.optimizers.zero_grad()
     step_no = ctx.lr_schedulers.schedulers[0].last_epoch

@@ -106,6 +106,14 @@ def _build_parts(spec, model_args, dims: ParallelDims, cfg: JobConfig) -> list[t
     return out
 
 
+def rank_memory_line(parts: list[nn.Module], dims: ParallelDims, cfg: JobConfig) -> str:
+    """memory_estimation.enabled in a real run: this rank's parameter, gradient and optimizer bytes."""
+    r = count_memory(parts, dims, cfg, pp_rank=0, stages=[])
+    return (f"memory estimate for this rank: params {r.param_bytes / GIB:.2f} GiB, grads {r.grad_bytes / GIB:.2f} GiB, "
+            f"AdamW {r.optimizer_bytes / GIB:.2f} GiB, FSDP gathered {r.gathered_bytes / GIB:.2f} GiB, "
+            f"total {r.total_bytes / GIB:.2f} GiB (no activations)")
+
+
 def format_table(rows: list[RankMemory], dims: ParallelDims, cfg: JobConfig, total_params: int) -> str:
     shape = " x ".join(f"{name} {size}" for name, size in zip(MESH_DIMS, dims.mesh.mesh.shape))
     lines = [
