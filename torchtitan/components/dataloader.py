@@ -42,7 +42,8 @@ def build_dataloader(cfg: Training, tokenizer, dp_rank: int, dp_degree: int, dum
     else:
         from torchtitan.datasets.text import DocumentSource, PackedWindows
 
-        source = DocumentSource(cfg.dataset, cfg.dataset_path, cfg.dataset_text_field)
+        seed = (cfg.seed or 0) if cfg.shuffle_documents else None
+        source = DocumentSource(cfg.dataset, cfg.dataset_path, cfg.dataset_text_field, shuffle_seed=seed)
         dataset = PackedWindows(source, lambda texts: tokenizer.encode_batch(texts, bos=True, eos=True),
                                 cfg.seq_len, cfg.local_batch_size, dp_rank, dp_degree, infinite=infinite)
     return ParallelAwareDataloader(dataset, cfg.local_batch_size, dp_degree)

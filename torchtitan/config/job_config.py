@@ -80,6 +80,7 @@ class Training:
     dataset: str = opt("pydoc", "Dataset: pydoc (bundled offline corpus), c4 (allenai/c4 en, streamed), memmap (pre-tokenized files), or a hub dataset name.")
     dataset_path: str | None = opt(None, "Local json/jsonl/parquet/text file or folder; overrides where the dataset is read from.")
     dataset_text_field: str = opt("text", "Column holding the document text.")
+    shuffle_documents: bool = opt(True, "Read local and bundled documents in a seeded order that depends only on (seed, epoch); hub streams keep their order.")
     local_batch_size: int = opt(8, "Sequences per data-parallel rank per micro-batch.")
     global_batch_size: int = opt(-1, "Sequences per optimizer step over all ranks; a multiple of local_batch_size x dp adds gradient accumulation. -1: local_batch_size x dp.")
     seq_len: int = opt(2048, "Tokens per sequence.")

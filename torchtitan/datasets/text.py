@@ -53,8 +53,11 @@ def _local_files(path: str) -> tuple[str, list[str]]:
 class DocumentSource:
     """Indexable or streamed documents, with a way to restart at document i."""
 
-    def __init__(self, name: str, path: str | None, text_field: str):
+    def __init__(self, name: str, path: str | None, text_field: str, shuffle_seed: int | None = None):
         self.name, self.path, self.text_field = name, path, text_field
+        # Indexable sources are read in an order that depends only on (seed, epoch): batches mix
+        # documents instead of walking one topic at a time. None keeps file order.
+        self.shuffle_seed = shuffle_seed
         self._docs: Sequence | None = None
         self._streaming = False
         if path:
@@ -78,10 +81,19 @@ class DocumentSource:
             return datasets.load_dataset("allenai/c4", "en", split="train", streaming=True)
         return datasets.load_dataset(self.name, split="train", streaming=True)
 
-    def iter_from(self, start: int) -> Iterator[str]:
+    def order(self, epoch: int):
+        n = len(self._docs)
+        if self.shuffle_seed is None:
+            return range(n)
+        import numpy as np
+
+        return np.random.default_rng([self.shuffle_seed, epoch]).permutation(n).tolist()
+
+    def iter_from(self, start: int, epoch: int = 0) -> Iterator[str]:
         if self._docs is not None:
+            order = self.order(epoch)
             for i in range(start, len(self._docs)):
-                doc = self._docs[i]
+                doc = self._docs[order[i]]
                 yield doc if isinstance(doc, str) else doc[self.text_field]
         else:
             # Streams have no random access: resuming skips documents (slow but exact).
@@ -119,7 +131,7 @@ class PackedWindows(IterableDataset):
         s = self._state
         n = self.seq_len + 1
         while True:
-            docs = self.source.iter_from(s["doc_index"])
+            docs = self.source.iter_from(s["doc_index"], s["epoch"])
             exhausted = False
             while not exhausted:
                 chunk = []
