@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
@@ -35,11 +36,31 @@ def _logsumexp(x: torch.Tensor) -> torch.Tensor:
     return ((x - m).exp().sum(dim=-1).log() + m.squeeze(-1)).full_tensor()
 
 
+def chunked_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                              z_loss_multiplier: float = 0.0) -> torch.Tensor:
+    """cross_entropy_sum over chunks of tokens, each upcast to float32 and recomputed in backward.
+
+    The plain path keeps a float32 copy of all logits alive until backward (128K vocab x 8192 tokens
+    is 4 GiB); here at most one chunk's float32 logits exist at a time. Same value and gradients.
+    """
+    flat, flat_labels = logits.flatten(0, 1), labels.flatten(0, 1)
+    total = None
+    for start in range(0, flat.shape[0], chunk_tokens):
+        part = torch.utils.checkpoint.checkpoint(
+            cross_entropy_sum, flat[start:start + chunk_tokens].unsqueeze(0),
+            flat_labels[start:start + chunk_tokens].unsqueeze(0), z_loss_multiplier, use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
 def build_loss_fn(cfg, compile_loss: bool = False):
     """cfg: the [training] section."""
-    z = cfg.z_loss_multiplier
+    z, chunk = cfg.z_loss_multiplier, cfg.loss_chunk_size
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if chunk > 0 and not isinstance(logits, DTensor):
+            # Vocab-sharded logits (loss parallel) already hold 1/tp of the vocabulary per rank.
+            return chunked_cross_entropy_sum(logits, labels, chunk, z)
         return cross_entropy_sum(logits, labels, z)
 
     return torch.compile(loss_fn) if compile_loss else loss_fn

@@ -97,7 +97,7 @@ class Training:
     memmap_label_mask_paths: list[str] = opt([], "memmap dataset: bool files, one per token file; False marks a label to ignore.")
     data_order_ignore_fingerprint: bool = opt(False, "memmap dataset: resume even if the files differ from the saved fingerprint.")
     z_loss_multiplier: float = opt(0.0, "Auxiliary z-loss weight (OLMo 2 uses 1e-5).")
-    loss_chunk_size: int = opt(0, "Compute output layer + cross-entropy in chunks of this many tokens (0: plain).")
+    loss_chunk_size: int = opt(0, "Cross-entropy in chunks of this many tokens, each upcast to float32 and recomputed in backward, so the full float32 logits never exist (0: in one piece). Not applied to vocab-sharded logits under TP loss parallel.")
 
 
 @dataclass
