@@ -174,25 +174,27 @@ def cmd_overhead(args) -> None:
 
 
 def cmd_data(args) -> None:
-    """Tokenizer + packing on one core: tokens/s of the path the dataloader runs."""
+    """Tokenizer + packing on one core: tokens/s of the path the dataloader runs, per tokenizer engine."""
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from torchtitan.components.tokenizer import build_tokenizer
     from torchtitan.datasets.text import DocumentSource, PackedWindows
     from torchtitan.train import DEFAULT_TOKENIZER
 
-    tok = build_tokenizer(args.tokenizer or DEFAULT_TOKENIZER)
     src = DocumentSource("pydoc", None, "text")
-    best = 0.0
-    for _ in range(3):
-        ds = PackedWindows(src, lambda t: tok.encode_batch(t, bos=True, eos=True), 2048, 1, 0, 1, infinite=True)
-        it = iter(ds)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < args.seconds:
-            item = next(it)
-            n += item["input"].numel()
-        best = max(best, n / (time.perf_counter() - t0))
-    print(f"tokenize + pack (seq 2048, one core): {best:,.0f} tokens/s")
+    for backend in args.backends.split(","):
+        tok = build_tokenizer(args.tokenizer or DEFAULT_TOKENIZER, backend)
+        best = 0.0
+        for _ in range(3):
+            ds = PackedWindows(src, lambda t: tok.encode_batch(t, bos=True, eos=True), 2048, 1, 0, 1, infinite=True)
+            it = iter(ds)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < args.seconds:
+                item = next(it)
+                n += item["input"].numel()
+            best = max(best, n / (time.perf_counter() - t0))
+        engine = getattr(tok, "backend", type(tok).__name__)
+        print(f"tokenize + pack (seq 2048, one core), backend {backend} ({engine}): {best:,.0f} tokens/s")
 
 
 def main() -> None:
@@ -216,6 +218,7 @@ def main() -> None:
     d = sub.add_parser("data")
     d.add_argument("--seconds", type=float, default=3.0)
     d.add_argument("--tokenizer", default="")
+    d.add_argument("--backends", default="tokenizers,auto", help="model.tokenizer_backend values to compare")
     args = ap.parse_args()
     {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data}[args.cmd](args)
 

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     instances = MemmapInstances(list(t.memmap_paths), t.memmap_dtype, t.seq_len, list(t.memmap_label_mask_paths) or None)
     order = _Order(cfg.job.dump_folder, order_meta(instances, t.seed if t.seed is not None else 0))
     epoch, ids = global_batch_instances(order, global_batch, args.batch)
-    tokenizer = build_tokenizer(cfg.model.tokenizer_path or os.path.join(ROOT, "torchtitan", "assets", "tokenizer"))
+    tokenizer = build_tokenizer(cfg.model.tokenizer_path or os.path.join(ROOT, "torchtitan", "assets", "tokenizer"),
+                                cfg.model.tokenizer_backend)
     source = "the run's data order file" if order.from_files else "recomputed from (seed, epoch, dataset size)"
     if not args.json:
         print(f"global batch {args.batch} (optimizer step {args.batch + 1}), epoch {epoch}: {len(ids)} sequences of "

@@ -88,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default="part")
     p.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
     p.add_argument("--batch-size", type=int, default=256, help="documents per tokenizer call")
+    p.add_argument("--tokenizer-backend", default="auto", choices=["auto", "tokenizers"],
+                   help="for HF tokenizer.json: auto uses tiktoken when it gives the same ids")
     args = p.parse_args(argv)
 
     from torchtitan.components.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer(args.tokenizer)
+    tokenizer = build_tokenizer(args.tokenizer, args.tokenizer_backend)
     dtype = pick_dtype(args.dtype, tokenizer.vocab_size, args.tokenizer)
     eos = tokenizer.eos_id
     os.makedirs(args.out_dir, exist_ok=True)

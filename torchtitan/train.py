@@ -43,7 +43,7 @@ def train(cfg: JobConfig) -> list[dict]:
 
         return dry_run(spec, model_args, dims, cfg)
 
-    tokenizer = spec.build_tokenizer_fn(cfg.model.tokenizer_path or DEFAULT_TOKENIZER)
+    tokenizer = spec.build_tokenizer_fn(cfg.model.tokenizer_path or DEFAULT_TOKENIZER, cfg.model.tokenizer_backend)
     check_vocab_fits(tokenizer, model_args.vocab_size, cfg.model.tokenizer_path or DEFAULT_TOKENIZER)
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     dataloader = spec.build_dataloader_fn(cfg.training, tokenizer, dp_rank, dims.dp, cfg.job.dump_folder)

@@ -9,6 +9,7 @@ the same way when the data pipeline asks for them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from abc import ABC, abstractmethod
@@ -16,12 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "Tokenizer",
     "TikTokenTokenizer",
     "SentencePieceTokenizer",
     "HFTokenizer",
     "build_tokenizer",
+    "TOKENIZER_BACKENDS",
     "check_vocab_fits",
     "LLAMA3_PATTERN",
     "LLAMA3_SPECIAL_TOKENS",
@@ -101,6 +105,8 @@ LLAMA3_SPECIAL_TOKENS: list[str] = [
 _TIKTOKEN_MAX_CHARS = 400_000
 _TIKTOKEN_MAX_RUN = 25_000
 _RUNS = re.compile(r"\s+|\S+")
+# Anchored at the start of a run, so the scan stays linear even inside a long run.
+_LONG_RUN = re.compile(r"(?<!\S)\S{%d}|(?<!\s)\s{%d}" % (_TIKTOKEN_MAX_RUN + 1, _TIKTOKEN_MAX_RUN + 1))
 
 
 def _tiktoken_pieces(text: str) -> Iterator[str]:
@@ -130,9 +136,7 @@ def _tiktoken_pieces(text: str) -> Iterator[str]:
 
 
 def _has_long_run(text: str) -> bool:
-    if len(text) <= _TIKTOKEN_MAX_RUN:
-        return False
-    return any(m.end() - m.start() > _TIKTOKEN_MAX_RUN for m in _RUNS.finditer(text))
+    return len(text) > _TIKTOKEN_MAX_RUN and _LONG_RUN.search(text) is not None
 
 
 def _load_ranks(path: str) -> dict[bytes, int]:
@@ -260,10 +264,17 @@ _EOS_NAMES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
 _PAD_NAMES = ("<pad>", "<|padding|>", "<|pad|>")
 
 
-class HFTokenizer(Tokenizer):
-    """Hugging Face ``tokenizer.json``; specials from a sibling ``tokenizer_config.json``."""
+TOKENIZER_BACKENDS = ("auto", "tokenizers")
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+class HFTokenizer(Tokenizer):
+    """Hugging Face ``tokenizer.json``; specials from a sibling ``tokenizer_config.json``.
+
+    With backend "auto", byte-level BPE files that tiktoken reproduces exactly are encoded by tiktoken
+    (about 3x faster on one core, see bpe_tiktoken.py); "tokenizers" always uses the HF library.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], backend: str = "auto") -> None:
         from tokenizers import Tokenizer as RawTokenizer
 
         self.path = str(path)
@@ -285,6 +296,15 @@ class HFTokenizer(Tokenizer):
         self._pad = self._special_id(config, "pad_token", _PAD_NAMES)
         # Batch encoding without offsets is noticeably faster; older releases lack it.
         self._batch = getattr(self._model, "encode_batch_fast", self._model.encode_batch)
+        if backend not in TOKENIZER_BACKENDS:
+            raise ValueError(f"tokenizer backend {backend!r} is not one of {', '.join(TOKENIZER_BACKENDS)}")
+        self._fast = None
+        if backend == "auto":
+            from torchtitan.components.bpe_tiktoken import tiktoken_encoding
+
+            self._fast, why = tiktoken_encoding(self.path, self._model)
+            if self._fast is None:
+                logger.info("tokenizer %s: encoding with tokenizers, not tiktoken: %s", self.path, why)
 
     def _special_id(
         self, config: dict[str, Any] | None, key: str, names: tuple[str, ...]
@@ -307,13 +327,26 @@ class HFTokenizer(Tokenizer):
                 return tid
         return None
 
+    @property
+    def backend(self) -> str:
+        return "tiktoken" if self._fast is not None else "tokenizers"
+
+    def _fast_ok(self, text: str) -> bool:
+        # Texts tiktoken would need cut into pieces go to tokenizers whole, so ids never depend on the engine.
+        return self._fast is not None and len(text) <= _TIKTOKEN_MAX_CHARS and not _has_long_run(text)
+
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
-        ids = self._model.encode(text, add_special_tokens=False).ids
+        if self._fast_ok(text):
+            ids = self._fast.encode_ordinary(text)
+        else:
+            ids = self._model.encode(text, add_special_tokens=False).ids
         return self._wrap(ids, bos, eos)
 
     def encode_batch(
         self, texts: list[str], *, bos: bool, eos: bool
     ) -> list[list[int]]:
+        if self._fast is not None:
+            return [self.encode(t, bos=bos, eos=eos) for t in texts]
         encodings = self._batch(list(texts), add_special_tokens=False)
         return [self._wrap(e.ids, bos, eos) for e in encodings]
 
@@ -364,18 +397,21 @@ _ACCEPTED = (
 )
 
 
-def build_tokenizer(path: str) -> Tokenizer:
-    """Pick the tokenizer class from what is on disk, so configs only name a path."""
+def build_tokenizer(path: str, backend: str = "auto") -> Tokenizer:
+    """Pick the tokenizer class from what is on disk, so configs only name a path.
+
+    ``backend`` only matters for HF tokenizer.json files (see HFTokenizer).
+    """
     p = Path(path)
     if p.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
             if (p / name).is_file():
-                return build_tokenizer(str(p / name))
+                return build_tokenizer(str(p / name), backend)
         raise ValueError(f"tokenizer directory {path} has no tokenizer file; expected {_ACCEPTED}")
     if not p.is_file():
         raise ValueError(f"tokenizer path {path} does not exist; expected {_ACCEPTED}")
     if p.suffix == ".json":
-        return HFTokenizer(p)
+        return HFTokenizer(p, backend)
     # Both Llama 2 and Llama 3 ship "tokenizer.model"; only the content tells them apart.
     try:
         return SentencePieceTokenizer(p)

@@ -106,3 +106,18 @@ def test_pydoc_corpus_with_bundled_tokenizer():
     assert batch["input"].shape == (2, 32) and labels.shape == (2, 32)
     assert batch["input"][0, 0].item() == tok.bos_id
     assert int(batch["input"].max()) < 2048
+
+
+def test_resume_inside_a_long_document(tmp_path):
+    """The saved position is exact while one document is still being cut into windows."""
+    docs = [" ".join(str(i) for i in range(1, 200)), "7 8 9"]
+    src = source_of(docs, tmp_path)
+    ref = [w["input"].tolist() for w in PackedWindows(src, fake_encode, 4, 2, 0, 1, infinite=False)]
+    ds = PackedWindows(src, fake_encode, 4, 2, 0, 1, infinite=False)
+    it = iter(ds)
+    head = [next(it)["input"].tolist() for _ in range(6)]
+    state = ds.state_dict()
+    assert state["doc_index"] == 1 and len(state["buffer"]) == 200 - 6 * 5
+    resumed = PackedWindows(src, fake_encode, 4, 2, 0, 1, infinite=False)
+    resumed.load_state_dict(state)
+    assert head + [w["input"].tolist() for w in resumed] == ref
