@@ -105,6 +105,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _stager_reusable(stager) -> bool:
+    """Whether a DefaultStager can stage again. torch 2.11 closes its inner StateDictStager after every stage
+    (a second save then fails on plain dicts); later releases keep it open so its CPU buffers are reused.
+    Anything that does not look like an open stager is replaced, which is always correct."""
+    inner = getattr(stager, "_state_dict_stager", None)
+    return bool(getattr(inner, "_deepcopy_dispatch", None))
+
+
 @dataclass
 class _PendingSave:
     """An async save in flight: its marker is written once rank 0's upload future is done."""
@@ -316,6 +324,8 @@ class CheckpointManager:
         if stager is not None:
             kwargs["async_stager"] = stager
         result = dcp.async_save(state, **kwargs)
+        if stager is not None and not _stager_reusable(stager):
+            self._stager = None
         # Newer torch returns an AsyncSaveResponse holding the upload future.
         return getattr(result, "upload_completion", result)
 

@@ -51,6 +51,23 @@ def shard_sequence(inputs: torch.Tensor, labels: torch.Tensor, cp_size: int,
     return inputs.index_select(1, idx), labels.index_select(1, idx), positions
 
 
+# torch 2.13 renamed the differentiable all-gather (the old name warns there); torch 2.11 has only the old one.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: torch 2.11's collective backwards require one,
+    and the gradient of the `movedim` after the exchange is a permuted view."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def _exchange(x: torch.Tensor, group: dist.ProcessGroup, method: str, dim: int) -> torch.Tensor:
     """Every rank's `x` concatenated in rank order along `dim`; differentiable.
 
@@ -62,11 +79,11 @@ def _exchange(x: torch.Tensor, group: dist.ProcessGroup, method: str, dim: int) 
     size = dist.get_world_size(group)
     x = x.movedim(dim, 0).contiguous()
     if method == "allgather":
-        out = funcol.all_gather_single_autograd(x, 0, group)
+        out = _all_gather_autograd(x, 0, group)
     else:
         n = x.shape[0]
         out = funcol.all_to_all_single_autograd(x.repeat(size, *([1] * (x.dim() - 1))), [n] * size, [n] * size, group)
-    return out.movedim(0, dim)
+    return _ContiguousGrad.apply(out).movedim(0, dim)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,

@@ -195,6 +195,21 @@ def check_pipeline_config(cfg: JobConfig, model_args, dims: ParallelDims) -> Non
     if schedule in NO_COMPILE_SCHEDULES and cfg.compile.enable and "model" in cfg.compile.components:
         raise ConfigError(f"schedule {schedule} splits backward into input and weight passes, which torch does not "
                           f"support on compiled stages; set compile.enable = false or use Interleaved1F1B")
+    if schedule in V_SCHEDULES and cfg.comm.mode != "fake_backend" and _warmup_sends_to_self():
+        from torchtitan.tools.device import detect_device_type
+
+        if detect_device_type() == "cpu":
+            raise ConfigError(f"schedule {schedule} puts neighbouring stages on one rank, and torch {torch.__version__} "
+                              f"opens pipeline links with a send to that same rank, which gloo (CPU) cannot do; on CPU "
+                              f"use torch >= 2.12 or another schedule (Interleaved1F1B, InterleavedZeroBubble)")
+
+
+def _warmup_sends_to_self() -> bool:
+    """torch < 2.12 warms up every stage's links with a send/recv to both neighbours, its own rank included
+    (NCCL allows that, gloo does not); later releases warm up with a vote that keeps local neighbours local."""
+    from torch.distributed.pipelining import schedules
+
+    return not hasattr(schedules._PipelineSchedule, "_warmup_p2p")
 
 
 # ------------------------------------------------------------------ building
