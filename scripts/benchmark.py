@@ -4,6 +4,7 @@
     python scripts/benchmark.py rows --rows ... --baseline .bench/torchtitan_anchor --wheels .bench/whl
     python scripts/benchmark.py overhead            # trainer step vs a minimal hand-written loop (CPU)
     python scripts/benchmark.py data                # tokenizer + packing tokens/s on one core
+    python scripts/benchmark.py loss                # peak memory and time of plain / chunked / fused loss (CPU)
 
 `rows` runs the real trainer (run_train.sh) per row, averages the logged steps after `--skip`, and prints
 tokens/s, TFLOP/s, MFU and peak memory. With `--baseline`, torchtitan's anchor recipe
@@ -197,6 +198,56 @@ def cmd_data(args) -> None:
         print(f"tokenize + pack (seq 2048, one core), backend {backend} ({engine}): {best:,.0f} tokens/s")
 
 
+def _loss_variant(variant: str, tokens: int, dim: int, vocab: int, chunk: int) -> None:
+    """One loss forward + backward in this process; prints seconds and peak RSS (the parent compares them)."""
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    from torchtitan.components.fused_loss import linear_cross_entropy_sum
+    from torchtitan.components.loss import chunked_cross_entropy_sum, cross_entropy_sum
+
+    torch.manual_seed(0)
+    h = torch.randn(1, tokens, dim, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(vocab, dim, dtype=torch.bfloat16) * dim ** -0.5).requires_grad_()
+    labels = torch.randint(0, vocab, (1, tokens))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if variant == "plain":
+        loss = cross_entropy_sum(F.linear(h, w), labels)
+    elif variant == "chunked":
+        loss = chunked_cross_entropy_sum(F.linear(h, w), labels, chunk)
+    else:
+        loss = linear_cross_entropy_sum(h, w, labels, chunk)
+    loss.backward()
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": dt, "peak_mib": (peak - base) / 1024, "loss": loss.item()}))
+
+
+def cmd_loss(args) -> None:
+    """Peak memory above the inputs, and time, of one loss forward + backward: each variant in its own process."""
+    if args.variant:
+        _loss_variant(args.variant, args.tokens, args.dim, args.vocab, args.chunk)
+        return
+    logits_mib = args.tokens * args.vocab * 2 / 2**20
+    print(f"{args.tokens} tokens x vocab {args.vocab}, dim {args.dim}, bf16 inputs, chunk {args.chunk} "
+          f"(bf16 logits alone: {logits_mib:,.0f} MiB); peak RSS growth over the inputs, CPU")
+    print(f"{'loss':34s} {'peak MiB':>9s} {'seconds':>8s} {'loss value':>12s}")
+    names = {"plain": "cross-entropy on full logits", "chunked": "training.loss_chunk_size",
+             "fused": "+ training.fused_output_loss"}
+    for variant in ("plain", "chunked", "fused"):
+        proc = subprocess.run([sys.executable, __file__, "loss", "--variant", variant, "--tokens", str(args.tokens),
+                               "--dim", str(args.dim), "--vocab", str(args.vocab), "--chunk", str(args.chunk)],
+                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        if proc.returncode != 0:
+            print(f"{names[variant]:34s} FAILED: {proc.stderr[-500:]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{names[variant]:34s} {r['peak_mib']:9,.0f} {r['seconds']:8.2f} {r['loss']:12.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -219,8 +270,15 @@ def main() -> None:
     d.add_argument("--seconds", type=float, default=3.0)
     d.add_argument("--tokenizer", default="")
     d.add_argument("--backends", default="tokenizers,auto", help="model.tokenizer_backend values to compare")
+    lo = sub.add_parser("loss")
+    lo.add_argument("--tokens", type=int, default=8192)
+    lo.add_argument("--dim", type=int, default=1024)
+    lo.add_argument("--vocab", type=int, default=32768)
+    lo.add_argument("--chunk", type=int, default=1024)
+    lo.add_argument("--threads", type=int, default=2)
+    lo.add_argument("--variant", choices=["plain", "chunked", "fused"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data}[args.cmd](args)
+    {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "loss": cmd_loss}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 import torch
 
 from torchtitan.components.checkpoint import CheckpointError, CheckpointManager, ModelWrapper, TrainState
+from torchtitan.components.fused_loss import fuse_output_into_loss
 from torchtitan.components.metrics import MetricsLogger
 from torchtitan.components.tokenizer import check_vocab_fits
 from torchtitan.config import ConfigError, JobConfig, load_config, to_toml
@@ -52,6 +53,8 @@ def train(cfg: JobConfig) -> list[dict]:
     dist_utils.set_determinism(cfg.training.seed if cfg.training.seed is not None else 0, cfg.training.deterministic)
     with torch.device("meta"):
         model = spec.model_cls(model_args)
+    if cfg.training.fused_output_loss:
+        fuse_output_into_loss(model)  # the loss applies the output weight, chunk by chunk
     compile_loss = compile_loss_enabled(cfg, dims.tp)
     if cfg.compile.enable and "loss" in cfg.compile.components and not compile_loss:
         logger.info("compile: the loss stays eager under tensor-parallel loss_parallel (see config/preflight.py)")
@@ -66,6 +69,8 @@ def train(cfg: JobConfig) -> list[dict]:
         part.to_empty(device=device)
         part.init_weights(buffer_device=device)
         part.train()
+    if cfg.training.fused_output_loss and has_last:
+        loss_fn.head = next(p.output for p in model_parts if getattr(p, "output", None) is not None)
     if cfg.memory_estimation.enabled:
         from torchtitan.tools.dry_run import rank_memory_line
 

@@ -37,6 +37,8 @@ FSDP = ["--parallelism.data_parallel_shard_degree", "-1"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
 CP2 = ["--parallelism.context_parallel_degree", "2"]
 ZLOSS = ["--training.z_loss_multiplier", "1e-3"]
+# 48-token chunks do not divide a rank's 128 tokens: the last chunk is short.
+FUSED = ["--training.loss_chunk_size", "48", "--training.fused_output_loss"]
 
 # name -> (world size, CLI overrides, reference layout, tolerance). Global batch 4 x 64 tokens everywhere,
 # except the gradient-accumulation pair (global batch 8).
@@ -58,6 +60,8 @@ LAYOUTS: dict[str, tuple[int, list[str], str, float]] = {
     "fsdp2_selective_op_ac": (2, FSDP + _bs(2) + _ac("selective", "op"), "single", LOSS_TOL),
     "fsdp2_grad_accum2": (2, FSDP + _bs(2) + ["--training.global_batch_size", "8"], "single_bs8", LOSS_TOL),
     "fsdp2_compile": (2, FSDP + _bs(2) + ["--compile.enable"], "single", COMPILE_TOL),
+    "fsdp2_fused_loss": (2, FSDP + _bs(2) + FUSED + ZLOSS, "single_zloss", LOSS_TOL),
+    "cp2_fused_loss_compile": (2, CP2 + _bs(4) + FUSED + ["--compile.enable"], "single", COMPILE_TOL),
     # The loss stays eager under TP: preflight rejects a compiled loss under loss_parallel (wrong in torch 2.13).
     "tp2_compile": (2, TP2 + _bs(4) + ["--compile.enable", "--compile.components", "model"], "single", COMPILE_TOL),
     "hsdp2x2": (4, ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]

@@ -14,12 +14,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.launch import DEBUG_CONFIG, ROOT, TINY, _env, make_seed_checkpoint
 from torchtitan.config.job_config import JobConfig
 from torchtitan.config.manager import ConfigError
 from torchtitan.distributed.parallel_dims import ParallelDims
-from torchtitan.distributed.pipeline import check_pipeline_config, even_layer_counts, plan_stages
+from torchtitan.distributed import pipeline
+from torchtitan.distributed.pipeline import V_SCHEDULES, check_pipeline_config, even_layer_counts, plan_stages
 from torchtitan.models.llama3 import llama3_flavors
 
 TOL = 1e-5
@@ -49,6 +51,7 @@ WORLD_2 = {
     "DualPipeV": _schedule("DualPipeV"),
     "CSV": _schedule("CSV"),  # + the CSV path, added once the file exists
     "1F1B_split_points": [*_schedule("1F1B"), "--parallelism.pipeline_parallel_split_points", "layers.2"],
+    "1F1B_fused_loss": [*_schedule("1F1B"), "--training.loss_chunk_size", "48", "--training.fused_output_loss"],
 }
 WORLD_4 = {
     "PP2xFSDP2_Interleaved1F1B": [*_schedule("Interleaved1F1B"), "--parallelism.data_parallel_shard_degree", "2",
@@ -60,6 +63,8 @@ WORLD_8 = {
     "PP2xFSDP2xTP2_1F1B": [*_schedule("1F1B"), "--parallelism.data_parallel_shard_degree", "2",
                            "--parallelism.tensor_parallel_degree", "2", "--training.local_batch_size", "2"],
 }
+# torch < 2.12 cannot run V schedules over gloo (preflight says so; see test_v_schedules_on_old_torch_gloo).
+V_UNSUPPORTED = pipeline._warmup_sends_to_self()
 GROUPS = {1: {"reference": []}, 2: WORLD_2, 4: WORLD_4, 8: WORLD_8}
 LAYOUTS = [(n, name) for n in (2, 4, 8) for name in GROUPS[n]]
 
@@ -92,6 +97,8 @@ def runs(tmp_path_factory):
               "--checkpoint.interval", "1000"]
     groups = {n: dict(g) for n, g in GROUPS.items()}
     groups[2]["CSV"] = [*groups[2]["CSV"], "--parallelism.pipeline_parallel_schedule_csv", csv_path]
+    if V_UNSUPPORTED:
+        groups[2] = {k: v for k, v in groups[2].items() if k not in V_SCHEDULES}
     cache: dict = {}
 
     def get(nproc: int) -> dict:
@@ -105,6 +112,8 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc,layout", LAYOUTS, ids=[name for _, name in LAYOUTS])
 def test_pipeline_matches_single_process(runs, nproc, layout):
+    if V_UNSUPPORTED and layout in V_SCHEDULES:
+        pytest.skip(f"torch {torch.__version__} cannot run {layout} over gloo (it needs torch >= 2.12 on CPU)")
     ref = runs(1).get("reference")
     assert ref, runs(1).get("__error__", "reference run produced no result")
     got = runs(nproc).get(layout)
@@ -185,3 +194,15 @@ def test_schedule_constraints_fail_in_preflight(schedule, batch, compile_on, mes
     dims = ParallelDims.from_config(cfg.parallelism, 2)
     with pytest.raises(ConfigError, match=message):
         check_pipeline_config(cfg, llama3_flavors["debugmodel"], dims)
+
+
+def test_v_schedules_on_old_torch_gloo_fail_in_preflight(monkeypatch):
+    """torch < 2.12 opens pipeline links with a send to the same rank, which gloo cannot do: say so up front."""
+    monkeypatch.setattr(pipeline, "_warmup_sends_to_self", lambda: True)
+    monkeypatch.setattr("torchtitan.tools.device.detect_device_type", lambda: "cpu")
+    cfg = _cfg(pipeline_parallel_schedule="ZBVZeroBubble")
+    cfg.training.local_batch_size = 4
+    with pytest.raises(ConfigError, match="ZBVZeroBubble puts neighbouring stages on one rank.*torch >= 2.12"):
+        check_pipeline_config(cfg, llama3_flavors["debugmodel"], ParallelDims.from_config(cfg.parallelism, 2))
+    cfg.parallelism.pipeline_parallel_schedule = "Interleaved1F1B"
+    check_pipeline_config(cfg, llama3_flavors["debugmodel"], ParallelDims.from_config(cfg.parallelism, 2))

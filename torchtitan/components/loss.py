@@ -54,8 +54,13 @@ def chunked_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_
 
 
 def build_loss_fn(cfg, compile_loss: bool = False):
-    """cfg: the [training] section."""
+    """cfg: the [training] section. With fused_output_loss the result takes hidden states and needs its
+    `head` bound (components/fused_loss.py)."""
     z, chunk = cfg.z_loss_multiplier, cfg.loss_chunk_size
+    if cfg.fused_output_loss:
+        from torchtitan.components.fused_loss import FusedOutputLoss
+
+        return FusedOutputLoss(chunk, z, compile_chunks=compile_loss)
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if chunk > 0 and not isinstance(logits, DTensor):

@@ -100,6 +100,7 @@ class Training:
     data_order_ignore_fingerprint: bool = opt(False, "memmap dataset: resume even if the files differ from the saved fingerprint.")
     z_loss_multiplier: float = opt(0.0, "Auxiliary z-loss weight (OLMo 2 uses 1e-5).")
     loss_chunk_size: int = opt(0, "Cross-entropy in chunks of this many tokens, each upcast to float32 and recomputed in backward, so the full float32 logits never exist (0: in one piece). Not applied to vocab-sharded logits under TP loss parallel.")
+    fused_output_loss: bool = opt(False, "Also compute the output layer inside each loss chunk (needs loss_chunk_size > 0; not with tensor parallel): no logits tensor exists whole in any dtype, for one extra output-layer matmul per step.")
 
 
 @dataclass

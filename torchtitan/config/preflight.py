@@ -55,6 +55,11 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
     if dims.pp > 1 and t.local_batch_size % p.pipeline_parallel_microbatch_size:
         raise ConfigError(f"training.local_batch_size = {t.local_batch_size} must be a multiple of "
                           f"parallelism.pipeline_parallel_microbatch_size = {p.pipeline_parallel_microbatch_size}")
+    if t.fused_output_loss and t.loss_chunk_size <= 0:
+        raise ConfigError("training.fused_output_loss needs training.loss_chunk_size > 0 (tokens per chunk, e.g. 2048)")
+    if t.fused_output_loss and dims.tp > 1:
+        raise ConfigError("training.fused_output_loss cannot run with tensor_parallel_degree > 1: the output layer is "
+                          "vocab-sharded there and its loss runs under loss parallel; use loss_chunk_size alone")
     if dims.pp > 1:
         from torchtitan.distributed.pipeline import check_pipeline_config
 
