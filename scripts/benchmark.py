@@ -198,7 +198,7 @@ def cmd_data(args) -> None:
         print(f"tokenize + pack (seq 2048, one core), backend {backend} ({engine}): {best:,.0f} tokens/s")
 
 
-def _loss_variant(variant: str, tokens: int, dim: int, vocab: int, chunk: int) -> None:
+def _loss_variant(variant: str, tokens: int, dim: int, vocab: int, chunk: int, dtype_name: str) -> None:
     """One loss forward + backward in this process; prints seconds and peak RSS (the parent compares them)."""
     import resource
 
@@ -209,8 +209,9 @@ def _loss_variant(variant: str, tokens: int, dim: int, vocab: int, chunk: int) -
     from torchtitan.components.loss import chunked_cross_entropy_sum, cross_entropy_sum
 
     torch.manual_seed(0)
-    h = torch.randn(1, tokens, dim, dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(vocab, dim, dtype=torch.bfloat16) * dim ** -0.5).requires_grad_()
+    dtype = getattr(torch, dtype_name)
+    h = torch.randn(1, tokens, dim, dtype=dtype, requires_grad=True)
+    w = (torch.randn(vocab, dim, dtype=dtype) * dim ** -0.5).requires_grad_()
     labels = torch.randint(0, vocab, (1, tokens))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
@@ -229,17 +230,18 @@ def _loss_variant(variant: str, tokens: int, dim: int, vocab: int, chunk: int) -
 def cmd_loss(args) -> None:
     """Peak memory above the inputs, and time, of one loss forward + backward: each variant in its own process."""
     if args.variant:
-        _loss_variant(args.variant, args.tokens, args.dim, args.vocab, args.chunk)
+        _loss_variant(args.variant, args.tokens, args.dim, args.vocab, args.chunk, args.dtype)
         return
-    logits_mib = args.tokens * args.vocab * 2 / 2**20
-    print(f"{args.tokens} tokens x vocab {args.vocab}, dim {args.dim}, bf16 inputs, chunk {args.chunk} "
-          f"(bf16 logits alone: {logits_mib:,.0f} MiB); peak RSS growth over the inputs, CPU")
+    logits_mib = args.tokens * args.vocab * (2 if args.dtype == "bfloat16" else 4) / 2**20
+    print(f"{args.tokens} tokens x vocab {args.vocab}, dim {args.dim}, {args.dtype} inputs, chunk {args.chunk} "
+          f"(the logits alone: {logits_mib:,.0f} MiB); peak RSS growth over the inputs, CPU")
     print(f"{'loss':34s} {'peak MiB':>9s} {'seconds':>8s} {'loss value':>12s}")
     names = {"plain": "cross-entropy on full logits", "chunked": "training.loss_chunk_size",
              "fused": "+ training.fused_output_loss"}
     for variant in ("plain", "chunked", "fused"):
         proc = subprocess.run([sys.executable, __file__, "loss", "--variant", variant, "--tokens", str(args.tokens),
-                               "--dim", str(args.dim), "--vocab", str(args.vocab), "--chunk", str(args.chunk)],
+                               "--dim", str(args.dim), "--vocab", str(args.vocab), "--chunk", str(args.chunk),
+                               "--dtype", args.dtype],
                               capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
         if proc.returncode != 0:
             print(f"{names[variant]:34s} FAILED: {proc.stderr[-500:]}")
@@ -271,11 +273,13 @@ def main() -> None:
     d.add_argument("--tokenizer", default="")
     d.add_argument("--backends", default="tokenizers,auto", help="model.tokenizer_backend values to compare")
     lo = sub.add_parser("loss")
-    lo.add_argument("--tokens", type=int, default=8192)
-    lo.add_argument("--dim", type=int, default=1024)
+    lo.add_argument("--tokens", type=int, default=4096)
+    lo.add_argument("--dim", type=int, default=512)
     lo.add_argument("--vocab", type=int, default=32768)
     lo.add_argument("--chunk", type=int, default=1024)
     lo.add_argument("--threads", type=int, default=2)
+    lo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="bfloat16 is what GPUs run, but CPU bf16 matmuls are slow")
     lo.add_argument("--variant", choices=["plain", "chunked", "fused"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "loss": cmd_loss}[args.cmd](args)

@@ -47,11 +47,9 @@ def _linear_ce_chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
                              z_loss_multiplier: float = 0.0, chunk_fn: Callable = _linear_ce_chunk) -> torch.Tensor:
     """cross_entropy_sum(hidden @ weight.T, labels), one checkpointed chunk of `chunk_tokens` tokens at a time."""
-    flat_h, flat_labels = hidden.flatten(0, 1), labels.flatten(0, 1)
     total = None
-    for start in range(0, flat_h.shape[0], chunk_tokens):
-        part = torch.utils.checkpoint.checkpoint(chunk_fn, flat_h[start:start + chunk_tokens], weight,
-                                                 flat_labels[start:start + chunk_tokens], z_loss_multiplier,
+    for part_h, part_labels in zip(hidden.flatten(0, 1).split(chunk_tokens), labels.flatten(0, 1).split(chunk_tokens)):
+        part = torch.utils.checkpoint.checkpoint(chunk_fn, part_h, weight, part_labels, z_loss_multiplier,
                                                  use_reentrant=False)
         total = part if total is None else total + part
     return total

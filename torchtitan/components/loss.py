@@ -43,12 +43,12 @@ def chunked_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_
     The plain path keeps a float32 copy of all logits alive until backward (128K vocab x 8192 tokens
     is 4 GiB); here at most one chunk's float32 logits exist at a time. Same value and gradients.
     """
-    flat, flat_labels = logits.flatten(0, 1), labels.flatten(0, 1)
+    # split, not slicing: its backward concatenates the chunks' gradients once, where every slice's backward
+    # would allocate a zero tensor of the full logits' size.
     total = None
-    for start in range(0, flat.shape[0], chunk_tokens):
-        part = torch.utils.checkpoint.checkpoint(
-            cross_entropy_sum, flat[start:start + chunk_tokens].unsqueeze(0),
-            flat_labels[start:start + chunk_tokens].unsqueeze(0), z_loss_multiplier, use_reentrant=False)
+    for part_logits, part_labels in zip(logits.flatten(0, 1).split(chunk_tokens), labels.flatten(0, 1).split(chunk_tokens)):
+        part = torch.utils.checkpoint.checkpoint(cross_entropy_sum, part_logits.unsqueeze(0), part_labels.unsqueeze(0),
+                                                 z_loss_multiplier, use_reentrant=False)
         total = part if total is None else total + part
     return total
 
