@@ -38,6 +38,11 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
                                                        "--float8.recipe_name", "tensorwise"], ""),
     "8b8l_compile_noac_float8_rowwise": (BENCH_8B, ["--activation_checkpoint.mode", "none", "--model.converters", "float8",
                                                     "--float8.recipe_name", "rowwise"], ""),
+    # The loss options on the no-AC row, where activation memory is highest (compare with 8b8l_compile_noac).
+    "8b8l_compile_noac_chunked_loss": (BENCH_8B, ["--activation_checkpoint.mode", "none", "--training.loss_chunk_size",
+                                                  "2048"], ""),
+    "8b8l_compile_noac_fused_loss": (BENCH_8B, ["--activation_checkpoint.mode", "none", "--training.loss_chunk_size",
+                                                "2048", "--training.fused_output_loss"], ""),
     # CPU rows: the harness itself, runnable anywhere.
     "cpu_debug": (os.path.join(ROOT, "train_configs", "debug_model.toml"), ["--training.seq_len", "256",
                                                                           "--training.local_batch_size", "4"], ""),

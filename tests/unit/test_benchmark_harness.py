@@ -4,7 +4,7 @@ import pytest
 from tests.launch import run_python
 
 
-def test_summarize_skips_warmup():
+def _bench():
     import importlib.util
 
     from tests.launch import ROOT
@@ -12,6 +12,11 @@ def test_summarize_skips_warmup():
     spec = importlib.util.spec_from_file_location("bench", f"{ROOT}/scripts/benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_summarize_skips_warmup():
+    bench = _bench()
     recs = [{"step": s, "tps": 10.0 * s, "tflops": 1.0, "mfu": None, "memory_gib": s, "data_wait_pct": 0.0} for s in (5, 10, 15, 20)]
     out = bench.summarize(recs, skip=10)
     assert out["tps"] == 175.0 and out["steps"] == [15, 20] and out["memory_gib"] == 20 and out["mfu"] is None
@@ -26,3 +31,19 @@ def test_overhead_and_data_commands_run():
     proc = run_python(["scripts/benchmark.py", "data", "--seconds", "0.5"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tokens/s" in proc.stdout
+    proc = run_python(["scripts/benchmark.py", "loss", "--tokens", "256", "--dim", "32", "--vocab", "512",
+                       "--chunk", "64"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert len(rows) == 3 and len({r[-1] for r in rows}) == 1, proc.stdout  # same loss value three ways
+
+
+def test_every_gpu_row_is_a_valid_config():
+    """The rows only run on GPUs; their configs and overrides must at least load and pass preflight here."""
+    from torchtitan.config import load_config
+    from torchtitan.config.preflight import preflight
+
+    for name, (config, overrides, _) in _bench().ROWS.items():
+        cfg = load_config(["--job.config_file", config, *overrides], env={})
+        if "float8" not in overrides:  # float8 preflight wants CUDA and torchao
+            preflight(cfg, 1)
