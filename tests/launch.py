@@ -35,6 +35,31 @@ def run_train(dump_folder: str, args: list[str], nproc: int = 1, timeout: int = 
     return proc
 
 
+PARITY_DRIVER = os.path.join(ROOT, "tests", "integration", "parity_driver.py")
+
+
+def run_parity_driver(world: int, spec: dict, spec_path: str, out_path: str,
+                      timeout: int = 600) -> tuple[subprocess.CompletedProcess, dict]:
+    """Train several layouts in one launch of `world` processes (tests/integration/parity_driver.py).
+
+    spec: {"common": [...], "layouts": {name: [...]}, "dump_root": ...}. Returns the process and the
+    {layout: {"loss": [...], "grad_norm": [...]}} results written so far (those that finished).
+    """
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    if world == 1:
+        cmd = [sys.executable, PARITY_DRIVER, spec_path, out_path]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--rdzv_backend", "c10d",
+               "--rdzv_endpoint", "localhost:0", PARITY_DRIVER, spec_path, out_path]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(None), capture_output=True, text=True, timeout=timeout)
+    results = {}
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            results = json.load(f)
+    return proc, results
+
+
 def run_python(args: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
 

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import runpy
-import subprocess
 import sys
 from typing import NamedTuple
 
@@ -32,27 +30,17 @@ def make_tiny_hf(folder: str, seed: int = 0, **save_kwargs):
     return model
 
 
-DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parity_driver.py")
-
-
 def run_layouts(tmp: str, world: int, common: list[str], layouts: dict[str, list[str]], tag: str) -> dict:
     """Train several configs in one launch of parity_driver.py (one torchrun start-up for all of them).
 
     Each layout trains in {tmp}/{tag}/{name}; returns {name: {"loss": [...], "grad_norm": [...]}}.
     """
-    spec_path, out_path = os.path.join(tmp, f"{tag}.json"), os.path.join(tmp, f"{tag}.out.json")
-    with open(spec_path, "w") as f:
-        json.dump({"common": ["--job.config_file", launch.DEBUG_CONFIG, *common],
-                   "dump_root": os.path.join(tmp, tag), "layouts": layouts}, f)
-    if world == 1:
-        cmd = [sys.executable, DRIVER, spec_path, out_path]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--rdzv_backend", "c10d",
-               "--rdzv_endpoint", "localhost:0", DRIVER, spec_path, out_path]
-    proc = subprocess.run(cmd, cwd=launch.ROOT, env=launch._env(None), capture_output=True, text=True, timeout=600)
+    spec = {"common": ["--job.config_file", launch.DEBUG_CONFIG, *common], "dump_root": os.path.join(tmp, tag),
+            "layouts": layouts}
+    proc, results = launch.run_parity_driver(world, spec, os.path.join(tmp, f"{tag}.json"),
+                                             os.path.join(tmp, f"{tag}.out.json"))
     assert proc.returncode == 0, f"world {world} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    with open(out_path) as f:
-        return json.load(f)
+    return results
 
 
 class Result(NamedTuple):

@@ -10,16 +10,12 @@ layouts in one process group (a torchrun start-up costs ~7-12 s on 2 cores).
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tests import launch
 
-DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parity_driver.py")
 LOSS_TOL = 1e-5
 GRAD_NORM_TOL = 1e-5
 COMPILE_TOL = 1e-4
@@ -81,16 +77,9 @@ def _common(seed: str) -> list[str]:
 
 def _run_world(world: int, seed: str, tmp: str) -> dict:
     layouts = {name: args for name, (w, args, _, _) in LAYOUTS.items() if w == world}
-    spec_path, out_path = os.path.join(tmp, f"spec{world}.json"), os.path.join(tmp, f"out{world}.json")
-    with open(spec_path, "w") as f:
-        json.dump({"common": _common(seed), "dump_root": os.path.join(tmp, f"runs{world}"), "layouts": layouts}, f)
-    if world == 1:
-        cmd = [sys.executable, DRIVER, spec_path, out_path]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--rdzv_backend", "c10d",
-               "--rdzv_endpoint", "localhost:0", DRIVER, spec_path, out_path]
-    proc = subprocess.run(cmd, cwd=launch.ROOT, env=launch._env(None), capture_output=True, text=True, timeout=600)
-    results = json.load(open(out_path)) if os.path.exists(out_path) else {}
+    spec = {"common": _common(seed), "dump_root": os.path.join(tmp, f"runs{world}"), "layouts": layouts}
+    proc, results = launch.run_parity_driver(world, spec, os.path.join(tmp, f"spec{world}.json"),
+                                             os.path.join(tmp, f"out{world}.json"))
     if proc.returncode != 0:
         missing = sorted(set(layouts) - set(results))
         results["_error"] = (f"world {world} driver failed ({proc.returncode}) before {missing}:\n"

@@ -8,15 +8,12 @@ size (parity_driver.py), since a launch costs more than a 5-step run.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.launch import DEBUG_CONFIG, ROOT, TINY, _env, make_seed_checkpoint
+from tests.launch import DEBUG_CONFIG, TINY, make_seed_checkpoint, run_parity_driver
 from torchtitan.config.job_config import JobConfig
 from torchtitan.config.manager import ConfigError
 from torchtitan.distributed.parallel_dims import ParallelDims
@@ -25,7 +22,6 @@ from torchtitan.distributed.pipeline import V_SCHEDULES, check_pipeline_config, 
 from torchtitan.models.llama3 import llama3_flavors
 
 TOL = 1e-5
-DRIVER = os.path.join(ROOT, "tests", "integration", "parity_driver.py")
 PP = ["--parallelism.pipeline_parallel_degree", "2"]
 
 
@@ -70,16 +66,9 @@ LAYOUTS = [(n, name) for n in (2, 4, 8) for name in GROUPS[n]]
 
 
 def _launch(nproc: int, layouts: dict, common: list[str], root: str) -> dict:
-    spec_path, out_path = os.path.join(root, f"spec_{nproc}.json"), os.path.join(root, f"out_{nproc}.json")
-    with open(spec_path, "w") as f:
-        json.dump({"common": common, "layouts": layouts, "dump_root": os.path.join(root, f"world{nproc}")}, f)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "localhost:0", DRIVER, spec_path, out_path]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(None), capture_output=True, text=True, timeout=120 + 60 * len(layouts))
-    results = {}
-    if os.path.exists(out_path):
-        with open(out_path) as f:
-            results = json.load(f)
+    spec = {"common": common, "layouts": layouts, "dump_root": os.path.join(root, f"world{nproc}")}
+    proc, results = run_parity_driver(nproc, spec, os.path.join(root, f"spec_{nproc}.json"),
+                                      os.path.join(root, f"out_{nproc}.json"), timeout=120 + 60 * len(layouts))
     if proc.returncode != 0:
         results["__error__"] = f"launch of {nproc} ranks failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     return results
