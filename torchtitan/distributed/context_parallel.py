@@ -52,7 +52,8 @@ def shard_sequence(inputs: torch.Tensor, labels: torch.Tensor, cp_size: int,
 
 
 # torch 2.13 renamed the differentiable all-gather (the old name warns there); torch 2.11 has only the old one.
-_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+_OLD_FUNCOL = not hasattr(funcol, "all_gather_single_autograd")
+_all_gather_autograd = funcol.all_gather_tensor_autograd if _OLD_FUNCOL else funcol.all_gather_single_autograd
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -83,7 +84,9 @@ def _exchange(x: torch.Tensor, group: dist.ProcessGroup, method: str, dim: int) 
     else:
         n = x.shape[0]
         out = funcol.all_to_all_single_autograd(x.repeat(size, *([1] * (x.dim() - 1))), [n] * size, [n] * size, group)
-    return _ContiguousGrad.apply(out).movedim(0, dim)
+    if _OLD_FUNCOL:  # torch 2.13's backwards take any layout: leave its graph as it was
+        out = _ContiguousGrad.apply(out)
+    return out.movedim(0, dim)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
