@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NGPU ?= 1
 
-.PHONY: train test test-fast install clean
+.PHONY: train test test-fast lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,10 @@ install: $(STAMP)
 train: $(STAMP)
 	NGPU=$(NGPU) ./run_train.sh
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check torchtitan scripts tests
+
+test: lint
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)

@@ -34,10 +34,10 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "8b8l_eager_sacop": (BENCH_8B, ["--compile.no-enable"], "8b8l_eager_sacop"),
     "8b8l_compile_noac": (BENCH_8B, ["--activation_checkpoint.mode", "none"], "8b8l_compile_noac"),
     "1b_compile_noac": (BENCH_1B, [], "1b_compile_noac"),
-    "8b8l_compile_noac_float8_tensorwise": (BENCH_8B, ["--activation_checkpoint.mode", "none", "--model.converters", "float8",
-                                                       "--float8.recipe_name", "tensorwise"], ""),
-    "8b8l_compile_noac_float8_rowwise": (BENCH_8B, ["--activation_checkpoint.mode", "none", "--model.converters", "float8",
-                                                    "--float8.recipe_name", "rowwise"], ""),
+    "8b8l_compile_noac_float8_tensorwise": (BENCH_8B, ["--activation_checkpoint.mode", "none", "--model.converters",
+                                                       "float8", "--float8.recipe_name", "tensorwise"], ""),
+    "8b8l_compile_noac_float8_rowwise": (BENCH_8B, ["--activation_checkpoint.mode", "none", "--model.converters",
+                                                    "float8", "--float8.recipe_name", "rowwise"], ""),
     # The loss options on the no-AC row, where activation memory is highest (compare with 8b8l_compile_noac).
     "8b8l_compile_noac_chunked_loss": (BENCH_8B, ["--activation_checkpoint.mode", "none", "--training.loss_chunk_size",
                                                   "2048"], ""),
@@ -76,7 +76,8 @@ def run_row(name: str, steps: int, skip: int, log_freq: int, extra: list[str]) -
 
 def run_baseline(anchor: str, wheels: str) -> dict[str, dict]:
     """torchtitan's own recipe, same machine, right before ours; parses its 'step:' lines."""
-    proc = subprocess.run(["bash", "run_anchor.sh", os.path.abspath(wheels)], cwd=anchor, capture_output=True, text=True)
+    proc = subprocess.run(["bash", "run_anchor.sh", os.path.abspath(wheels)], cwd=anchor, capture_output=True,
+                          text=True)
     text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)
     results, name = {}, None
     for line in text.splitlines():
@@ -88,15 +89,19 @@ def run_baseline(anchor: str, wheels: str) -> dict[str, dict]:
         mem = re.search(r"memory: ([\d.]+)GiB", line)
         if m and name:
             results.setdefault(name, []).append({"tps": float(m.group(1).replace(",", "")), "tflops": float(m.group(2)),
-                                                 "mfu": float(m.group(3)), "memory_gib": float(mem.group(1)) if mem else None})
-    return {k: {"tps": statistics.mean(r["tps"] for r in v[-2:]), "tflops": statistics.mean(r["tflops"] for r in v[-2:]),
-                "mfu": statistics.mean(r["mfu"] for r in v[-2:]), "memory_gib": v[-1]["memory_gib"]} for k, v in results.items()}
+                                                 "mfu": float(m.group(3)),
+                                                 "memory_gib": float(mem.group(1)) if mem else None})
+    return {k: {"tps": statistics.mean(r["tps"] for r in v[-2:]),
+                "tflops": statistics.mean(r["tflops"] for r in v[-2:]),
+                "mfu": statistics.mean(r["mfu"] for r in v[-2:]), "memory_gib": v[-1]["memory_gib"]}
+            for k, v in results.items()}
 
 
 def cmd_rows(args) -> None:
     baseline = run_baseline(args.baseline, args.wheels) if args.baseline else {}
     names = args.rows.split(",")
-    print(f"{'row':40s} {'tok/s':>10s} {'TFLOP/s':>8s} {'MFU':>7s} {'mem GiB':>8s} {'data%':>6s} {'vs tt':>7s} {'tt tok/s':>9s}")
+    print(f"{'row':40s} {'tok/s':>10s} {'TFLOP/s':>8s} {'MFU':>7s} {'mem GiB':>8s} {'data%':>6s} {'vs tt':>7s} "
+          f"{'tt tok/s':>9s}")
     for name in names:
         r = run_row(name, args.steps, args.skip, args.log_freq, args.extra or [])
         if "error" in r:
@@ -105,7 +110,8 @@ def cmd_rows(args) -> None:
         tt = baseline.get(ROWS[name][2]) if ROWS[name][2] else None
         ratio = f"{r['tps'] / tt['tps']:.3f}x" if tt else "-"
         mfu = f"{r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{name:40s} {r['tps']:10,.0f} {r['tflops']:8.1f} {mfu:>7s} {r['memory_gib']:8.2f} {r['data_wait_pct']:6.2f} "
+        print(f"{name:40s} {r['tps']:10,.0f} {r['tflops']:8.1f} {mfu:>7s} {r['memory_gib']:8.2f} "
+              f"{r['data_wait_pct']:6.2f} "
               f"{ratio:>7s} {tt['tps'] if tt else 0:9,.0f}")
     print(f"(steps {args.steps}, averaged over logged steps > {args.skip}; same machine, one run after the other)")
 
@@ -114,14 +120,14 @@ def cmd_overhead(args) -> None:
     """Our train_step on one process vs the plainest PyTorch loop: same model, batch, optimizer, data in memory."""
     import torch
 
-    from torchtitan.components.checkpoint import TrainState  # noqa: F401 - import cost is not measured
     from torchtitan.components.loss import cross_entropy_sum
-    from torchtitan.components.metrics import MetricsLogger
-    from torchtitan.components.train_step import TrainContext, train_step
+    from torchtitan.components.lr_scheduler import build_lr_schedulers
+    from torchtitan.components.optimizer import build_optimizers
     from torchtitan.config import load_config
     from torchtitan.distributed.parallel_dims import ParallelDims
     from torchtitan.models import get_train_spec
-    from torchtitan.config.preflight import build_model_args
+    from torchtitan.trainer.preflight import build_model_args
+    from torchtitan.trainer.step import ModelRunner, NonFiniteGuard, train_step
 
     torch.set_num_threads(args.threads)
     cfg = load_config(["--training.seq_len", str(args.seq_len), "--training.local_batch_size", str(args.batch),
@@ -132,19 +138,21 @@ def cmd_overhead(args) -> None:
 
     def fresh():
         torch.manual_seed(0)
-        m = spec.model_cls(margs)
+        m = spec.build_model(margs)
         m.init_weights()
         return m
 
     def plain(n):
         model = fresh()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        # The kernel the trainer picks by default (optimizer.implementation = auto).
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                                fused=True)
         times = []
         for i in range(n):
             t0 = time.perf_counter()
             b = batches[i % len(batches)]
             logits = model(b[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten()) 
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             opt.step()
@@ -155,17 +163,16 @@ def cmd_overhead(args) -> None:
     def ours(n):
         model = fresh()
         dims = ParallelDims.from_config(cfg.parallelism, 1)
-        opts = spec.build_optimizers_fn([model], cfg.optimizer, "cpu")
-        scheds = spec.build_lr_schedulers_fn(opts, cfg.lr_scheduler, cfg.training.steps)
-        ctx = TrainContext(cfg=cfg, dims=dims, mesh=None, model_parts=[model], pp_schedule=None, has_first=True,
-                           has_last=True, device=torch.device("cpu"), loss_fn=lambda lg, lb: cross_entropy_sum(lg, lb),
-                           optimizers=opts, lr_schedulers=scheds)
-        metrics = MetricsLogger(cfg.metrics, "/tmp", 0, "cpu", 1.0, 1, cfg.training.steps, write_files=False)
-        data = ((({"input": b[:, :-1]}), b[:, 1:]) for i in range(10**9) for b in [batches[i % len(batches)]])
+        opts = build_optimizers([model], cfg.optimizer, "cpu")
+        scheds = build_lr_schedulers(opts, cfg.lr_scheduler, cfg.training.steps)
+        runner = ModelRunner([model], lambda lg, lb: cross_entropy_sum(lg, lb), torch.device("cpu"))
+        guard = NonFiniteGuard()
         times = []
         for i in range(n):
             t0 = time.perf_counter()
-            train_step(ctx, data, metrics)
+            b = batches[i % len(batches)]
+            train_step(runner, [(b[:, :-1], b[:, 1:])], dims=dims, optimizers=opts, lr_schedulers=scheds, guard=guard,
+                       step=i + 1, max_norm=cfg.training.max_norm)
             times.append(time.perf_counter() - t0)
         return times
 
@@ -175,7 +182,8 @@ def cmd_overhead(args) -> None:
         plain_t += plain(args.steps)[args.warmup:]
         ours_t += ours(args.steps)[args.warmup:]
     p, o = statistics.median(plain_t), statistics.median(ours_t)
-    print(f"debug model, batch {args.batch} x seq {args.seq_len}, {args.threads} threads, median of {len(plain_t)} steps")
+    print(f"debug model, batch {args.batch} x seq {args.seq_len}, {args.threads} threads, median of {len(plain_t)} "
+          "steps")
     print(f"minimal loop: {p * 1000:.1f} ms/step   trainer: {o * 1000:.1f} ms/step   ratio {o / p:.3f}")
 
 
@@ -192,7 +200,8 @@ def cmd_data(args) -> None:
         tok = build_tokenizer(args.tokenizer or DEFAULT_TOKENIZER, backend)
         best = 0.0
         for _ in range(3):
-            ds = PackedWindows(src, lambda t: tok.encode_batch(t, bos=True, eos=True), 2048, 1, 0, 1, infinite=True)
+            ds = PackedWindows(src, lambda t, tok=tok: tok.encode_batch(t, bos=True, eos=True), 2048, 1, 0, 1,
+                               infinite=True)
             it = iter(ds)
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < args.seconds:
@@ -210,8 +219,7 @@ def _loss_variant(variant: str, tokens: int, dim: int, vocab: int, chunk: int, d
     import torch
     import torch.nn.functional as F
 
-    from torchtitan.components.fused_loss import linear_cross_entropy_sum
-    from torchtitan.components.loss import chunked_cross_entropy_sum, cross_entropy_sum
+    from torchtitan.components.loss import chunked_cross_entropy_sum, cross_entropy_sum, linear_cross_entropy_sum
 
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)

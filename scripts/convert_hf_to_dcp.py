@@ -3,18 +3,27 @@
 
     python scripts/convert_hf_to_dcp.py HF_DIR OUT_DIR [--dtype keep|float32|bfloat16|float16] [--model NAME]
 
-Llama (model_type llama), OLMo and OLMo 2. Model args come from config.json; names and the q/k rotary permutation from the
-model's state_dict_adapter. OUT_DIR holds {"model": ...} in plain DCP plus a
-.complete marker (with the model args), usable as checkpoint.initial_load_path or
-as step-0 of a run. (The trainer can also read HF folders directly:
-checkpoint.initial_load_path = HF_DIR.)
+Llama (model_type llama), OLMo and OLMo 2: the family comes from config.json's
+model_type, the model args from the rest of it, names and the q/k rotary
+permutation from the family's adapter. OUT_DIR holds {"model": ...} in plain DCP
+plus a .complete marker (family, flavor, model args), usable as
+checkpoint.initial_load_path or as step-0 of a run. (The trainer can also read HF
+folders directly: checkpoint.initial_load_path = HF_DIR.)
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 from _checkpoint_cli import DTYPE_CHOICES, main_guard, parse_dtype
+
+from torchtitan.checkpoint.formats.hf import (
+    hf_native_shapes,
+    hf_tied,
+    model_from_hf_config,
+    read_hf_as_native,
+    read_hf_config,
+)
+from torchtitan.checkpoint.io import check_fits, expected_shapes, marker_info, write_model_checkpoint
 
 
 def main() -> int:
@@ -25,25 +34,17 @@ def main() -> int:
     p.add_argument("--model", default=None, help="train spec name (default: from config.json's model_type)")
     a = p.parse_args()
 
-    from torchtitan.components.checkpoint_io import (
-        check_fits, expected_shapes, model_args_to_dict, write_model_checkpoint)
-    from torchtitan.components.hf_checkpoint import (
-        hf_native_shapes, hf_to_native, model_from_hf_config, read_hf_config, read_hf_state_dict)
-
-    cfg = read_hf_config(a.hf_dir)
-    spec, args, flavor = model_from_hf_config(cfg, a.hf_dir, a.model)
-    adapter = spec.state_dict_adapter(args)
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    have = hf_native_shapes(a.hf_dir, adapter)
-    check_fits(a.hf_dir, have, expected_shapes(args, spec.model_cls), what="HF checkpoint", union_across_ranks=False,
+    model = model_from_hf_config(read_hf_config(a.hf_dir), a.hf_dir, a.model)
+    adapter = model.spec.adapter(model.args)
+    check_fits(a.hf_dir, hf_native_shapes(a.hf_dir, adapter), expected_shapes(model.spec, model.args),
+               what="HF checkpoint", union_across_ranks=False,
                hint="; config.json and the weights disagree, or tensors are missing")
-    sd = hf_to_native(read_hf_state_dict(a.hf_dir, dtype=parse_dtype(a.dtype)), adapter, a.hf_dir, tied)
-    info = {"step": 0, "kind": "converted", "source": a.hf_dir, "format": "hf", "model": spec.name, "time": time.time(),
-            "world_size": 1, "model_args": model_args_to_dict(args)}
-    write_model_checkpoint(sd, a.out_dir, info)
+    sd = read_hf_as_native(a.hf_dir, adapter, dtype=parse_dtype(a.dtype))
+    write_model_checkpoint(sd, a.out_dir, marker_info(0, "converted", model, source=a.hf_dir, format="hf"))
+    untied = hf_tied(a.hf_dir) and not model.args.tie_word_embeddings
     print(f"wrote {a.out_dir}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} parameters; "
-          f"model.flavor {flavor or '(none matches: add a flavor with these args)'}"
-          + ("; tied embeddings were untied (output.weight = a copy)" if tied and not args.tie_word_embeddings else ""))
+          f"model.name {model.name}, model.flavor {model.flavor or '(none matches: add a flavor with these args)'}"
+          + ("; tied embeddings were untied (output.weight = a copy)" if untied else ""))
     return 0
 
 

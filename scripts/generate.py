@@ -16,15 +16,31 @@ import argparse
 import json
 import os
 
+import torch
 from _checkpoint_cli import ROOT, add_model_flags, main_guard, resolve_model
+
+from torchtitan.checkpoint import CheckpointError, ModelInfo, ModelWrapper
+from torchtitan.checkpoint.formats.hf import hf_native_shapes, load_hf_into_model, model_from_hf_config, read_hf_config
+from torchtitan.checkpoint.io import (
+    MARKER,
+    check_fits,
+    load_model_from_dcp,
+    model_shapes,
+    read_dcp_metadata,
+    read_marker,
+    state_shapes,
+)
+from torchtitan.components.tokenizer import build_tokenizer
+from torchtitan.config import load_config
+from torchtitan.models.common.adapter import StateDictAdapter
+from torchtitan.tools.device import detect_device_type, local_device
+from torchtitan.tools.errors import ConfigError
 
 DEFAULT_TOKENIZER = os.path.join(ROOT, "torchtitan", "assets", "tokenizer")
 
 
 def sample_next(logits, temperature: float, top_k: int, top_p: float, generator):
     """Next token id from the last position's logits (1-D)."""
-    import torch
-
     if temperature <= 0:
         return int(torch.argmax(logits))
     logits = logits.float() / temperature
@@ -41,8 +57,6 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator)
 
 
 def checkpoint_kind(path: str) -> str:
-    from torchtitan.components.checkpoint_io import CheckpointError
-
     if os.path.isfile(path):
         return "pt"
     if not os.path.isdir(path):
@@ -52,28 +66,21 @@ def checkpoint_kind(path: str) -> str:
         return "dcp"
     if any(f.endswith(".safetensors") for f in files):
         return "hf"
-    raise CheckpointError(f"checkpoint {path} is neither a DCP folder (.metadata), an HF folder (*.safetensors) nor a .pt file")
+    raise CheckpointError(f"checkpoint {path} is neither a DCP folder (.metadata), an HF folder (*.safetensors) nor a "
+                          ".pt file")
 
 
-def model_args_for(a, kind: str):
-    from torchtitan.components.checkpoint_io import MARKER, read_marker
-
+def model_for(a, kind: str) -> ModelInfo:
+    """--config/--flavor if given, else what the checkpoint says about itself (HF config.json or our marker)."""
     if kind == "hf" and not (a.config or a.flavor):
-        from torchtitan.components.hf_checkpoint import model_from_hf_config, read_hf_config
-
-        spec, args, _ = model_from_hf_config(read_hf_config(a.checkpoint), a.checkpoint, a.model)
-        return spec, args
+        return model_from_hf_config(read_hf_config(a.checkpoint), a.checkpoint, a.model)
     marker = {}
     if kind == "dcp" and os.path.isfile(os.path.join(a.checkpoint, MARKER)):
         marker = read_marker(a.checkpoint)
-    return resolve_model(a, marker)
+    return resolve_model(a, marker, a.checkpoint)
 
 
 def _read_pt(path: str) -> dict:
-    import torch
-
-    from torchtitan.components.checkpoint_io import CheckpointError
-
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -83,32 +90,23 @@ def _read_pt(path: str) -> dict:
     return {k: v for k, v in sd.items() if k != "rope.freqs"}
 
 
-def check_checkpoint_fits(model, path: str, kind: str, adapter) -> None:
+def check_checkpoint_fits(model, path: str, kind: str, adapter: StateDictAdapter) -> None:
     """Shapes from headers/metadata against the model still on the meta device: a wrong flavor fails
     before gigabytes are allocated."""
-    from torchtitan.components.checkpoint_io import check_fits, model_shapes, read_dcp_metadata, state_shapes
-
     want = state_shapes(model.state_dict())
     if kind == "dcp":
         have, what = model_shapes(read_dcp_metadata(path)), "checkpoint"
     elif kind == "hf":
-        from torchtitan.components.hf_checkpoint import hf_native_shapes
-
         have, what = hf_native_shapes(path, adapter), "HF checkpoint"
     else:
         have, what = state_shapes(_read_pt(path)), ".pt checkpoint"
     check_fits(path, have, want, what=what, union_across_ranks=False)
 
 
-def load_weights(model, path: str, kind: str, adapter) -> None:
-    from torchtitan.components.checkpoint import ModelWrapper
-    from torchtitan.components.checkpoint_io import load_model_from_dcp
-
+def load_weights(model, path: str, kind: str, adapter: StateDictAdapter) -> None:
     if kind == "dcp":
         load_model_from_dcp(path, model.state_dict())  # the state dict's tensors alias the parameters
     elif kind == "hf":
-        from torchtitan.components.hf_checkpoint import load_hf_into_model
-
         load_hf_into_model(ModelWrapper([model]), adapter, path)
     else:
         model.load_state_dict(_read_pt(path), strict=True)
@@ -131,28 +129,22 @@ def main() -> int:
     add_model_flags(p)
     a = p.parse_args()
 
-    import torch
-
-    from torchtitan.components.tokenizer import build_tokenizer
-
     kind = checkpoint_kind(a.checkpoint)
-    spec, args = model_args_for(a, kind)
+    info = model_for(a, kind)
+    spec, args = info.spec, info.args
     tok_path = a.tokenizer
     if tok_path is None and a.config:
-        from torchtitan.config import load_config
-
         tok_path = load_config(["--job.config_file", a.config], env={}).model.tokenizer_path or None
     tokenizer = build_tokenizer(tok_path or DEFAULT_TOKENIZER)
     ids = ([int(x) for x in a.prompt_ids.split(",") if x.strip()] if a.prompt_ids is not None
            else tokenizer.encode(a.prompt, bos=True, eos=False))
     if not ids or max(ids) >= args.vocab_size or min(ids) < 0:
-        raise ValueError(f"prompt ids must be non-empty and in [0, {args.vocab_size})")
+        raise ConfigError(f"prompt ids must be non-empty and in [0, {args.vocab_size})")
     args.max_seq_len = max(args.max_seq_len, len(ids) + a.max_new_tokens)
 
-    device = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TORCHTITAN_FORCE_CPU") != "1" else "cpu")
-    with torch.device("meta"):
-        model = spec.model_cls(args)
-    adapter = spec.state_dict_adapter(args) if spec.state_dict_adapter else None
+    device = local_device(detect_device_type())
+    model = spec.build_meta_model(args)
+    adapter = spec.adapter(args)
     check_checkpoint_fits(model, a.checkpoint, kind, adapter)
     model.to_empty(device=device)
     model.init_weights(buffer_device=device)  # also builds the RoPE table, which checkpoints never hold

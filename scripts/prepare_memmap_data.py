@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(info, f, indent=1)
     print(f"{n_docs} documents -> {info['tokens']:,} tokens in {len(writer.paths)} file(s) under {args.out_dir}")
     print(f"dtype {dtype}; EOS id {eos} appended after every document (no BOS)")
-    print("train on it with:\n[training]\ndataset = \"memmap\"\nmemmap_dtype = \"%s\"\nmemmap_paths = [%s]" %
-          (dtype, ", ".join(json.dumps(os.path.abspath(p)) for p in writer.paths)))
+    paths = ", ".join(json.dumps(os.path.abspath(p)) for p in writer.paths)
+    print(f"train on it with:\n[training]\ndataset = \"memmap\"\nmemmap_dtype = \"{dtype}\"\nmemmap_paths = [{paths}]")
     return 0
 
 

@@ -61,7 +61,8 @@ def run_parity_driver(world: int, spec: dict, spec_path: str, out_path: str,
 
 
 def run_python(args: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(env), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def read_metrics(dump_folder: str) -> list[dict]:

@@ -1,9 +1,11 @@
 """The life of a job: config -> mesh -> train spec -> data -> model -> parallelize -> loop.
 
 Run through `run_train.sh` (torchrun) or `python -m torchtitan.train --job.config_file ...`.
+docs/architecture.md walks through this file and the layers below it.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -12,19 +14,28 @@ import time
 
 import torch
 
-from torchtitan.components.checkpoint import CheckpointError, CheckpointManager, ModelWrapper, TrainState
-from torchtitan.components.fused_loss import fuse_output_into_loss
+from torchtitan.checkpoint import CheckpointManager, ModelInfo, ModelWrapper
+from torchtitan.components.dataloader import build_dataloader
+from torchtitan.components.float8 import convert_to_float8, precompute_float8_scales
+from torchtitan.components.loss import build_loss_fn, fuse_output_into_loss
+from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.metrics import MetricsLogger
-from torchtitan.components.tokenizer import check_vocab_fits
-from torchtitan.config import ConfigError, JobConfig, load_config, to_toml
-from torchtitan.distributed import utils as dist_utils
+from torchtitan.components.optimizer import build_optimizers
+from torchtitan.components.profiling import Profiler
+from torchtitan.components.tokenizer import build_tokenizer, check_vocab_fits
+from torchtitan.config import JobConfig, load_config, to_toml
 from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.pipeline import build_pipeline
+from torchtitan.distributed.utils import init_distributed, set_determinism, set_pg_timeout
 from torchtitan.models import get_train_spec
+from torchtitan.models.common.parallelize import parallelize_decoder
 from torchtitan.tools.device import detect_device_type, local_device
+from torchtitan.tools.errors import UserError
 from torchtitan.tools.logging import init_logging
-from torchtitan.tools.profiling import Profiler
-from torchtitan.components.train_step import NonFiniteLoss, TrainContext, train_step
-from torchtitan.config.preflight import build_model_args, compile_loss_enabled, preflight
+from torchtitan.trainer.dry_run import dry_run, rank_memory_line
+from torchtitan.trainer.preflight import build_model_args, compile_loss_enabled, preflight
+from torchtitan.trainer.state import TrainState
+from torchtitan.trainer.step import ModelRunner, NonFiniteGuard, global_mean_loss, train_step
 
 logger = logging.getLogger("torchtitan")
 DEFAULT_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tokenizer")
@@ -33,90 +44,101 @@ DEFAULT_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tokenizer
 def train(cfg: JobConfig) -> list[dict]:
     device_type = detect_device_type()
     fake = cfg.comm.mode == "fake_backend"
-    rank, world = dist_utils.init_distributed(device_type, cfg.comm.init_timeout_seconds, fake=fake)
+    rank, world = init_distributed(device_type, cfg.comm.init_timeout_seconds, fake=fake)
     device = torch.device("meta") if fake else local_device(device_type)
     dims = ParallelDims.from_config(cfg.parallelism, world)
-    mesh = dims.build_mesh("cpu" if fake else device_type) if world > 1 or fake else None
+    if world > 1 or fake:
+        dims.build_mesh("cpu" if fake else device_type)
     spec = get_train_spec(cfg.model.name)
     model_args = build_model_args(spec, cfg, device_type)
+    float8 = "float8" in cfg.model.converters
+    parallelize = functools.partial(
+        parallelize_decoder, dims=dims, parallelism=cfg.parallelism, training=cfg.training,
+        activation_checkpoint=cfg.activation_checkpoint, compile=cfg.compile, device_type=device_type,
+        convert=functools.partial(convert_to_float8, cfg=cfg.float8) if float8 else None)
     if fake:
-        from torchtitan.tools.dry_run import dry_run
+        return dry_run(spec.build_meta_model(model_args), dims, cfg, parallelize)
 
-        return dry_run(spec, model_args, dims, cfg)
+    tokenizer_path = cfg.model.tokenizer_path or DEFAULT_TOKENIZER
+    tokenizer = build_tokenizer(tokenizer_path, cfg.model.tokenizer_backend)
+    check_vocab_fits(tokenizer, model_args.vocab_size, tokenizer_path)
+    dataloader = build_dataloader(cfg.training, tokenizer, dims.local_rank("dp"), dims.dp, cfg.job.dump_folder)
 
-    tokenizer = spec.build_tokenizer_fn(cfg.model.tokenizer_path or DEFAULT_TOKENIZER, cfg.model.tokenizer_backend)
-    check_vocab_fits(tokenizer, model_args.vocab_size, cfg.model.tokenizer_path or DEFAULT_TOKENIZER)
-    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-    dataloader = spec.build_dataloader_fn(cfg.training, tokenizer, dp_rank, dims.dp, cfg.job.dump_folder)
-
-    # Build on the meta device: no memory until parallelisms have decided what each rank holds.
-    dist_utils.set_determinism(cfg.training.seed if cfg.training.seed is not None else 0, cfg.training.deterministic)
-    with torch.device("meta"):
-        model = spec.model_cls(model_args)
-    if cfg.training.fused_output_loss:
-        fuse_output_into_loss(model)  # the loss applies the output weight, chunk by chunk
+    set_determinism(cfg.training.seed if cfg.training.seed is not None else 0, cfg.training.deterministic)
+    model = spec.build_meta_model(model_args)
+    num_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.training.seq_len)
     compile_loss = compile_loss_enabled(cfg, dims.tp)
     if cfg.compile.enable and "loss" in cfg.compile.components and not compile_loss:
-        logger.info("compile: the loss stays eager under tensor-parallel loss_parallel (see config/preflight.py)")
-    loss_fn = spec.build_loss_fn(cfg.training, compile_loss)
-    loss_scale = [1.0]  # train_step writes each step's global scale here; the pipeline loss reads it
+        logger.info("compile: the loss stays eager under tensor-parallel loss_parallel (see trainer/preflight.py)")
+    loss_fn = build_loss_fn(cfg.training, compile_loss)
+    if cfg.training.fused_output_loss:
+        fuse_output_into_loss(model)  # the loss applies the output weight, chunk by chunk
+    pipeline = None
     if dims.pp_enabled:
-        pp_schedule, model_parts, has_first, has_last = spec.pipelining_fn(
-            model, dims, cfg, device, spec.parallelize_fn, loss_fn=loss_fn, loss_scale=loss_scale)
-    else:
-        model_parts, pp_schedule, has_first, has_last = [spec.parallelize_fn(model, dims, cfg, device_type)], None, True, True
-    for part in model_parts:
+        pipeline = build_pipeline(model, dims=dims, parallelism=cfg.parallelism,
+                                  local_batch_size=cfg.training.local_batch_size, device=device,
+                                  parallelize=parallelize, loss_fn=loss_fn)
+    parts = pipeline.parts if pipeline is not None else [parallelize(model)]
+    for part in parts:
         part.to_empty(device=device)
         part.init_weights(buffer_device=device)
         part.train()
-    if cfg.training.fused_output_loss and has_last:
-        loss_fn.head = next(p.output for p in model_parts if getattr(p, "output", None) is not None)
+    if cfg.training.fused_output_loss and any(part.output is not None for part in parts):
+        loss_fn.head = next(part.output for part in parts if part.output is not None)
     if cfg.memory_estimation.enabled:
-        from torchtitan.tools.dry_run import rank_memory_line
+        logger.info(rank_memory_line(parts, dims, cfg))
 
-        logger.info(rank_memory_line(model_parts, dims, cfg))
-
-    optimizers = spec.build_optimizers_fn(model_parts, cfg.optimizer, device_type)
-    lr_schedulers = spec.build_lr_schedulers_fn(optimizers, cfg.lr_scheduler, cfg.training.steps)
+    optimizers = build_optimizers(parts, cfg.optimizer, device_type)
+    lr_schedulers = build_lr_schedulers(optimizers, cfg.lr_scheduler, cfg.training.steps)
     state = TrainState()
     checkpoint = CheckpointManager(
         cfg.checkpoint, cfg.job.dump_folder,
-        {"model": ModelWrapper(model_parts), "optimizer": optimizers, "lr_scheduler": lr_schedulers,
+        {"model": ModelWrapper(parts), "optimizer": optimizers, "lr_scheduler": lr_schedulers,
          "dataloader": dataloader, "train_state": state},
-        cfg.training.steps, model_adapter=spec.state_dict_adapter and spec.state_dict_adapter(model_args))
+        cfg.training.steps, model=ModelInfo(cfg.model.name, cfg.model.flavor, model_args))
     if cfg.checkpoint.create_seed_checkpoint:
         checkpoint.save_seed()
         return []
     state.step = checkpoint.load()
 
-    ctx = TrainContext(cfg=cfg, dims=dims, mesh=mesh, model_parts=model_parts, pp_schedule=pp_schedule,
-                       has_first=has_first, has_last=has_last, device=device,
-                       loss_fn=loss_fn, optimizers=optimizers, lr_schedulers=lr_schedulers, loss_scale=loss_scale)
-    metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, rank, device_type, model_args.flops_per_token(cfg.training.seq_len),
-                            world, cfg.training.steps, write_files=(rank == 0))
-    logger.info(f"{cfg.model.name} {cfg.model.flavor}: {model_args.num_params(False):,} params, {dims.describe()}, "
-                f"device {device_type}, steps {state.step + 1}..{cfg.training.steps}")
+    runner = ModelRunner(parts, loss_fn, device, pipeline, cp_mesh=dims.mesh["cp"] if dims.cp_enabled else None,
+                         loss_parallel=dims.tp_enabled and not cfg.parallelism.disable_loss_parallel)
+    after_update = functools.partial(precompute_float8_scales, parts, cfg.float8) if float8 else None
+    t = cfg.training
+    accumulation = 1 if t.global_batch_size <= 0 else t.global_batch_size // (t.local_batch_size * dims.dp)
+    global_tokens = t.local_batch_size * dims.dp * accumulation * t.seq_len
+    metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, rank, device_type, flops_per_token, world,
+                            t.steps, write_files=(rank == 0))
+    logger.info(f"{cfg.model.name} {cfg.model.flavor}: {num_params:,} params, {dims.describe()}, "
+                f"device {device_type}, steps {state.step + 1}..{t.steps}")
 
     profiler = Profiler(cfg.profiling, cfg.job.dump_folder, rank, device_type, state.step)
+    guard = NonFiniteGuard()
     gc.disable()  # collect on a schedule, so no rank stalls at a random step
     data_iter = iter(dataloader)
     records = []
-    while state.step < cfg.training.steps:
+    while state.step < t.steps:
         state.step += 1
-        if state.step % cfg.training.gc_freq == 0:
+        if state.step % t.gc_freq == 0:
             gc.collect(1)
-        result = train_step(ctx, data_iter, metrics)
+        t0 = time.perf_counter()
+        batches = [(batch["input"], labels) for batch, labels in (next(data_iter) for _ in range(accumulation))]
+        metrics.add_data_time(time.perf_counter() - t0)
+        out = train_step(runner, batches, dims=dims, optimizers=optimizers, lr_schedulers=lr_schedulers,
+                         guard=guard, step=state.step, max_norm=t.max_norm, after_update=after_update)
+        metrics.add_step(global_tokens)
+        state.tokens_seen += global_tokens
         profiler.step(state.step)
-        state.tokens_seen += result.global_tokens
         if metrics.should_log(state.step):
-            rec = result.log(state.step, metrics, lr_schedulers.get_last_lr())
-            records.append(rec)
-        last = state.step == cfg.training.steps
+            loss = global_mean_loss(out, dims)
+            guard.check()
+            records.append(metrics.log(state.step, loss, float(out.grad_norm), lr_schedulers.get_last_lr()))
+        last = state.step == t.steps
         if checkpoint.should_save(state.step, last):
-            result.check_finite(state.step)  # never write a checkpoint of NaN weights
+            guard.check()  # never write a checkpoint of weights that a non-finite step reached
             checkpoint.save(state.step, last=last)
         if state.step == 1:
-            dist_utils.set_pg_timeout(cfg.comm.train_timeout_seconds)
+            set_pg_timeout(cfg.comm.train_timeout_seconds)
     checkpoint.close()
     metrics.close()
     profiler.close()
@@ -126,6 +148,7 @@ def train(cfg: JobConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """User errors (config, files, data, divergence) are one line and a non-zero exit; bugs keep their traceback."""
     init_logging()
     try:
         cfg = load_config(argv)
@@ -133,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             print(to_toml(cfg))
             return 0
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    except (ConfigError, ValueError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         train(cfg)
-    except (CheckpointError, ConfigError, ValueError, NonFiniteLoss) as e:
+    except UserError as e:
         logger.error(f"error: {e}")
         return 1
     finally:

@@ -25,9 +25,9 @@ def main(spec_path: str, out_path: str) -> None:
     import torch.distributed as dist
 
     from torchtitan.config import load_config
-    from torchtitan.config.preflight import preflight
     from torchtitan.tools.logging import init_logging
     from torchtitan.train import train
+    from torchtitan.trainer.preflight import preflight
 
     init_logging()
     with open(spec_path) as f:

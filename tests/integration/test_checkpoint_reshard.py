@@ -29,8 +29,8 @@ from tests.integration.checkpoint_helpers import make_tiny_hf, run_layouts
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
 COMMON = [*launch.TINY, "--training.steps", "6", "--checkpoint.enable_checkpoint", "--checkpoint.interval", "2",
-          "--checkpoint.keep_latest_k", "0", "--checkpoint.last_save_model_only", "false", "--metrics.enable_jsonl=false",
-          "--comm.train_timeout_seconds", "60"]
+          "--checkpoint.keep_latest_k", "0", "--checkpoint.last_save_model_only", "false",
+          "--metrics.enable_jsonl=false", "--comm.train_timeout_seconds", "60"]
 SEED_COMMAND = ["--checkpoint.enable_checkpoint", "--checkpoint.create_seed_checkpoint",
                 "--training.data_parallel_replicate_degree", "1", "--training.data_parallel_shard_degree", "1",
                 "--training.tensor_parallel_degree", "1", "--experimental.pipeline_parallel_degree", "1",
@@ -62,7 +62,8 @@ def runs(tmp_path_factory) -> dict:
         _copy_step(seed_dump, 0, os.path.join(tmp, name, "seed"))
     _copy_step(os.path.join(tmp, "w4", "ref"), 2, os.path.join(tmp, "w2", "resume"))
     w2 = run_layouts(tmp, 2, COMMON, {"seed": ["--training.local_batch_size", "2", "--training.steps", "1"],
-                                      "resume": ["--training.local_batch_size", "2", "--checkpoint.async_mode", "async"],
+                                      "resume": ["--training.local_batch_size", "2",
+                                                 "--checkpoint.async_mode", "async"],
                                       "hf": ["--training.local_batch_size", "2", *from_hf]},
                      "w2")
     _copy_step(os.path.join(tmp, "w2", "resume"), 4, os.path.join(tmp, "w1", "resume"))

@@ -137,9 +137,9 @@ def test_sigkill_between_checkpoints_then_resume_is_bitwise(tmp_path):
     assert int(full_pt["train_state"]["step"]) == 8
 
     # The .pt loads into our (Meta-named) model with the same logits as loading the DCP folder.
-    from torchtitan.components.checkpoint_io import load_model_from_dcp
+    from torchtitan.checkpoint.io import load_model_from_dcp
+    from torchtitan.models.common.decoder import Decoder as Transformer
     from torchtitan.models.llama3 import llama3_flavors
-    from torchtitan.models.llama3.model import Transformer
 
     def fresh():
         m = Transformer(llama3_flavors["debugmodel"])

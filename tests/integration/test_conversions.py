@@ -15,9 +15,9 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.integration.checkpoint_helpers import CONFIG, make_tiny_hf, run_layouts, script
 from tests.launch import TINY
-from torchtitan.components.checkpoint_io import MARKER, load_model_from_dcp
-from torchtitan.models.llama3 import llama3_flavors
-from torchtitan.models.llama3.model import LlamaModelArgs, Transformer
+from torchtitan.checkpoint.io import MARKER, load_model_from_dcp
+from torchtitan.models.common.decoder import Decoder as Transformer
+from torchtitan.models.llama3 import LlamaModelArgs, llama3_flavors
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -101,23 +101,23 @@ def test_other_families_round_trip_through_their_adapters(tmp_path, family):
     spec = get_train_spec(family)
     args = spec.flavors["debugmodel"]
     torch.manual_seed(0)
-    model = spec.model_cls(args)
+    model = spec.build_model(args)
     model.init_weights(buffer_device="cpu")
-    adapter = spec.state_dict_adapter(args)
+    adapter = spec.adapter(args)
     src, dcp_dir, back = tmp_path / "hf", tmp_path / "dcp", tmp_path / "back"
     src.mkdir()
     save_file({k: v.contiguous() for k, v in adapter.to_hf(model.state_dict()).items()}, src / "model.safetensors",
               metadata={"format": "pt"})
     (src / "config.json").write_text(json.dumps(adapter.hf_config()))
     assert "model.flavor debugmodel" in ok(script("convert_hf_to_dcp.py", src, dcp_dir))
-    fresh = spec.model_cls(args)
+    fresh = spec.build_model(args)
     fresh.init_weights(buffer_device="cpu")
     load_model_from_dcp(str(dcp_dir), fresh.state_dict())
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
     ok(script("convert_dcp_to_hf.py", dcp_dir, back))  # family and args from the marker
     a, b = hf_tensors(src), hf_tensors(back)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((back / "config.json").read_text())["model_type"] == adapter.model_type
+    assert json.loads((back / "config.json").read_text())["model_type"] == adapter.hf_model_type
 
 
 def _meta_split(sd: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
@@ -169,7 +169,7 @@ def test_meta_shards_to_dcp_to_pt_bitwise(tmp_path):
 
 
 def test_every_parameter_has_a_meta_layout_rule():
-    from torchtitan.components.meta_checkpoint import SHARD_DIM
+    from torchtitan.checkpoint.formats.meta import SHARD_DIM
 
     with torch.device("meta"):
         keys = Transformer(llama3_flavors["debugmodel"]).state_dict().keys()
@@ -178,7 +178,7 @@ def test_every_parameter_has_a_meta_layout_rule():
 
 
 def test_meta_llama2_embedding_is_split_on_dim_1():
-    from torchtitan.components.meta_checkpoint import merge_shards
+    from torchtitan.checkpoint.formats.meta import merge_shards
 
     emb = torch.randn(10, 8)
     shards = [{"tok_embeddings.weight": emb[:, :4], "norm.weight": torch.ones(8)},
@@ -212,7 +212,8 @@ def test_conversion_errors_are_clear_and_write_nothing(tmp_path, hf_sharded):
     save_file(sd, broken / "model.safetensors", metadata={"format": "pt"})
     (broken / "config.json").write_text((src / "config.json").read_text())
     fails(script("convert_hf_to_dcp.py", broken, tmp_path / "o1", subprocess=True),
-          r"HF checkpoint .*hf_missing does not fit this model: 1 model tensor\(s\) missing .*layers\.3\.feed_forward\.w2\.weight")
+          r"HF checkpoint .*hf_missing does not fit this model: 1 model tensor\(s\) missing "
+          r".*layers\.3\.feed_forward\.w2\.weight")
     assert not (tmp_path / "o1").exists()
 
     # Sharded HF folder with a shard file gone.

@@ -27,7 +27,8 @@ def test_greedy_matches_transformers_from_hf_dcp_and_pt(tmp_path):
     hf_dir, dcp_dir, pt = tmp_path / "hf", tmp_path / "dcp", tmp_path / "model.pt"
     hf = make_tiny_hf(str(hf_dir))
     with torch.no_grad():
-        want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[0, len(PROMPT):]
+        want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW,
+                           do_sample=False)[0, len(PROMPT):]
     want = want.tolist()
 
     assert script("convert_hf_to_dcp.py", hf_dir, dcp_dir).returncode == 0

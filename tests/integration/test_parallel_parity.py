@@ -43,14 +43,16 @@ LAYOUTS: dict[str, tuple[int, list[str], str, float]] = {
     "single_bs8": (1, _bs(8), "single_bs8", 0.0),
     "single_zloss": (1, _bs(4) + ZLOSS, "single_zloss", 0.0),
     "fsdp2": (2, FSDP + _bs(2), "single", LOSS_TOL),
-    "fsdp2_reshard_never": (2, FSDP + _bs(2) + ["--parallelism.fsdp_reshard_after_forward", "never"], "single", LOSS_TOL),
+    "fsdp2_reshard_never": (2, FSDP + _bs(2) + ["--parallelism.fsdp_reshard_after_forward", "never"], "single",
+                            LOSS_TOL),
     "ddp2": (2, ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]
              + _bs(2), "single", LOSS_TOL),
     "tp2": (2, TP2 + _bs(4), "single", LOSS_TOL),
     "tp2_no_loss_parallel": (2, TP2 + _bs(4) + ["--parallelism.disable_loss_parallel"], "single", LOSS_TOL),
     "tp2_zloss": (2, TP2 + _bs(4) + ZLOSS, "single_zloss", LOSS_TOL),  # z-loss on vocab-sharded logits
     "cp2": (2, CP2 + _bs(4), "single", LOSS_TOL),
-    "cp2_alltoall": (2, CP2 + _bs(4) + ["--parallelism.context_parallel_rotate_method", "alltoall"], "single", LOSS_TOL),
+    "cp2_alltoall": (2, CP2 + _bs(4) + ["--parallelism.context_parallel_rotate_method", "alltoall"], "single",
+                     LOSS_TOL),
     "fsdp2_full_ac": (2, FSDP + _bs(2) + _ac("full"), "single", LOSS_TOL),
     "fsdp2_selective_layer_ac": (2, FSDP + _bs(2) + _ac("selective", "2"), "single", LOSS_TOL),
     "fsdp2_selective_op_ac": (2, FSDP + _bs(2) + _ac("selective", "op"), "single", LOSS_TOL),
@@ -60,8 +62,8 @@ LAYOUTS: dict[str, tuple[int, list[str], str, float]] = {
     "cp2_fused_loss_compile": (2, CP2 + _bs(4) + FUSED + ["--compile.enable"], "single", COMPILE_TOL),
     # The loss stays eager under TP: preflight rejects a compiled loss under loss_parallel (wrong in torch 2.13).
     "tp2_compile": (2, TP2 + _bs(4) + ["--compile.enable", "--compile.components", "model"], "single", COMPILE_TOL),
-    "hsdp2x2": (4, ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]
-                + _bs(1), "single", LOSS_TOL),
+    "hsdp2x2": (4, ["--parallelism.data_parallel_replicate_degree", "2",
+                    "--parallelism.data_parallel_shard_degree", "2"] + _bs(1), "single", LOSS_TOL),
     "fsdp2_tp2": (4, FSDP + TP2 + _bs(2), "single", LOSS_TOL),
     "fsdp2_cp2": (4, FSDP + CP2 + _bs(2), "single", LOSS_TOL),
     "tp2_cp2": (4, TP2 + CP2 + _bs(4), "single", LOSS_TOL),

@@ -16,10 +16,10 @@ import torch
 from tests.launch import DEBUG_CONFIG, TINY, make_seed_checkpoint, run_parity_driver
 from torchtitan.config.job_config import JobConfig
 from torchtitan.config.manager import ConfigError
-from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed import pipeline
 from torchtitan.distributed.pipeline import V_SCHEDULES, check_pipeline_config, even_layer_counts, plan_stages
 from torchtitan.models.llama3 import llama3_flavors
+from torchtitan.trainer.preflight import preflight
 
 TOL = 1e-5
 PP = ["--parallelism.pipeline_parallel_degree", "2"]
@@ -83,8 +83,8 @@ def runs(tmp_path_factory):
     csv_path = os.path.join(root, "schedule.csv")
     with open(csv_path, "w") as f:
         f.write("\n".join(CSV_ROWS) + "\n")
-    common = ["--job.config_file", DEBUG_CONFIG, *TINY, "--comm.init_timeout_seconds", "60", "--checkpoint.enable", "--checkpoint.initial_load_path", seed,
-              "--checkpoint.interval", "1000"]
+    common = ["--job.config_file", DEBUG_CONFIG, *TINY, "--comm.init_timeout_seconds", "60", "--checkpoint.enable",
+              "--checkpoint.initial_load_path", seed, "--checkpoint.interval", "1000"]
     groups = {n: dict(g) for n, g in GROUPS.items()}
     groups[2]["CSV"] = [*groups[2]["CSV"], "--parallelism.pipeline_parallel_schedule_csv", csv_path]
     if V_UNSUPPORTED:
@@ -162,7 +162,8 @@ def test_split_points_and_layers_per_stage():
     (dict(pipeline_parallel_split_points=["layers.9"]), "0 < K < 6"),
     (dict(pipeline_parallel_split_points=["layers.4", "layers.2"]), "strictly increasing"),
     (dict(pipeline_parallel_split_points=["layers.1", "layers.2"]), "exactly pipeline_parallel_degree = 2"),
-    (dict(pipeline_parallel_schedule="ZBVZeroBubble", pipeline_parallel_layers_per_stage=3), "exactly 2 stages per rank"),
+    (dict(pipeline_parallel_schedule="ZBVZeroBubble", pipeline_parallel_layers_per_stage=3),
+     "exactly 2 stages per rank"),
     (dict(pipeline_parallel_layers_per_stage=4), "must divide"),
     (dict(pipeline_parallel_schedule="CSV"), "pipeline_parallel_schedule_csv"),
     (dict(pipeline_parallel_schedule="PipelineScheduleSingle"), "cannot run"),
@@ -190,18 +191,24 @@ def test_csv_schedule_places_stages_where_its_rows_run_them(tmp_path):
 def test_schedule_constraints_fail_in_preflight(schedule, batch, compile_on, message):
     cfg = _cfg(pipeline_parallel_schedule=schedule)
     cfg.training.local_batch_size, cfg.compile.enable = batch, compile_on
-    dims = ParallelDims.from_config(cfg.parallelism, 2)
     with pytest.raises(ConfigError, match=message):
-        check_pipeline_config(cfg, llama3_flavors["debugmodel"], dims)
+        _check(cfg)
+    with pytest.raises(ConfigError, match=message):
+        preflight(cfg, 2)
+
+
+def _check(cfg, on_cpu: bool = False) -> None:
+    check_pipeline_config(cfg.parallelism, llama3_flavors["debugmodel"], local_batch_size=cfg.training.local_batch_size,
+                          compiled=cfg.compile.enable, on_cpu=on_cpu, model_label="llama3 debugmodel")
 
 
 def test_v_schedules_on_old_torch_gloo_fail_in_preflight(monkeypatch):
     """torch < 2.12 opens pipeline links with a send to the same rank, which gloo cannot do: say so up front."""
     monkeypatch.setattr(pipeline, "_warmup_sends_to_self", lambda: True)
-    monkeypatch.setattr("torchtitan.tools.device.detect_device_type", lambda: "cpu")
     cfg = _cfg(pipeline_parallel_schedule="ZBVZeroBubble")
     cfg.training.local_batch_size = 4
     with pytest.raises(ConfigError, match="ZBVZeroBubble puts neighbouring stages on one rank.*torch >= 2.12"):
-        check_pipeline_config(cfg, llama3_flavors["debugmodel"], ParallelDims.from_config(cfg.parallelism, 2))
+        _check(cfg, on_cpu=True)
+    _check(cfg, on_cpu=False)  # NCCL sends to the same rank
     cfg.parallelism.pipeline_parallel_schedule = "Interleaved1F1B"
-    check_pipeline_config(cfg, llama3_flavors["debugmodel"], ParallelDims.from_config(cfg.parallelism, 2))
+    _check(cfg, on_cpu=True)

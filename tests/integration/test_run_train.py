@@ -38,8 +38,10 @@ def test_one_and_two_processes_same_losses(tmp_path):
     what 1 process trains: the same global batches, the same losses."""
     seed_dump = str(tmp_path / "seed")
     proc = run_sh(1, seed_dump, ["--checkpoint.enable_checkpoint", "--checkpoint.create_seed_checkpoint",
-                                 "--training.data_parallel_replicate_degree", "1", "--training.data_parallel_shard_degree", "1",
-                                 "--training.tensor_parallel_degree", "1", "--experimental.pipeline_parallel_degree", "1",
+                                 "--training.data_parallel_replicate_degree", "1",
+                                 "--training.data_parallel_shard_degree", "1",
+                                 "--training.tensor_parallel_degree", "1",
+                                 "--experimental.pipeline_parallel_degree", "1",
                                  "--experimental.context_parallel_degree", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     seed = os.path.join(seed_dump, "checkpoint", "step-0")
@@ -57,9 +59,9 @@ def test_one_and_two_processes_same_losses(tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_step(tmp_path):
-    proc = run_sh(1, str(tmp_path / "nan"), ["--training.steps", "6", "--training.seq_len", "32", "--optimizer.lr", "1e30",
-                                             "--training.max_norm", "0", "--lr_scheduler.warmup_steps", "0",
-                                             "--metrics.log_freq", "3"])
+    proc = run_sh(1, str(tmp_path / "nan"), ["--training.steps", "6", "--training.seq_len", "32",
+                                             "--optimizer.lr", "1e30", "--training.max_norm", "0",
+                                             "--lr_scheduler.warmup_steps", "0", "--metrics.log_freq", "3"])
     assert proc.returncode != 0
     assert "nan/inf at step" in proc.stdout + proc.stderr
 

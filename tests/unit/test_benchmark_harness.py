@@ -17,7 +17,8 @@ def _bench():
 
 def test_summarize_skips_warmup():
     bench = _bench()
-    recs = [{"step": s, "tps": 10.0 * s, "tflops": 1.0, "mfu": None, "memory_gib": s, "data_wait_pct": 0.0} for s in (5, 10, 15, 20)]
+    recs = [{"step": s, "tps": 10.0 * s, "tflops": 1.0, "mfu": None, "memory_gib": s, "data_wait_pct": 0.0}
+            for s in (5, 10, 15, 20)]
     out = bench.summarize(recs, skip=10)
     assert out["tps"] == 175.0 and out["steps"] == [15, 20] and out["memory_gib"] == 20 and out["mfu"] is None
 
@@ -41,9 +42,9 @@ def test_overhead_and_data_commands_run():
 def test_every_gpu_row_is_a_valid_config():
     """The rows only run on GPUs; their configs and overrides must at least load and pass preflight here."""
     from torchtitan.config import load_config
-    from torchtitan.config.preflight import preflight
+    from torchtitan.trainer.preflight import preflight
 
-    for name, (config, overrides, _) in _bench().ROWS.items():
+    for config, overrides, _ in _bench().ROWS.values():
         cfg = load_config(["--job.config_file", config, *overrides], env={})
         if "float8" not in overrides:  # float8 preflight wants CUDA and torchao
             preflight(cfg, 1)

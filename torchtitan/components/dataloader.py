@@ -8,6 +8,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan.config.job_config import Training
+from torchtitan.datasets.memmap import build_memmap_dataset
+from torchtitan.datasets.text import DocumentSource, PackedWindows
 
 
 class ParallelAwareDataloader(StatefulDataLoader, Stateful):
@@ -27,21 +29,14 @@ class ParallelAwareDataloader(StatefulDataLoader, Stateful):
 
 
 def _collate(items: list[dict]) -> tuple[dict, torch.Tensor]:
-    batch = {"input": torch.stack([it["input"] for it in items])}
-    if "positions" in items[0]:
-        batch["positions"] = torch.stack([it["positions"] for it in items])
-    return batch, torch.stack([it["label"] for it in items])
+    return {"input": torch.stack([it["input"] for it in items])}, torch.stack([it["label"] for it in items])
 
 
 def build_dataloader(cfg: Training, tokenizer, dp_rank: int, dp_degree: int, dump_folder: str,
                      infinite: bool = True) -> ParallelAwareDataloader:
     if cfg.dataset == "memmap":
-        from torchtitan.datasets.memmap import build_memmap_dataset
-
         dataset = build_memmap_dataset(cfg, dp_rank, dp_degree, dump_folder)
     else:
-        from torchtitan.datasets.text import DocumentSource, PackedWindows
-
         seed = (cfg.seed or 0) if cfg.shuffle_documents else None
         source = DocumentSource(cfg.dataset, cfg.dataset_path, cfg.dataset_text_field, shuffle_seed=seed)
         dataset = PackedWindows(source, lambda texts: tokenizer.encode_batch(texts, bos=True, eos=True),

@@ -11,6 +11,7 @@ import logging
 from torch import nn
 
 from torchtitan.config.job_config import Float8
+from torchtitan.tools.errors import ConfigError
 
 logger = logging.getLogger("torchtitan")
 
@@ -26,12 +27,12 @@ def convert_to_float8(model: nn.Module, cfg: Float8) -> None:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
-        raise ValueError("model.converters float8 needs torchao: pip install -e '.[float8]'") from None
+        raise ConfigError("model.converters float8 needs torchao: pip install -e '.[float8]'") from None
     config = Float8LinearConfig.from_recipe_name(cfg.recipe_name)
     if cfg.recipe_name == "tensorwise" and cfg.enable_fsdp_float8_all_gather:
         config = Float8LinearConfig(enable_fsdp_float8_all_gather=True)
     elif cfg.enable_fsdp_float8_all_gather:
-        raise ValueError("float8.enable_fsdp_float8_all_gather works only with float8.recipe_name = tensorwise")
+        raise ConfigError("float8.enable_fsdp_float8_all_gather works only with float8.recipe_name = tensorwise")
     convert_to_float8_training(model, config=config,
                                module_filter_fn=lambda m, fqn: float8_eligible(m, fqn, cfg.filter_fqns))
     logger.info(f"float8 training ({cfg.recipe_name}) on eligible linear layers; kept in bf16: {cfg.filter_fqns}")

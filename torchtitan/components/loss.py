@@ -3,15 +3,31 @@
 Summing locally and dividing by the number of labelled tokens across all data
 and context parallel ranks and micro-batches makes every layout (and gradient
 accumulation) optimize exactly the same objective.
+
+Memory: at seq 8192 with a 128K vocabulary the logits are 2 GiB in bf16, their
+float32 copy 4 GiB and their gradient another 2 GiB. `training.loss_chunk_size`
+computes the loss chunk by chunk, so the float32 copy never exists whole; with
+`training.fused_output_loss` the model's `output` Linear becomes an `OutputHead`
+that passes the final hidden states through, and the loss multiplies them by the
+output weight chunk by chunk inside activation checkpoints: no logits tensor
+exists whole, for one more output-layer matmul per step (the recompute). Values
+and gradients equal the plain loss.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch import nn
 from torch.distributed.tensor import DTensor
 
-IGNORE_INDEX = -100
+from torchtitan.config.job_config import Training
+from torchtitan.datasets import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "FusedOutputLoss", "OutputHead", "build_loss_fn", "chunked_cross_entropy_sum",
+           "cross_entropy_sum", "fuse_output_into_loss", "linear_cross_entropy_sum"]
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, z_loss_multiplier: float = 0.0) -> torch.Tensor:
@@ -46,20 +62,76 @@ def chunked_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_
     # split, not slicing: its backward concatenates the chunks' gradients once, where every slice's backward
     # would allocate a zero tensor of the full logits' size.
     total = None
-    for part_logits, part_labels in zip(logits.flatten(0, 1).split(chunk_tokens), labels.flatten(0, 1).split(chunk_tokens)):
+    for part_logits, part_labels in zip(logits.flatten(0, 1).split(chunk_tokens),
+                                        labels.flatten(0, 1).split(chunk_tokens)):
         part = torch.utils.checkpoint.checkpoint(cross_entropy_sum, part_logits.unsqueeze(0), part_labels.unsqueeze(0),
                                                  z_loss_multiplier, use_reentrant=False)
         total = part if total is None else total + part
     return total
 
 
-def build_loss_fn(cfg, compile_loss: bool = False):
+class OutputHead(nn.Module):
+    """Holds the output weight under the same name (`output.weight`: checkpoints do not change); applies nothing."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # Still called by the model, so FSDP gathers the weight here and keeps it gathered for the loss
+        # (the norm + output unit is never resharded after forward).
+        return h
+
+
+def fuse_output_into_loss(model: nn.Module) -> None:
+    """Replace `model.output` (a bias-free Linear) by an OutputHead sharing its weight (and any tie)."""
+    linear = model.output
+    if not isinstance(linear, nn.Linear) or linear.bias is not None:
+        raise ValueError("training.fused_output_loss needs a bias-free nn.Linear output layer, not "
+                         f"{type(linear).__name__}")
+    model.output = OutputHead(linear.weight)
+
+
+def _linear_ce_chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     z_loss_multiplier: float) -> torch.Tensor:
+    return cross_entropy_sum(F.linear(h, weight).unsqueeze(0), labels.unsqueeze(0), z_loss_multiplier)
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                             z_loss_multiplier: float = 0.0, chunk_fn: Callable = _linear_ce_chunk) -> torch.Tensor:
+    """cross_entropy_sum(hidden @ weight.T, labels), one checkpointed chunk of `chunk_tokens` tokens at a time."""
+    total = None
+    for part_h, part_labels in zip(hidden.flatten(0, 1).split(chunk_tokens), labels.flatten(0, 1).split(chunk_tokens)):
+        part = torch.utils.checkpoint.checkpoint(chunk_fn, part_h, weight, part_labels, z_loss_multiplier,
+                                                 use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
+class FusedOutputLoss:
+    """loss_fn(hidden, labels) for a model whose output layer was fused into the loss.
+
+    `head` is bound by the trainer once the model part holding it exists: pipelining builds that part
+    after the loss function, and FSDP swaps the gathered weight into the head during forward.
+    """
+
+    def __init__(self, chunk_tokens: int, z_loss_multiplier: float = 0.0, compile_chunks: bool = False) -> None:
+        self.head: OutputHead | None = None
+        self.chunk_tokens, self.z_loss_multiplier = chunk_tokens, z_loss_multiplier
+        self._chunk_fn = torch.compile(_linear_ce_chunk) if compile_chunks else _linear_ce_chunk
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise RuntimeError("FusedOutputLoss called before its output head was bound (set loss_fn.head)")
+        return linear_cross_entropy_sum(hidden, self.head.weight, labels, self.chunk_tokens, self.z_loss_multiplier,
+                                        self._chunk_fn)
+
+
+def build_loss_fn(cfg: Training, compile_loss: bool = False):
     """cfg: the [training] section. With fused_output_loss the result takes hidden states and needs its
-    `head` bound (components/fused_loss.py)."""
+    `head` bound (see FusedOutputLoss)."""
     z, chunk = cfg.z_loss_multiplier, cfg.loss_chunk_size
     if cfg.fused_output_loss:
-        from torchtitan.components.fused_loss import FusedOutputLoss
-
         return FusedOutputLoss(chunk, z, compile_chunks=compile_loss)
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.optim.lr_scheduler import LambdaLR
 
 from torchtitan.config.job_config import LRScheduler as LRConfig
+from torchtitan.tools.errors import ConfigError
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, decay_ratio: float | None,
@@ -33,7 +34,7 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, decay_ratio: fl
     elif decay_type == "cosine":
         remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
-        raise ValueError(f"lr_scheduler.decay_type {decay_type!r} is not one of linear, sqrt, cosine")
+        raise ConfigError(f"lr_scheduler.decay_type {decay_type!r} is not one of linear, sqrt, cosine")
     return min_lr_factor + (1.0 - min_lr_factor) * remaining
 
 

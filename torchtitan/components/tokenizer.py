@@ -17,6 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from torchtitan.components.bpe_tiktoken import tiktoken_encoding
+from torchtitan.tools.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -54,19 +57,24 @@ class Tokenizer(ABC):
     def vocab_size(self) -> int:
         """Largest id the tokenizer can emit, plus one (special tokens included)."""
 
-    @property
-    @abstractmethod
-    def bos_id(self) -> int | None:
-        """None when the vocabulary has no BOS token (e.g. OLMo)."""
+    # Special ids, set by each subclass from its files.
+    _bos: int | None = None
+    _eos: int
+    _pad: int | None = None
 
     @property
-    @abstractmethod
+    def bos_id(self) -> int | None:
+        """None when the vocabulary has no BOS token (e.g. OLMo)."""
+        return self._bos
+
+    @property
     def eos_id(self) -> int:
         """Document separator; every supported tokenizer must have one."""
+        return self._eos
 
     @property
     def pad_id(self) -> int | None:
-        return None
+        return self._pad
 
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         # A missing BOS is silently skipped: models trained without one expect none.
@@ -106,7 +114,7 @@ _TIKTOKEN_MAX_CHARS = 400_000
 _TIKTOKEN_MAX_RUN = 25_000
 _RUNS = re.compile(r"\s+|\S+")
 # Anchored at the start of a run, so the scan stays linear even inside a long run.
-_LONG_RUN = re.compile(r"(?<!\S)\S{%d}|(?<!\s)\s{%d}" % (_TIKTOKEN_MAX_RUN + 1, _TIKTOKEN_MAX_RUN + 1))
+_LONG_RUN = re.compile(rf"(?<!\S)\S{{{_TIKTOKEN_MAX_RUN + 1}}}|(?<!\s)\s{{{_TIKTOKEN_MAX_RUN + 1}}}")
 
 
 def _tiktoken_pieces(text: str) -> Iterator[str]:
@@ -195,13 +203,6 @@ class TikTokenTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._model.n_vocab
 
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
 
 
 # ----------------------------------------------------------------------- sentencepiece
@@ -217,7 +218,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._model = spm.SentencePieceProcessor(model_file=self.path)
         eos = self._model.eos_id()
         if eos < 0:
-            raise ValueError(f"sentencepiece model {self.path} defines no EOS token")
+            raise ConfigError(f"sentencepiece model {self.path} defines no EOS token")
         self._eos = eos
         self._bos = _none_if_negative(self._model.bos_id())
         self._pad = _none_if_negative(self._model.pad_id())
@@ -237,18 +238,6 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._model.get_piece_size()
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad
 
 
 def _none_if_negative(i: int) -> int | None:
@@ -288,7 +277,7 @@ class HFTokenizer(Tokenizer):
         self._bos = self._special_id(config, "bos_token", _BOS_NAMES)
         eos = self._special_id(config, "eos_token", _EOS_NAMES)
         if eos is None:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer {self.path} has no EOS token: set eos_token in "
                 f"tokenizer_config.json or use one of {', '.join(_EOS_NAMES)}"
             )
@@ -297,11 +286,9 @@ class HFTokenizer(Tokenizer):
         # Batch encoding without offsets is noticeably faster; older releases lack it.
         self._batch = getattr(self._model, "encode_batch_fast", self._model.encode_batch)
         if backend not in TOKENIZER_BACKENDS:
-            raise ValueError(f"tokenizer backend {backend!r} is not one of {', '.join(TOKENIZER_BACKENDS)}")
+            raise ConfigError(f"tokenizer backend {backend!r} is not one of {', '.join(TOKENIZER_BACKENDS)}")
         self._fast = None
         if backend == "auto":
-            from torchtitan.components.bpe_tiktoken import tiktoken_encoding
-
             self._fast, why = tiktoken_encoding(self.path, self._model)
             if self._fast is None:
                 logger.info("tokenizer %s: encoding with tokenizers, not tiktoken: %s", self.path, why)
@@ -316,7 +303,7 @@ class HFTokenizer(Tokenizer):
                 return None
             tid = self._model.token_to_id(token)
             if tid is None:
-                raise ValueError(
+                raise ConfigError(
                     f"tokenizer {self.path}: {key} {token!r} from tokenizer_config.json "
                     "is not in the vocabulary"
                 )
@@ -357,18 +344,6 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._vocab_size
 
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int | None:
-        return self._pad
-
 
 def _read_config(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
@@ -376,7 +351,7 @@ def _read_config(path: Path) -> dict[str, Any] | None:
     with path.open(encoding="utf-8") as f:
         data = json.load(f)
     if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a JSON object")
+        raise ConfigError(f"{path} is not a JSON object")
     return data
 
 
@@ -386,7 +361,7 @@ def _token_content(value: object) -> str | None:
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"unrecognized special token entry {value!r}")
+    raise ConfigError(f"unrecognized special token entry {value!r}")
 
 
 # ---------------------------------------------------------------------------- factory
@@ -407,9 +382,9 @@ def build_tokenizer(path: str, backend: str = "auto") -> Tokenizer:
         for name in ("tokenizer.json", "tokenizer.model"):
             if (p / name).is_file():
                 return build_tokenizer(str(p / name), backend)
-        raise ValueError(f"tokenizer directory {path} has no tokenizer file; expected {_ACCEPTED}")
+        raise ConfigError(f"tokenizer directory {path} has no tokenizer file; expected {_ACCEPTED}")
     if not p.is_file():
-        raise ValueError(f"tokenizer path {path} does not exist; expected {_ACCEPTED}")
+        raise ConfigError(f"tokenizer path {path} does not exist; expected {_ACCEPTED}")
     if p.suffix == ".json":
         return HFTokenizer(p, backend)
     # Both Llama 2 and Llama 3 ship "tokenizer.model"; only the content tells them apart.
@@ -421,13 +396,13 @@ def build_tokenizer(path: str, backend: str = "auto") -> Tokenizer:
         return TikTokenTokenizer(p)
     except Exception:
         pass
-    raise ValueError(f"tokenizer file {path} is not a recognized format; expected {_ACCEPTED}")
+    raise ConfigError(f"tokenizer file {path} is not a recognized format; expected {_ACCEPTED}")
 
 
 def check_vocab_fits(tokenizer: Tokenizer, model_vocab_size: int, path: str) -> None:
     """Fail early: an out-of-range id would otherwise crash deep inside the embedding."""
     if tokenizer.vocab_size > model_vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {path} has ids up to {tokenizer.vocab_size - 1} but "
             f"model.vocab_size is {model_vocab_size}; set model.vocab_size to at least "
             f"{tokenizer.vocab_size} or use a tokenizer that matches the model"

@@ -48,12 +48,16 @@ class Metrics:
 class Model:
     name: str = opt("llama3", "Model family, a key of the train-spec table (llama3, olmo, olmo2).")
     flavor: str = opt("debugmodel", "Size preset of the model family.")
-    tokenizer_path: str = opt("", "Tokenizer file or folder (tiktoken tokenizer.model, sentencepiece .model, HF tokenizer.json). Empty: the bundled debug tokenizer.")
-    tokenizer_backend: str = opt("auto", "Engine for HF tokenizer.json files: auto runs byte-level BPE files on tiktoken when it gives the same ids (about 3x faster), tokenizers always uses the HF library.",
+    tokenizer_path: str = opt("", "Tokenizer file or folder (tiktoken tokenizer.model, sentencepiece .model, HF "
+                                  "tokenizer.json). Empty: the bundled debug tokenizer.")
+    tokenizer_backend: str = opt("auto", "Engine for HF tokenizer.json files: auto runs byte-level BPE files on "
+                                         "tiktoken when it gives the same ids (about 3x faster), tokenizers always "
+                                         "uses the HF library.",
                                  ("auto", "tokenizers"))
     vocab_size: int = opt(-1, "Override the flavor's vocabulary size (-1: keep the flavor's).")
     converters: list[str] = opt([], "Model converters applied before parallelization.", None)
-    sdpa_backend: str = opt("auto", "scaled_dot_product_attention backend; auto picks cuDNN on Hopper+, flash on other CUDA, the default on CPU.",
+    sdpa_backend: str = opt("auto", "scaled_dot_product_attention backend; auto picks cuDNN on Hopper+, flash on "
+                                    "other CUDA, the default on CPU.",
                             ("auto", "default", "cudnn", "flash", "efficient", "math"))
 
 
@@ -65,62 +69,80 @@ class Optimizer:
     beta2: float = opt(0.95, "Adam beta2.")
     eps: float = opt(1e-8, "Adam epsilon.")
     weight_decay: float = opt(0.1, "Decoupled weight decay (AdamW).")
-    implementation: str = opt("auto", "Kernel: fused or foreach where the device supports them; auto picks the fastest supported.",
+    implementation: str = opt("auto", "Kernel. auto: fused (CUDA and CPU), the fastest, and the one that skips a "
+                                      "step with a non-finite gradient norm on the device; with foreach or "
+                                      "for-loop that check costs a host sync per step.",
                               ("auto", "fused", "foreach", "for-loop"))
 
 
 @dataclass
 class LRScheduler:
     warmup_steps: int = opt(200, "Linear warm-up steps from ~0 to the peak lr.")
-    decay_ratio: float | None = opt(None, "Fraction of steps spent decaying at the end; the rest after warm-up is a stable phase. None: decay all steps after warm-up.")
+    decay_ratio: float | None = opt(None, "Fraction of steps spent decaying at the end; the rest after warm-up is a "
+                                          "stable phase. None: decay all steps after warm-up.")
     decay_type: str = opt("linear", "Decay shape.", ("linear", "sqrt", "cosine"))
     min_lr_factor: float = opt(0.0, "Final lr as a fraction of the peak lr.")
 
 
 @dataclass
 class Training:
-    dataset: str = opt("pydoc", "Dataset: pydoc (bundled offline corpus), c4 (allenai/c4 en, streamed), memmap (pre-tokenized files), or a hub dataset name.")
-    dataset_path: str | None = opt(None, "Local json/jsonl/parquet/text file or folder; overrides where the dataset is read from.")
+    dataset: str = opt("pydoc", "Dataset: pydoc (bundled offline corpus), c4 (allenai/c4 en, streamed), memmap "
+                                "(pre-tokenized files), or a hub dataset name.")
+    dataset_path: str | None = opt(None, "Local json/jsonl/parquet/text file or folder; overrides where the dataset "
+                                         "is read from.")
     dataset_text_field: str = opt("text", "Column holding the document text.")
-    shuffle_documents: bool = opt(True, "Read local and bundled documents in a seeded order that depends only on (seed, epoch); hub streams keep their order.")
+    shuffle_documents: bool = opt(True, "Read local and bundled documents in a seeded order that depends only on "
+                                        "(seed, epoch); hub streams keep their order.")
     local_batch_size: int = opt(8, "Sequences per data-parallel rank per micro-batch.")
-    global_batch_size: int = opt(-1, "Sequences per optimizer step over all ranks; a multiple of local_batch_size x dp adds gradient accumulation. -1: local_batch_size x dp.")
+    global_batch_size: int = opt(-1, "Sequences per optimizer step over all ranks; a multiple of local_batch_size x "
+                                     "dp adds gradient accumulation. -1: local_batch_size x dp.")
     seq_len: int = opt(2048, "Tokens per sequence.")
     max_norm: float = opt(1.0, "Global gradient-norm clip (<= 0 disables clipping).")
     steps: int = opt(10000, "Optimizer steps to train.")
     enable_cpu_offload: bool = opt(False, "FSDP: keep parameters, gradients and optimizer state on the CPU.")
-    mixed_precision_param: str = opt("bfloat16", "FSDP parameter/compute dtype on GPUs (CPU runs in float32).", ("bfloat16", "float32"))
+    mixed_precision_param: str = opt("bfloat16", "FSDP parameter/compute dtype on GPUs (CPU runs in float32).",
+                                     ("bfloat16", "float32"))
     mixed_precision_reduce: str = opt("float32", "FSDP gradient reduction dtype.", ("float32", "bfloat16"))
     gc_freq: int = opt(50, "Run Python's garbage collector every N steps (automatic GC is disabled).")
     seed: int | None = opt(None, "Seed for weight init and RNG. None: 0 for init, nothing forced.")
     deterministic: bool = opt(False, "Use deterministic algorithms (slower).")
     memmap_paths: list[str] = opt([], "memmap dataset: raw token files (headerless).")
     memmap_dtype: str = opt("uint16", "memmap dataset: token dtype.", ("uint16", "uint32"))
-    memmap_label_mask_paths: list[str] = opt([], "memmap dataset: bool files, one per token file; False marks a label to ignore.")
-    data_order_ignore_fingerprint: bool = opt(False, "memmap dataset: resume even if the files differ from the saved fingerprint.")
+    memmap_label_mask_paths: list[str] = opt([], "memmap dataset: bool files, one per token file; False marks a label "
+                                                 "to ignore.")
+    data_order_ignore_fingerprint: bool = opt(False, "memmap dataset: resume even if the files differ from the saved "
+                                                     "fingerprint.")
     z_loss_multiplier: float = opt(0.0, "Auxiliary z-loss weight (OLMo 2 uses 1e-5).")
-    loss_chunk_size: int = opt(0, "Cross-entropy in chunks of this many tokens, each upcast to float32 and recomputed in backward, so the full float32 logits never exist (0: in one piece). Not applied to vocab-sharded logits under TP loss parallel.")
-    fused_output_loss: bool = opt(False, "Also compute the output layer inside each loss chunk (needs loss_chunk_size > 0; not with tensor parallel): no logits tensor exists whole in any dtype, for one extra output-layer matmul per step.")
+    loss_chunk_size: int = opt(0, "Cross-entropy in chunks of this many tokens, each upcast to float32 and recomputed "
+                                  "in backward, so the full float32 logits never exist (0: in one piece). Not applied "
+                                  "to vocab-sharded logits under TP loss parallel.")
+    fused_output_loss: bool = opt(False, "Also compute the output layer inside each loss chunk (needs loss_chunk_size "
+                                         "> 0; not with tensor parallel): no logits tensor exists whole in any dtype, "
+                                         "for one extra output-layer matmul per step.")
 
 
 @dataclass
 class Parallelism:
     data_parallel_replicate_degree: int = opt(1, "Replicas (DDP, or the outer dim of HSDP).")
     data_parallel_shard_degree: int = opt(-1, "FSDP shards; -1 infers it from the world size.")
-    fsdp_reshard_after_forward: str = opt("default", "Free gathered parameters after forward: default (yes except the last stage), always, never.",
+    fsdp_reshard_after_forward: str = opt("default", "Free gathered parameters after forward: default (yes except the "
+                                                     "last stage), always, never.",
                                           ("default", "always", "never"))
     tensor_parallel_degree: int = opt(1, "Tensor (and sequence) parallel degree.")
     disable_loss_parallel: bool = opt(False, "Gather logits before the loss instead of computing it sharded under TP.")
     enable_async_tensor_parallel: bool = opt(False, "Async TP (CUDA + compile only).")
     pipeline_parallel_degree: int = opt(1, "Pipeline stages over ranks.")
-    pipeline_parallel_split_points: list[str] = opt([], "Module names where a new stage starts, e.g. layers.2,layers.4.")
+    pipeline_parallel_split_points: list[str] = opt([], "Module names where a new stage starts, e.g. "
+                                                        "layers.2,layers.4.")
     pipeline_parallel_layers_per_stage: int | None = opt(None, "Split evenly with this many layers per stage.")
     pipeline_parallel_schedule: str = opt("1F1B", "Pipeline schedule.",
-                                          ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV", "CSV"))
+                                          ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
+                                           "ZBVZeroBubble", "DualPipeV", "CSV"))
     pipeline_parallel_schedule_csv: str = opt("", "CSV schedule file (with schedule = CSV).")
     pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline micro-batch.")
     context_parallel_degree: int = opt(1, "Context parallel degree: the sequence is sharded over these ranks.")
-    context_parallel_rotate_method: str = opt("allgather", "How K/V travel between CP ranks.", ("allgather", "alltoall"))
+    context_parallel_rotate_method: str = opt("allgather", "How K/V travel between CP ranks.",
+                                              ("allgather", "alltoall"))
 
 
 @dataclass
@@ -132,12 +154,16 @@ class Checkpoint:
     keep_latest_k: int = opt(10, "Keep only the newest k complete checkpoints (0 keeps all).")
     load_step: int = opt(-1, "Resume from this step instead of the newest complete checkpoint.")
     last_save_model_only: bool = opt(True, "The final save holds only model weights (in export_dtype).")
-    export_dtype: str = opt("float32", "dtype of weights in the final weights-only save.", ("float32", "bfloat16", "float16"))
-    async_mode: str = opt("disabled", "Overlap checkpoint writes with training.", ("disabled", "async", "async_with_pinned_mem"))
+    export_dtype: str = opt("float32", "dtype of weights in the final weights-only save.",
+                            ("float32", "bfloat16", "float16"))
+    async_mode: str = opt("disabled", "Overlap checkpoint writes with training.",
+                          ("disabled", "async", "async_with_pinned_mem"))
     create_seed_checkpoint: bool = opt(False, "Write step-0 weights from a single-process init and exit.")
-    initial_load_path: str | None = opt(None, "DCP folder or HF safetensors folder to start from when no checkpoint of this run exists.")
+    initial_load_path: str | None = opt(None, "DCP folder or HF safetensors folder to start from when no checkpoint "
+                                              "of this run exists.")
     initial_load_model_only: bool = opt(True, "Load only model weights from initial_load_path.")
-    exclude_from_loading: list[str] = opt([], "State keys not to load on resume (model, optimizer, lr_scheduler, dataloader, train_state).")
+    exclude_from_loading: list[str] = opt([], "State keys not to load on resume (model, optimizer, lr_scheduler, "
+                                              "dataloader, train_state).")
     enable_first_step_checkpoint: bool = opt(False, "Also save right after step 1.")
 
 
@@ -155,7 +181,8 @@ class Compile:
 
 @dataclass
 class Float8:
-    recipe_name: str = opt("tensorwise", "torchao float8 recipe (with model.converters = [\"float8\"]).", ("tensorwise", "rowwise"))
+    recipe_name: str = opt("tensorwise", "torchao float8 recipe (with model.converters = [\"float8\"]).",
+                           ("tensorwise", "rowwise"))
     enable_fsdp_float8_all_gather: bool = opt(False, "All-gather FSDP parameters in float8 (tensorwise only).")
     precompute_float8_dynamic_scale_for_fsdp: bool = opt(False, "One all-reduce for all float8 scales per step.")
     filter_fqns: list[str] = opt(["output"], "Linear layers (by name fragment) kept in bf16.")
@@ -165,7 +192,8 @@ class Float8:
 class Comm:
     init_timeout_seconds: int = opt(300, "Timeout for process-group setup and the first step.")
     train_timeout_seconds: int = opt(100, "Collective timeout after the first step.")
-    mode: str = opt("default", "default, or fake_backend: build and shard on the meta device over a fake process group (dry run).",
+    mode: str = opt("default", "default, or fake_backend: build and shard on the meta device over a fake process "
+                               "group (dry run).",
                     ("default", "fake_backend"))
 
 

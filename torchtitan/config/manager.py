@@ -15,15 +15,12 @@ from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
 from torchtitan.config.job_config import ALIASES, JobConfig
+from torchtitan.tools.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem (printed as one line)."""
 
 
 def _sections() -> dict[str, type]:
@@ -74,30 +71,20 @@ def _convert(key: str, raw: Any, tp, from_cli: bool) -> Any:
         if from_cli and isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
             return raw.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true or false, got {raw!r}")
-    if base is int:
+    if base in (int, float):
+        what = "an integer" if base is int else "a number"
         if isinstance(raw, bool):
-            raise ConfigError(f"{key}: expected an integer, got {raw!r}")
-        if isinstance(raw, int):
-            return raw
-        if isinstance(raw, float) and raw.is_integer() and not from_cli:
+            raise ConfigError(f"{key}: expected {what}, got {raw!r}")
+        if isinstance(raw, base) or (base is float and isinstance(raw, int)):
+            return base(raw)
+        if base is int and isinstance(raw, float) and raw.is_integer() and not from_cli:
             return int(raw)
         if from_cli and isinstance(raw, str):
             try:
-                return int(raw)
+                return base(raw)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {raw!r}")
-    if base is float:
-        if isinstance(raw, bool):
-            raise ConfigError(f"{key}: expected a number, got {raw!r}")
-        if isinstance(raw, (int, float)):
-            return float(raw)
-        if from_cli and isinstance(raw, str):
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {raw!r}")
+        raise ConfigError(f"{key}: expected {what}, got {raw!r}")
     if base is str:
         if isinstance(raw, str):
             return raw
@@ -115,7 +102,8 @@ def _canonical_key(key: str) -> str:
     section, name = key.split(".", 1)
     sections = _sections()
     if section not in sections:
-        raise ConfigError(f"unknown config section '{section}'{_suggest(section, sections)}; valid: {', '.join(sections)}")
+        raise ConfigError(f"unknown config section '{section}'{_suggest(section, sections)}; "
+                          f"valid: {', '.join(sections)}")
     fmap = _field_map(sections[section])
     if name not in fmap:
         known = list(fmap) + [a.split(".", 1)[1] for a in ALIASES if a.startswith(section + ".")]
@@ -232,18 +220,21 @@ def validate(cfg: JobConfig) -> None:
         if getattr(p, key) < 1:
             raise ConfigError(f"parallelism.{key} must be >= 1, got {getattr(p, key)}")
     if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
-        raise ConfigError(f"parallelism.data_parallel_shard_degree must be -1 or >= 1, got {p.data_parallel_shard_degree}")
+        raise ConfigError("parallelism.data_parallel_shard_degree must be -1 or >= 1, got "
+                          f"{p.data_parallel_shard_degree}")
     ac = cfg.activation_checkpoint
     if ac.mode == "selective" and ac.selective_ac_option != "op":
         if not ac.selective_ac_option.isdigit() or int(ac.selective_ac_option) < 1:
-            raise ConfigError(f"activation_checkpoint.selective_ac_option must be 'op' or a positive integer, got {ac.selective_ac_option!r}")
+            raise ConfigError("activation_checkpoint.selective_ac_option must be 'op' or a positive integer, got "
+                              f"{ac.selective_ac_option!r}")
     for c in cfg.compile.components:
         if c not in ("model", "loss"):
             raise ConfigError(f"compile.components: {c!r} is not one of model, loss")
     if cfg.checkpoint.keep_latest_k < 0:
         raise ConfigError(f"checkpoint.keep_latest_k must be >= 0, got {cfg.checkpoint.keep_latest_k}")
     if p.pipeline_parallel_schedule == "CSV" and not p.pipeline_parallel_schedule_csv:
-        raise ConfigError("parallelism.pipeline_parallel_schedule = CSV needs parallelism.pipeline_parallel_schedule_csv")
+        raise ConfigError("parallelism.pipeline_parallel_schedule = CSV needs "
+                          "parallelism.pipeline_parallel_schedule_csv")
 
 
 def to_toml(cfg: JobConfig) -> str:

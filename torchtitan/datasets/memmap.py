@@ -35,14 +35,15 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from torchtitan.components.loss import IGNORE_INDEX
+from torchtitan.datasets import IGNORE_INDEX
+from torchtitan.tools.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -68,29 +69,29 @@ class MemmapInstances:
 
     def __init__(self, paths: list[str], dtype: str, seq_len: int, mask_paths: list[str] | None = None):
         if not paths:
-            raise ValueError("training.memmap_paths is empty: list the token files to train on")
+            raise DataError("training.memmap_paths is empty: list the token files to train on")
         if dtype not in DTYPES:
-            raise ValueError(f"training.memmap_dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            raise DataError(f"training.memmap_dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if mask_paths and len(mask_paths) != len(paths):
-            raise ValueError(f"training.memmap_label_mask_paths has {len(mask_paths)} files but "
+            raise DataError(f"training.memmap_label_mask_paths has {len(mask_paths)} files but "
                              f"training.memmap_paths has {len(paths)}: give one mask file per token file")
         self.dtype, self.np_dtype, self.seq_len = dtype, DTYPES[dtype], seq_len
         itemsize = np.dtype(self.np_dtype).itemsize
         files, first = [], 0
         for i, path in enumerate(paths):
             if not os.path.isfile(path):
-                raise ValueError(f"training.memmap_paths: {path}: no such file")
+                raise DataError(f"training.memmap_paths: {path}: no such file")
             size = os.path.getsize(path)
             if size % itemsize:
-                raise ValueError(f"{path}: {size} bytes is not a whole number of {dtype} tokens; "
+                raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} tokens; "
                                  f"is training.memmap_dtype right?")
             n_tok = size // itemsize
             mask = mask_paths[i] if mask_paths else None
             if mask is not None:
                 if not os.path.isfile(mask):
-                    raise ValueError(f"training.memmap_label_mask_paths: {mask}: no such file")
+                    raise DataError(f"training.memmap_label_mask_paths: {mask}: no such file")
                 if os.path.getsize(mask) != n_tok:
-                    raise ValueError(f"label mask {mask} has {os.path.getsize(mask)} entries but {path} has "
+                    raise DataError(f"label mask {mask} has {os.path.getsize(mask)} entries but {path} has "
                                      f"{n_tok} tokens: a mask file holds one bool byte per token")
             files.append(TokenFile(path, n_tok, mask, first, n_tok // seq_len))
             first += n_tok // seq_len
@@ -143,7 +144,7 @@ class MemmapInstances:
 def build_global_indices(num_instances: int, seed: int, epoch: int) -> np.ndarray:
     """The permutation of an epoch: a function of (seed, epoch, dataset size) only."""
     if num_instances >= np.iinfo(np.uint32).max:
-        raise ValueError(f"{num_instances} instances do not fit the uint32 data order")
+        raise DataError(f"{num_instances} instances do not fit the uint32 data order")
     indices = np.arange(num_instances, dtype=np.uint32)
     np.random.Generator(np.random.PCG64(seed + epoch)).shuffle(indices)
     return indices
@@ -196,7 +197,7 @@ class DataOrder:
         if old is not None and old != self.meta:
             differs = ", ".join(k for k in sorted(set(old) | set(self.meta)) if old.get(k) != self.meta.get(k))
             if not ignore_mismatch:
-                raise ValueError(
+                raise DataError(
                     f"{self.meta_path} describes another dataset or seed (differs in: {differs}); this run's data "
                     f"order would change. Use a new job.dump_folder, or set training.data_order_ignore_fingerprint "
                     f"= true to rebuild the order for the current files")
@@ -230,7 +231,7 @@ class DataOrder:
             self._wait(lambda: self._read_meta() == self.meta and os.path.isfile(path))
             order = np.memmap(path, dtype=np.uint32, mode="r")
             if len(order) != self.num_instances:
-                raise ValueError(f"{path} holds {len(order)} indices, expected {self.num_instances}")
+                raise DataError(f"{path} holds {len(order)} indices, expected {self.num_instances}")
             self._cache = {epoch: order}  # keep one epoch mapped
         return self._cache[epoch]
 
@@ -244,7 +245,7 @@ def global_batch_instances(order: DataOrder, global_batch: int, batch: int) -> t
     """(epoch, instance ids) of global batch `batch` (0-based; optimizer step batch + 1)."""
     per_epoch = epoch_size(order.num_instances, global_batch)
     if per_epoch == 0:
-        raise ValueError(f"the dataset has {order.num_instances} instances, fewer than one global batch of "
+        raise DataError(f"the dataset has {order.num_instances} instances, fewer than one global batch of "
                          f"{global_batch}")
     batches_per_epoch = per_epoch // global_batch
     epoch, b = divmod(batch, batches_per_epoch)
@@ -261,11 +262,11 @@ class MemmapDataset(IterableDataset):
         self.micro = local_batch_size * dp_degree
         self.global_batch = global_batch_size if global_batch_size > 0 else self.micro
         if self.global_batch % self.micro:
-            raise ValueError(f"training.global_batch_size = {self.global_batch} is not a multiple of local_batch_size "
+            raise DataError(f"training.global_batch_size = {self.global_batch} is not a multiple of local_batch_size "
                              f"x dp = {self.micro}")
         self.per_epoch = epoch_size(len(instances), self.global_batch)
         if self.per_epoch == 0:
-            raise ValueError(f"memmap data: {len(instances)} instances of {instances.seq_len} tokens in "
+            raise DataError(f"memmap data: {len(instances)} instances of {instances.seq_len} tokens in "
                              f"{len(instances.files)} files, fewer than one global batch of {self.global_batch}")
         self.ignore_fingerprint = ignore_fingerprint
         self.epoch, self.consumed = 0, 0
@@ -279,17 +280,17 @@ class MemmapDataset(IterableDataset):
         if state["fingerprint"] != self.instances.fingerprint():
             msg = _describe_change(state.get("fingerprint_info", {}), self.instances.fingerprint_info())
             if not self.ignore_fingerprint:
-                raise ValueError(f"memmap data changed since the checkpoint was written ({msg}); resuming would "
+                raise DataError(f"memmap data changed since the checkpoint was written ({msg}); resuming would "
                                  f"replay or skip data. Restore the files, or set "
                                  f"training.data_order_ignore_fingerprint = true to continue on the new files")
             logger.warning("memmap data changed since the checkpoint (%s); continuing as asked "
                            "(training.data_order_ignore_fingerprint)", msg)
         if state["seed"] != self.order.seed and not self.ignore_fingerprint:
-            raise ValueError(f"the checkpoint's data order used seed {state['seed']} but training.seed is "
+            raise DataError(f"the checkpoint's data order used seed {state['seed']} but training.seed is "
                              f"{self.order.seed}; set training.seed = {state['seed']} to continue the same order")
         consumed = int(state["instances_consumed"])
         if consumed % self.micro:
-            raise ValueError(f"dataloader checkpoint is at instance {consumed}, not a multiple of the global "
+            raise DataError(f"dataloader checkpoint is at instance {consumed}, not a multiple of the global "
                              f"micro-batch {self.micro} (local_batch_size x dp): keep training.global_batch_size "
                              f"the same and a multiple of local_batch_size x dp when changing GPU count")
         self.epoch, self.consumed = int(state["epoch"]), consumed

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import IterableDataset
+
+from torchtitan.tools.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +41,14 @@ def _local_files(path: str) -> tuple[str, list[str]]:
         files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs
                        if os.path.splitext(f)[1] in _LOCAL_FORMATS)
         if not files:
-            raise ValueError(f"training.dataset_path {path}: no {'/'.join(sorted(_LOCAL_FORMATS))} files in this folder")
+            raise DataError(f"training.dataset_path {path}: no {'/'.join(sorted(_LOCAL_FORMATS))} files in this folder")
     elif os.path.isfile(path):
         files = [path]
     else:
-        raise ValueError(f"training.dataset_path {path}: no such file or folder")
+        raise DataError(f"training.dataset_path {path}: no such file or folder")
     kinds = {_LOCAL_FORMATS.get(os.path.splitext(f)[1]) for f in files}
     if None in kinds or len(kinds) != 1:
-        raise ValueError(f"training.dataset_path {path}: files must all be one of {', '.join(sorted(_LOCAL_FORMATS))}")
+        raise DataError(f"training.dataset_path {path}: files must all be one of {', '.join(sorted(_LOCAL_FORMATS))}")
     return kinds.pop(), files
 
 
@@ -66,7 +68,7 @@ class DocumentSource:
 
             ds = datasets.load_dataset(kind, data_files=files, split="train")
             if text_field not in ds.column_names:
-                raise ValueError(f"training.dataset_path {path}: no column '{text_field}' "
+                raise DataError(f"training.dataset_path {path}: no column '{text_field}' "
                                  f"(columns: {', '.join(ds.column_names)}); set training.dataset_text_field")
             self._docs = ds
         elif name == "pydoc":
@@ -121,7 +123,7 @@ class PackedWindows(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         if state["window_index"] % self.group:
-            raise ValueError(
+            raise DataError(
                 f"dataloader checkpoint is at window {state['window_index']}, not a multiple of the global micro-batch "
                 f"{self.group} (local_batch_size x dp): keep local_batch_size x dp the same when changing GPU count")
         self._state = {"epoch": int(state["epoch"]), "doc_index": int(state["doc_index"]),
@@ -160,10 +162,11 @@ class PackedWindows(IterableDataset):
             if not self.infinite:
                 return
             if s["doc_index"] == 0:
-                raise ValueError(f"dataset {self.source.path or self.source.name} has no documents")
+                raise DataError(f"dataset {self.source.path or self.source.name} has no documents")
             s["epoch"] += 1
             s["doc_index"] = 0
-            logger.info("dataset %s: starting epoch %d (re-looping over the data)", self.source.path or self.source.name, s["epoch"])
+            logger.info("dataset %s: starting epoch %d (re-looping over the data)",
+                        self.source.path or self.source.name, s["epoch"])
 
     def __iter__(self):
         lo, hi = self.dp_rank * self.local_batch_size, (self.dp_rank + 1) * self.local_batch_size

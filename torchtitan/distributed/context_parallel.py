@@ -8,8 +8,9 @@ causal mask use global token positions.
 
 Attention gathers K and V (and their positions) over the cp group with
 autograd-aware functional collectives, whose backward reduce-scatters the K/V
-gradients back to their owners, then runs SDPA with the boolean mask
-key_pos <= query_pos. Exact on every device and under torch.compile; the cost
+gradients back to their owners, then runs SDPA with the mask the replaced core
+defines by position (ops/attention.py; causal: key_pos <= query_pos). Exact on every
+device and under torch.compile; the cost
 is a (S/cp x S) mask per sequence and the full K/V on every rank (see
 docs/parallelism.md, "Context parallel", for the trade-offs and what a faster
 CUDA path would need).
@@ -23,11 +24,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from torchtitan.models.common.attention import ScaledDotProductAttention
+from torchtitan.ops.attention import CAUSAL, AttentionCore, AttentionMask, attend
+from torchtitan.tools.errors import ConfigError
 
 ROTATE_METHODS = ("allgather", "alltoall")
 
@@ -42,7 +43,8 @@ def shard_sequence(inputs: torch.Tensor, labels: torch.Tensor, cp_size: int,
     """This rank's load-balanced share of (B, S) inputs and labels, and their global positions (B, S / cp)."""
     bsz, seqlen = inputs.shape[:2]
     if seqlen % (2 * cp_size):
-        raise ValueError(f"sequence length {seqlen} is not divisible by 2 x context_parallel_degree = {2 * cp_size}")
+        raise ValueError(f"sequence length {seqlen} is not divisible by 2 x context_parallel_degree = {2 * cp_size}"
+                         f" (preflight rejects such configs)")
     chunk = seqlen // (2 * cp_size)
     first, second = chunk_ids(cp_size, cp_rank)
     idx = torch.cat([torch.arange(first * chunk, (first + 1) * chunk),
@@ -89,18 +91,12 @@ def _exchange(x: torch.Tensor, group: dist.ProcessGroup, method: str, dim: int) 
     return out.movedim(0, dim)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                     k_pos: torch.Tensor) -> torch.Tensor:
-    """Causal attention by global position: q (B, H, Sq, D), k/v (B, H, Sk, D), positions (B, Sq) / (B, Sk)."""
-    mask = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-class ContextParallelAttention(ScaledDotProductAttention):
+class ContextParallelAttention(AttentionCore):
     """Drop-in for the model's attention core when the sequence is sharded over `group`."""
 
-    def __init__(self, group: dist.ProcessGroup, rotate_method: str, backend: str = "default"):
-        super().__init__(backend)
+    def __init__(self, group: dist.ProcessGroup, rotate_method: str, mask: AttentionMask = CAUSAL,
+                 backend: str = "default"):
+        super().__init__(mask, backend)
         self.group, self.rotate_method = group, rotate_method
         self.cp_size, self.cp_rank = dist.get_world_size(group), dist.get_rank(group)
 
@@ -113,19 +109,18 @@ class ContextParallelAttention(ScaledDotProductAttention):
         v = _exchange(v, self.group, self.rotate_method, dim=2)
         with torch.no_grad():
             k_pos = _exchange(positions, self.group, "allgather", dim=1)
-        with self._context():
-            return masked_attention(q, k, v, positions, k_pos)
+        return attend(q, k, v, self.mask, self.backend, positions, k_pos)
 
     def extra_repr(self) -> str:
-        return f"cp={self.cp_size}, rotate_method={self.rotate_method}, backend={self.backend}"
+        return f"cp={self.cp_size}, rotate_method={self.rotate_method}, {super().extra_repr()}"
 
 
 def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, rotate_method: str) -> None:
     """Replace every block's `attention.sdpa` with a context-parallel one over `cp_mesh`."""
     if rotate_method not in ROTATE_METHODS:
-        raise ValueError(f"parallelism.context_parallel_rotate_method = {rotate_method!r}; "
+        raise ConfigError(f"parallelism.context_parallel_rotate_method = {rotate_method!r}; "
                          f"valid: {', '.join(ROTATE_METHODS)}")
     group = cp_mesh.get_group()
     for block in model.layers.values():
-        backend = getattr(block.attention.sdpa, "backend", "default")
-        block.attention.sdpa = ContextParallelAttention(group, rotate_method, backend)
+        core: AttentionCore = block.attention.sdpa
+        block.attention.sdpa = ContextParallelAttention(group, rotate_method, core.mask, core.backend)

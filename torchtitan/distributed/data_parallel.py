@@ -6,8 +6,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def reshard_policy(setting: str, pp_enabled: bool) -> bool:
     """default: free gathered params after forward, except under PP where each micro-batch would re-gather."""
@@ -19,20 +17,27 @@ def reshard_policy(setting: str, pp_enabled: bool) -> bool:
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
-               reshard_after_forward: bool, cpu_offload: bool = False) -> None:
-    """Shard each block, the embedding and norm+output as units, then the root (which holds what is left)."""
+               reshard_after_forward: bool, cpu_offload: bool = False, tied: bool = False) -> None:
+    """Shard a decoder (tok_embeddings, layers, norm, output; None where a pipeline stage lacks them).
+
+    Units: the embedding, each block, norm + output, then the root for what is left. A tied
+    embedding is the output's weight, and a parameter must live in exactly one FSDP group, so it
+    joins the norm + output unit, which stays gathered from the embedding lookup until backward is
+    done with the output.
+    """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kw = dict(mesh=dp_mesh, mp_policy=mp)
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-    if getattr(model, "tok_embeddings", None) is not None:
+    if model.tok_embeddings is not None and not tied:
         fully_shard(model.tok_embeddings, reshard_after_forward=reshard_after_forward, **kw)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         last = i == len(blocks) - 1
         fully_shard(block, reshard_after_forward=reshard_after_forward and not last, **kw)
-    tail = [m for m in (getattr(model, "norm", None), getattr(model, "output", None)) if m is not None]
+    ends = (model.tok_embeddings,) if tied else ()
+    tail = [m for m in (*ends, model.norm, model.output) if m is not None]
     if tail:
         fully_shard(tail, reshard_after_forward=False, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torchtitan.config.job_config import Parallelism
+from torchtitan.tools.errors import ConfigError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -21,19 +23,20 @@ class ParallelDims:
     _mesh: DeviceMesh | None = field(default=None, repr=False)
 
     @classmethod
-    def from_config(cls, cfg: Parallelism, world_size: int) -> "ParallelDims":
+    def from_config(cls, cfg: Parallelism, world_size: int) -> ParallelDims:
         """Validate degrees against the world size; dp_shard = -1 takes what is left."""
         rep, shard, cp, tp, pp = (cfg.data_parallel_replicate_degree, cfg.data_parallel_shard_degree,
                                   cfg.context_parallel_degree, cfg.tensor_parallel_degree, cfg.pipeline_parallel_degree)
         others = rep * cp * tp * pp
         if shard == -1:
             if world_size % others:
-                raise ValueError(
-                    f"world size {world_size} is not divisible by data_parallel_replicate_degree x context_parallel_degree x "
+                raise ConfigError(
+                    f"world size {world_size} is not divisible by data_parallel_replicate_degree x "
+                    "context_parallel_degree x "
                     f"tensor_parallel_degree x pipeline_parallel_degree = {rep}x{cp}x{tp}x{pp} = {others}")
             shard = world_size // others
         if rep * shard * cp * tp * pp != world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel degrees multiply to {rep}x{shard}x{cp}x{tp}x{pp} = {rep * shard * cp * tp * pp} "
                 f"(dp_replicate x dp_shard x cp x tp x pp) but the world size is {world_size}; "
                 f"set parallelism.data_parallel_shard_degree = -1 to infer it")
@@ -53,6 +56,14 @@ class ParallelDims:
     def mesh(self) -> DeviceMesh:
         assert self._mesh is not None, "call build_mesh first"
         return self._mesh
+
+    @property
+    def has_mesh(self) -> bool:
+        return self._mesh is not None
+
+    def local_rank(self, name: str) -> int:
+        """This rank's index along mesh dim `name` (0 without a mesh)."""
+        return self._mesh[name].get_local_rank() if self._mesh is not None else 0
 
     @property
     def dp(self) -> int:
@@ -78,9 +89,12 @@ class ParallelDims:
     def cp_enabled(self) -> bool:
         return self.cp > 1
 
-    @property
-    def non_data_parallel_size(self) -> int:
-        return self.cp * self.tp * self.pp
+    def group(self, name: str) -> dist.ProcessGroup | None:
+        """The process group of mesh dim `name` (a flattened one too), or None where it is trivial
+        (size 1, or no mesh because the world is one process): nothing to reduce over."""
+        if self._mesh is None or self._mesh[name].size() == 1:
+            return None
+        return self._mesh[name].get_group()
 
     def describe(self) -> str:
         return (f"world {self.world_size}: pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} "

@@ -6,28 +6,32 @@ Why it is built this way:
   parameter FQNs stay global and DCP checkpoints move between any layouts.
 - Each stage is parallelized on its own (TP -> AC -> compile -> FSDP), exactly as
   a whole model would be; pipelining composes with the other degrees by calling
-  the model family's parallelize function once per stage.
-- The loss is a sum over tokens scaled by the step's global factor (see
-  components/train_step.py), and the schedule is told not to rescale gradients
-  (scale_grads=False), so gradients equal those of the same step without PP.
+  the given parallelize function once per stage.
+- The loss is a sum over tokens times the step's global normalizer (see
+  trainer/step.py), passed to every micro-batch's loss as an argument, and the
+  schedule is told not to rescale gradients (scale_grads=False), so gradients
+  equal those of the same step without PP.
 - Everything that can be wrong in the config is checked by `check_pipeline_config`
-  before any process group exists (config/preflight.py calls it).
+  before any process group exists (trainer/preflight.py calls it).
 """
 from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import logging
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import _Action, _PipelineScheduleRuntime, get_schedule_class
 from torch.distributed.tensor import DTensor
 
-from torchtitan.config.job_config import JobConfig, Parallelism
-from torchtitan.config.manager import ConfigError
+from torchtitan.config.job_config import Parallelism
 from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.tools.errors import ConfigError
 
 logger = logging.getLogger("torchtitan")
 
@@ -103,8 +107,6 @@ def read_csv_schedule(path: str) -> list[list[str]]:
 
 def _csv_stage_ranks(path: str, pp: int) -> list[int]:
     """Stage placement written in a CSV schedule: the rank whose row runs a stage owns it."""
-    from torch.distributed.pipelining.schedules import _Action
-
     rows = read_csv_schedule(path)
     if len(rows) != pp:
         raise ConfigError(f"parallelism.pipeline_parallel_schedule_csv {path}: {len(rows)} rows but "
@@ -139,7 +141,8 @@ def plan_stages(p: Parallelism, n_layers: int) -> StagePlan:
         raise ConfigError(f"parallelism.pipeline_parallel_schedule = {schedule!r} cannot run; "
                           f"valid: {', '.join(RUNNABLE_SCHEDULES)}")
     if schedule == CSV_SCHEDULE and not p.pipeline_parallel_schedule_csv:
-        raise ConfigError("parallelism.pipeline_parallel_schedule = CSV needs parallelism.pipeline_parallel_schedule_csv")
+        raise ConfigError("parallelism.pipeline_parallel_schedule = CSV needs "
+                          "parallelism.pipeline_parallel_schedule_csv")
     csv_ranks = _csv_stage_ranks(p.pipeline_parallel_schedule_csv, pp) if schedule == CSV_SCHEDULE else None
     if p.pipeline_parallel_split_points:
         layers = _layers_from_split_points(p.pipeline_parallel_split_points, n_layers)
@@ -174,42 +177,43 @@ def plan_stages(p: Parallelism, n_layers: int) -> StagePlan:
     return StagePlan(layers=layers, stage_ranks=ranks)
 
 
-def check_pipeline_config(cfg: JobConfig, model_args, dims: ParallelDims) -> None:
-    """Every pipeline constraint torch would otherwise report mid-run (or as a hang), as one ConfigError."""
-    p, t = cfg.parallelism, cfg.training
-    if not dims.pp_enabled:
+def check_pipeline_config(p: Parallelism, model_args, *, local_batch_size: int, compiled: bool, on_cpu: bool,
+                          model_label: str) -> None:
+    """Every pipeline constraint torch would otherwise report mid-run (or as a hang), as one ConfigError.
+
+    compiled: the model's blocks are compiled; on_cpu: the pipeline links run over gloo.
+    """
+    if p.pipeline_parallel_degree <= 1:
         return
+    pp = p.pipeline_parallel_degree
     plan = plan_stages(p, model_args.n_layers)
-    schedule, n_mb = p.pipeline_parallel_schedule, t.local_batch_size // p.pipeline_parallel_microbatch_size
-    if getattr(model_args, "tie_word_embeddings", False):
-        raise ConfigError(f"{cfg.model.name} {cfg.model.flavor} ties the embedding and output weights, which pipeline "
+    schedule, n_mb = p.pipeline_parallel_schedule, local_batch_size // p.pipeline_parallel_microbatch_size
+    if model_args.tie_word_embeddings:
+        raise ConfigError(f"{model_label} ties the embedding and output weights, which pipeline "
                           f"parallel would place on different stages; set pipeline_parallel_degree = 1")
     if schedule in ("1F1B", "DualPipeV") and n_mb < plan.num_stages:
         raise ConfigError(f"schedule {schedule} needs at least as many micro-batches as stages ({plan.num_stages}): "
                           f"training.local_batch_size / parallelism.pipeline_parallel_microbatch_size = {n_mb}")
-    rounds = max(1, n_mb // dims.pp)
+    rounds = max(1, n_mb // pp)
     if schedule in ("Interleaved1F1B", "InterleavedZeroBubble") and n_mb % rounds:
-        raise ConfigError(f"schedule {schedule} runs micro-batches in rounds of pipeline_parallel_degree = {dims.pp}: "
+        raise ConfigError(f"schedule {schedule} runs micro-batches in rounds of pipeline_parallel_degree = {pp}: "
                           f"{n_mb} micro-batches (training.local_batch_size / pipeline_parallel_microbatch_size) "
-                          f"do not split into {rounds} equal rounds; use a multiple of {dims.pp}")
-    if schedule in NO_COMPILE_SCHEDULES and cfg.compile.enable and "model" in cfg.compile.components:
+                          f"do not split into {rounds} equal rounds; use a multiple of {pp}")
+    if schedule in NO_COMPILE_SCHEDULES and compiled:
         raise ConfigError(f"schedule {schedule} splits backward into input and weight passes, which torch does not "
                           f"support on compiled stages; set compile.enable = false or use Interleaved1F1B")
-    if schedule in V_SCHEDULES and cfg.comm.mode != "fake_backend" and _warmup_sends_to_self():
-        from torchtitan.tools.device import detect_device_type
-
-        if detect_device_type() == "cpu":
-            raise ConfigError(f"schedule {schedule} puts neighbouring stages on one rank, and torch {torch.__version__} "
-                              f"opens pipeline links with a send to that same rank, which gloo (CPU) cannot do; on CPU "
-                              f"use torch >= 2.12 or another schedule (Interleaved1F1B, InterleavedZeroBubble)")
+    if schedule in V_SCHEDULES and on_cpu and _warmup_sends_to_self():
+        raise ConfigError(f"schedule {schedule} puts neighbouring stages on one rank, and torch {torch.__version__} "
+                          f"opens pipeline links with a send to that same rank, which gloo (CPU) cannot do; on CPU "
+                          f"use torch >= 2.12 or another schedule (Interleaved1F1B, InterleavedZeroBubble)")
 
 
 def _warmup_sends_to_self() -> bool:
     """torch < 2.12 warms up every stage's links with a send/recv to both neighbours, its own rank included
     (NCCL allows that, gloo does not); later releases warm up with a vote that keeps local neighbours local."""
-    from torch.distributed.pipelining import schedules
+    from torch.distributed.pipelining.schedules import _PipelineSchedule
 
-    return not hasattr(schedules._PipelineSchedule, "_warmup_p2p")
+    return not hasattr(_PipelineSchedule, "_warmup_p2p")
 
 
 # ------------------------------------------------------------------ building
@@ -229,40 +233,40 @@ def prune_to_stage(model: nn.Module, layers: list[str], is_first: bool, is_last:
     return part
 
 
-def build_stage_modules(model: nn.Module, plan: StagePlan, pp_rank: int, dims: ParallelDims, cfg: JobConfig,
-                        device_type: str, parallelize_fn: Callable) -> list[tuple[int, nn.Module]]:
+def build_stage_modules(model: nn.Module, plan: StagePlan, pp_rank: int,
+                        parallelize: Callable[[nn.Module], nn.Module]) -> list[tuple[int, nn.Module]]:
     """(stage index, parallelized stage module) for every stage `pp_rank` runs."""
     out = []
     for s in plan.stages_of(pp_rank):
         part = prune_to_stage(model, plan.layers[s], s == 0, s == plan.num_stages - 1)
-        out.append((s, parallelize_fn(part, dims, cfg, device_type)))
+        out.append((s, parallelize(part)))
     return out
 
 
-def scaled_loss(loss_fn: Callable, loss_scale: list) -> Callable:
-    """The loss the schedule calls per micro-batch: summed loss times the step's global scale.
+@dataclass
+class PipelineLoss:
+    """The loss the schedule calls per micro-batch: summed loss times the step's global normalizer.
 
-    `loss_scale` is the trainer's holder (TrainContext.loss_scale); train_step writes
-    the current scale into it before running the schedule.
+    The normalizer arrives as `scale`, through the schedule's `loss_kwargs` (torch >= 2.12). Older
+    schedules call the loss with (pred, labels) only; there the runner sets `scale` on this object
+    before each schedule step, and nothing else writes it.
     """
 
-    def pipeline_loss(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = loss_fn(pred, labels)
+    loss_fn: Callable
+    scale: torch.Tensor | float = 1.0
+
+    def __call__(self, pred: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        loss = self.loss_fn(pred, labels)
         if isinstance(loss, DTensor):
             # Loss parallel (TP) returns a replicated DTensor; the trainer sums and all-reduces
             # plain tensors over the pipeline group, which a DTensor cannot join.
             loss = loss.full_tensor()
-        return loss * loss_scale[0]
-
-    return pipeline_loss
+        return loss * (self.scale if scale is None else scale)
 
 
-def build_schedule(stages: list, cfg: JobConfig, loss: Callable):
+def build_schedule(stages: list, p: Parallelism, local_batch_size: int, loss: Callable):
     """The configured torch schedule over this rank's stages; it must not rescale gradients (see module doc)."""
-    from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime, get_schedule_class
-
-    p = cfg.parallelism
-    n_mb = cfg.training.local_batch_size // p.pipeline_parallel_microbatch_size
+    n_mb = local_batch_size // p.pipeline_parallel_microbatch_size
     if p.pipeline_parallel_schedule == CSV_SCHEDULE:
         schedule = _PipelineScheduleRuntime(stages, n_microbatches=n_mb, loss_fn=loss, scale_grads=False)
         schedule._load_csv(p.pipeline_parallel_schedule_csv)
@@ -274,32 +278,59 @@ def build_schedule(stages: list, cfg: JobConfig, loss: Callable):
     return cls(stages, n_microbatches=n_mb, loss_fn=loss, scale_grads=False)
 
 
-def pipeline_llm(model: nn.Module, dims: ParallelDims, cfg: JobConfig, device: torch.device, parallelize_fn: Callable,
-                 loss_fn: Callable | None = None, loss_scale: list | None = None):
-    """Split, parallelize and schedule. Returns (schedule, model_parts, has_first_stage, has_last_stage).
+@dataclass
+class Pipeline:
+    """This rank's stages and the schedule that runs them."""
 
-    loss_fn: summed loss (pred, labels) -> scalar; defaults to the [training] cross-entropy.
-    loss_scale: 1-element list read at every micro-batch (train.py passes TrainContext.loss_scale).
-        None: a new holder, exposed as `schedule.loss_scale`; whoever runs the schedule must fill it.
+    schedule: object
+    parts: list[nn.Module]
+    has_first: bool
+    has_last: bool
+    loss: PipelineLoss
+    _loss_kwargs: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._loss_kwargs = "loss_kwargs" in inspect.signature(self.schedule.step).parameters
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+             positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Forward and backward of one local batch through the pipeline; the summed (unscaled) loss on the
+        rank holding the last stage, None elsewhere."""
+        kwargs: dict = {"positions": positions} if positions is not None else {}
+        if self._loss_kwargs:
+            kwargs["loss_kwargs"] = {"scale": scale}
+        else:
+            self.loss.scale = scale
+        losses: list[torch.Tensor] = []
+        if self.has_first:
+            self.schedule.step(inputs, **kwargs, target=labels if self.has_last else None,
+                               losses=losses if self.has_last else None)
+        elif self.has_last:
+            self.schedule.step(**kwargs, target=labels, losses=losses)
+        else:
+            self.schedule.step(**kwargs)
+        if not (self.has_last and losses):
+            return None
+        return torch.stack([loss.detach() for loss in losses]).sum() / scale
+
+
+def build_pipeline(model: nn.Module, *, dims: ParallelDims, parallelism: Parallelism, local_batch_size: int,
+                   device: torch.device, parallelize: Callable[[nn.Module], nn.Module],
+                   loss_fn: Callable) -> Pipeline:
+    """Split `model` into this rank's stages, parallelize each, and schedule them.
+
+    loss_fn: summed loss (pred, labels) -> scalar, the same as without pipelining.
     """
-    from torch.distributed.pipelining import PipelineStage
-
-    if loss_fn is None:
-        from torchtitan.components.loss import build_loss_fn
-
-        loss_fn = build_loss_fn(cfg.training)
-    loss_scale = loss_scale if loss_scale is not None else [1.0]
     pp_mesh = dims.mesh["pp"]
     pp_rank, group = pp_mesh.get_local_rank(), pp_mesh.get_group()
-    plan = plan_stages(cfg.parallelism, len(model.layers))
-    parts = build_stage_modules(model, plan, pp_rank, dims, cfg, device.type, parallelize_fn)
+    plan = plan_stages(parallelism, len(model.layers))
+    parts = build_stage_modules(model, plan, pp_rank, parallelize)
     stages = [PipelineStage(part, s, plan.num_stages, device, group=group) for s, part in parts]
-    schedule = build_schedule(stages, cfg, scaled_loss(loss_fn, loss_scale))
-    schedule.loss_scale = loss_scale
+    loss = PipelineLoss(loss_fn)
+    schedule = build_schedule(stages, parallelism, local_batch_size, loss)
     for s, _ in parts:
         extra = (" + embedding" if s == 0 else "") + (" + norm/output" if s == plan.num_stages - 1 else "")
         logger.info(f"pipeline rank {pp_rank}: stage {s}/{plan.num_stages} holds layers "
                     f"{plan.layers[s][0]}..{plan.layers[s][-1]}{extra}")
-    has_first = any(s == 0 for s, _ in parts)
-    has_last = any(s == plan.num_stages - 1 for s, _ in parts)
-    return schedule, [part for _, part in parts], has_first, has_last
+    return Pipeline(schedule, [part for _, part in parts], has_first=any(s == 0 for s, _ in parts),
+                    has_last=any(s == plan.num_stages - 1 for s, _ in parts), loss=loss)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import math
 import os
 
 import torch
@@ -32,7 +31,8 @@ def set_pg_timeout(seconds: int) -> None:
         from torch.distributed.distributed_c10d import _get_default_group
 
         try:
-            _get_default_group()._get_backend(torch.device("cpu")).options._timeout = datetime.timedelta(seconds=seconds)
+            _get_default_group()._get_backend(torch.device("cpu")).options._timeout = datetime.timedelta(
+                seconds=seconds)
         except Exception:
             pass  # not every backend exposes a settable timeout; the init timeout then stays
 
@@ -42,13 +42,6 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-    return x
-
-
-def all_reduce_max(x: torch.Tensor, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
     return x
 
 
@@ -92,6 +85,3 @@ def set_determinism(seed: int | None, deterministic: bool, rank_offset: int = 0)
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

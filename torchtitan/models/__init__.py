@@ -1,5 +1,9 @@
 """Model families, looked up lazily by `model.name` (importing this package registers nothing)."""
+from __future__ import annotations
+
 import importlib
+
+from torchtitan.tools.errors import ConfigError
 
 # name -> module with a `get_train_spec()`; an explicit table instead of import-time registration.
 _TRAIN_SPEC_MODULES = {
@@ -14,6 +18,16 @@ def model_names() -> list[str]:
 
 
 def get_train_spec(name: str):
+    """The TrainSpec (models/common/spec.py) of family `name`."""
     if name not in _TRAIN_SPEC_MODULES:
-        raise ValueError(f"model.name {name!r} is not one of {', '.join(_TRAIN_SPEC_MODULES)}")
+        raise ConfigError(f"model.name {name!r} is not one of {', '.join(_TRAIN_SPEC_MODULES)}")
     return importlib.import_module(_TRAIN_SPEC_MODULES[name]).get_train_spec()
+
+
+def spec_for_hf_model_type(model_type: str):
+    """The family whose HF adapter reads transformers' `model_type`, or None."""
+    for name in model_names():
+        spec = get_train_spec(name)
+        if spec.state_dict_adapter.hf_model_type == model_type:
+            return spec
+    return None

@@ -86,14 +86,15 @@ def test_files_tiktoken_cannot_reproduce_stay_on_tokenizers(tmp_path: Path, edit
 
 def test_converted_tiktoken_file_runs_on_tiktoken_with_its_ids(tmp_path: Path) -> None:
     """A tiktoken vocabulary written as HF tokenizer.json (regex split, every split listed) keeps tiktoken's ids."""
+    import base64
+
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RawTokenizer
 
-    import base64
-
     merged = [b"he", b"ll", b"llo", b"hello", b" w", b"or", b" wor", b"ld", b" world"]
     ranks = [bytes([b]) for b in range(256)] + merged
-    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
+    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n"
+                                                      for i, t in enumerate(ranks)))
     encode = {b: c for c, b in byte_decoder().items()}
     as_text = lambda raw: "".join(encode[b] for b in raw)  # noqa: E731
     vocab = {as_text(t): i for i, t in enumerate(ranks)}

@@ -5,7 +5,7 @@ from torch import nn
 from torchtitan.components.float8 import float8_eligible
 from torchtitan.config.job_config import JobConfig
 from torchtitan.config.manager import ConfigError
-from torchtitan.config.preflight import preflight
+from torchtitan.trainer.preflight import preflight
 
 
 def test_eligibility():

@@ -5,13 +5,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchtitan.components.fused_loss import FusedOutputLoss, OutputHead, fuse_output_into_loss, linear_cross_entropy_sum
-from torchtitan.components.loss import IGNORE_INDEX, build_loss_fn, cross_entropy_sum
+from torchtitan.components.loss import (
+    IGNORE_INDEX,
+    FusedOutputLoss,
+    OutputHead,
+    build_loss_fn,
+    cross_entropy_sum,
+    fuse_output_into_loss,
+    linear_cross_entropy_sum,
+)
 from torchtitan.config import ConfigError, load_config
 from torchtitan.config.job_config import Training
-from torchtitan.config.preflight import preflight
 from torchtitan.models import get_train_spec
 from torchtitan.models.llama3 import llama3_flavors
+from torchtitan.trainer.preflight import preflight
 
 
 def _data(dtype=torch.float32):
@@ -49,7 +56,7 @@ def test_bf16_inputs_match_the_unfused_bf16_path():
 def test_head_keeps_the_parameter_name_and_the_model_returns_hidden_states():
     spec = get_train_spec("llama3")
     torch.manual_seed(0)
-    model = spec.model_cls(llama3_flavors["debugmodel"])
+    model = spec.build_model(llama3_flavors["debugmodel"])
     model.init_weights()
     tokens = torch.randint(0, 2048, (2, 24))
     labels = torch.randint(0, 2048, (2, 24))
@@ -73,7 +80,7 @@ def test_tied_output_stays_tied():
     spec = get_train_spec("olmo")
     args = next(a for a in olmo_flavors.values() if a.tie_word_embeddings)
     with torch.device("meta"):
-        model = spec.model_cls(args)
+        model = spec.build_model(args)
     fuse_output_into_loss(model)
     assert model.output.weight is model.tok_embeddings.weight
 

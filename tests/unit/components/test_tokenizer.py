@@ -43,8 +43,9 @@ SPM_SAMPLES = ["hello world.", "f(x) returns 42, twice", "  leading  and double 
 
 
 def _train_sentencepiece(path_prefix: Path) -> Path:
-    import sentencepiece as spm
     from pydoc_data.topics import topics
+
+    import sentencepiece as spm
 
     # A ~40-symbol alphabet leaves room for merges inside a 100-piece vocabulary.
     text = "\n".join(topics[k] for k in sorted(topics)[:10]).lower()

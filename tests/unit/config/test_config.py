@@ -31,7 +31,8 @@ def test_config_env_and_config_file_env(tmp_path):
 
 def test_bool_flags_and_lists():
     cfg = load_config(["--checkpoint.enable_checkpoint", "--compile.enable=true", "--metrics.enable_jsonl=false",
-                       "--compile.components", "model", "--parallelism.pipeline_parallel_split_points", "layers.2,layers.4"], env={})
+                       "--compile.components", "model", "--parallelism.pipeline_parallel_split_points",
+                       "layers.2,layers.4"], env={})
     assert cfg.checkpoint.enable and cfg.compile.enable and not cfg.metrics.enable_jsonl
     assert cfg.compile.components == ["model"]
     assert cfg.parallelism.pipeline_parallel_split_points == ["layers.2", "layers.4"]
@@ -116,8 +117,8 @@ def _main(args, env_extra=None):
     (["--training.stepz", "3"], {}, "unknown config key 'training.stepz'"),
     (["--parallelism.tensor_parallel_degree", "3"], {"WORLD_SIZE": "4"}, "world size 4 is not divisible"),
     (["--parallelism.data_parallel_shard_degree", "2"], {"WORLD_SIZE": "4"}, "but the world size is 4"),
-    (["--parallelism.tensor_parallel_degree", "3", "--parallelism.data_parallel_shard_degree", "1"], {"WORLD_SIZE": "3"},
-     "must divide the model's 16 attention heads"),
+    (["--parallelism.tensor_parallel_degree", "3", "--parallelism.data_parallel_shard_degree", "1"],
+     {"WORLD_SIZE": "3"}, "must divide the model's 16 attention heads"),
     (["--checkpoint.enable_checkpoint", "--checkpoint.create_seed_checkpoint"], {"WORLD_SIZE": "2"},
      "create_seed_checkpoint needs a single process"),
     (["--model.flavor", "9T"], {}, "model.flavor '9T' is not a llama3 flavor"),
@@ -127,7 +128,7 @@ def test_cli_errors_one_line_nonzero(args, env, fragment):
     assert proc.returncode != 0
     assert fragment in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert len([l for l in proc.stderr.splitlines() if l.strip()]) == 1, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
 
 
 def test_print_config_cli():

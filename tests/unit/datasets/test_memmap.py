@@ -41,7 +41,8 @@ def training_cfg(paths, **kw) -> Training:
 
 
 def loaders(cfg: Training, dp: int, dump: str) -> list[ParallelAwareDataloader]:
-    return [ParallelAwareDataloader(build_memmap_dataset(cfg, r, dp, dump), cfg.local_batch_size, dp) for r in range(dp)]
+    return [ParallelAwareDataloader(build_memmap_dataset(cfg, r, dp, dump), cfg.local_batch_size, dp)
+            for r in range(dp)]
 
 
 def consume(loaders_: list, micro_batches: int, iters=None) -> list[list[int]]:

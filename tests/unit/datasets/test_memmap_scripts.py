@@ -61,7 +61,8 @@ def test_inspect_prints_global_batch_from_the_order(tmp_path, capsys):
     inst = MemmapInstances(paths, "uint16", 32)
     order = build_global_indices(len(inst), 5, 0)
     assert [r["instance"] for r in rows] == order[24:32].tolist()
-    assert [r["dp_rank"] for r in rows] == [0, 0, 1, 1, 0, 0, 1, 1] and [r["micro_batch"] for r in rows] == [0] * 4 + [1] * 4
+    assert ([r["dp_rank"] for r in rows] == [0, 0, 1, 1, 0, 0, 1, 1]
+            and [r["micro_batch"] for r in rows] == [0] * 4 + [1] * 4)
     tok = build_tokenizer(TOKENIZER)
     for r in rows:
         assert r["ids"] == inst.tokens(r["instance"]).tolist() and r["text"] == tok.decode(r["ids"])

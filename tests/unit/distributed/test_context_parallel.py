@@ -5,7 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchtitan.distributed.context_parallel import chunk_ids, masked_attention, shard_sequence
+from torchtitan.distributed.context_parallel import chunk_ids, shard_sequence
+from torchtitan.ops.attention import CAUSAL, attend
+
+
+def masked_attention(q, k, v, q_pos, k_pos):
+    """What a CP rank computes: its queries against the gathered keys, causal by global position."""
+    return attend(q, k, v, CAUSAL, "default", q_pos, k_pos)
 
 
 def test_shard_sequence_load_balances_and_covers_every_token():
@@ -63,7 +69,7 @@ def test_chunk_ids_pair_first_and_last():
 def test_masked_attention_on_cuda_backends(backend: str):
     from torch.nn.attention import sdpa_kernel
 
-    from torchtitan.models.common.attention import SDPA_BACKENDS
+    from torchtitan.ops.attention import SDPA_BACKENDS
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

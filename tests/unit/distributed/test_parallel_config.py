@@ -5,10 +5,10 @@ import types
 
 import pytest
 
-from torchtitan.config import ConfigError, load_config
-from torchtitan.config.preflight import preflight
+from torchtitan.config import load_config
 from torchtitan.distributed.context_parallel import apply_cp
-from torchtitan.models.llama3.tensor_parallel import enable_async_tp
+from torchtitan.distributed.tensor_parallel import enable_async_tp
+from torchtitan.trainer.preflight import preflight
 
 
 def _cfg(*args: str):
@@ -18,7 +18,7 @@ def _cfg(*args: str):
 def test_compiled_loss_stays_eager_under_loss_parallel():
     """torch 2.13 gets a compiled cross-entropy on vocab-sharded logits wrong: that loss stays eager,
     and the shipped configs (compile model + loss, TP) stay valid."""
-    from torchtitan.config.preflight import compile_loss_enabled
+    from torchtitan.trainer.preflight import compile_loss_enabled
 
     tp_lp = _cfg("--parallelism.tensor_parallel_degree", "2", "--compile.enable")
     preflight(tp_lp, 2)

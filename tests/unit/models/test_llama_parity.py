@@ -4,10 +4,10 @@ import dataclasses
 import pytest
 import torch
 
+from torchtitan.models import get_train_spec
+from torchtitan.models.common.decoder import Decoder as Transformer
 from torchtitan.models.common.rope import RopeScaling
-from torchtitan.models.llama3 import llama3_flavors
-from torchtitan.models.llama3.model import LlamaModelArgs, Transformer
-from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
+from torchtitan.models.llama3 import Llama3StateDictAdapter, LlamaModelArgs, llama3_flavors
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,4 +75,5 @@ def test_init_is_deterministic():
 # 1B/3B keep a separate output layer (Llama 3.2 ties it: 1.24B / 3.21B), as torchtitan does.
 @pytest.mark.parametrize("flavor,params_b", [("1B", 1.50), ("3B", 3.61), ("8B", 8.03), ("70B", 70.6), ("405B", 405.9)])
 def test_flavor_sizes(flavor, params_b):
-    assert llama3_flavors[flavor].num_params(exclude_embedding=False) / 1e9 == pytest.approx(params_b, rel=0.02)
+    model = get_train_spec("llama3").build_meta_model(llama3_flavors[flavor])
+    assert model.num_params(exclude_embedding=False) / 1e9 == pytest.approx(params_b, rel=0.02)

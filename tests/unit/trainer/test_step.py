@@ -1,0 +1,87 @@
+"""train_step in one process: the global-token normalization and the non-finite guard."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_sum
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.optimizer import OptimizersContainer, build_optimizers
+from torchtitan.config.job_config import LRScheduler, Optimizer, Parallelism
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.models import get_train_spec
+from torchtitan.tools.errors import TrainingDiverged
+from torchtitan.trainer.step import ModelRunner, NonFiniteGuard, global_mean_loss, train_step
+
+DIMS = ParallelDims.from_config(Parallelism(), 1)
+
+
+def _model():
+    spec = get_train_spec("llama3")
+    args = spec.model_args("debugmodel")
+    args.n_layers, args.max_seq_len = 2, 16
+    torch.manual_seed(0)
+    model = spec.build_model(args)
+    model.init_weights()
+    return model
+
+
+def _batch(seed: int, n: int):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 2048, (n, 17), generator=g)
+    labels = tokens[:, 1:].clone()
+    # Ragged masking: micro-batches hold different numbers of labelled tokens.
+    labels[torch.rand(labels.shape, generator=g) < torch.linspace(0.1, 0.8, n)[:, None]] = IGNORE_INDEX
+    return tokens[:, :-1], labels
+
+
+def _step(model, batches, optimizer, step: int = 1, guard: NonFiniteGuard | None = None, loss_fn=None):
+    scheds = build_lr_schedulers(optimizer, LRScheduler(warmup_steps=0), 10)
+    runner = ModelRunner([model], loss_fn or cross_entropy_sum, torch.device("cpu"))
+    return train_step(runner, batches, dims=DIMS, optimizers=optimizer, lr_schedulers=scheds,
+                      guard=guard or NonFiniteGuard(), step=step, max_norm=0.0)
+
+
+def _sgd(model) -> OptimizersContainer:
+    return OptimizersContainer([model], [torch.optim.SGD(model.parameters(), lr=1.0)])
+
+
+def test_two_micro_batches_of_two_equal_one_of_four():
+    inputs, labels = _batch(0, 4)
+    one, two = _model(), _model()
+    out1 = _step(one, [(inputs, labels)], _sgd(one))
+    out2 = _step(two, [(inputs[:2], labels[:2]), (inputs[2:], labels[2:])], _sgd(two))
+    assert int(out1.n_tokens) == int(out2.n_tokens) == int((labels != IGNORE_INDEX).sum())
+    assert global_mean_loss(out1, DIMS) == pytest.approx(global_mean_loss(out2, DIMS), abs=1e-6)
+    torch.testing.assert_close(out1.grad_norm, out2.grad_norm, atol=1e-6, rtol=1e-6)
+    # SGD with lr 1 moves each weight by exactly its gradient: equal weights mean equal gradients.
+    for (name, a), b in zip(one.named_parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_a_nan_step_is_not_applied_and_is_named(implementation):
+    model = _model()
+    optimizer = build_optimizers([model], Optimizer(lr=1e-3, implementation=implementation), "cpu")
+    guard = NonFiniteGuard()
+    bad = {"step": None}
+
+    def loss_fn(logits, labels):
+        loss = cross_entropy_sum(logits, labels)
+        return loss * float("nan") if bad["step"] else loss
+
+    _step(model, [_batch(1, 2)], optimizer, 1, guard, loss_fn)
+    guard.check()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {k: v.clone() for k, v in next(iter(optimizer.optimizers[0].state.values())).items()}
+    bad["step"] = 2
+    out = _step(model, [_batch(2, 2)], optimizer, 2, guard, loss_fn)
+    assert not torch.isfinite(out.grad_norm)
+    bad["step"] = None
+    _step(model, [_batch(3, 2)], optimizer, 3, guard, loss_fn)  # finite, but after a bad step: still skipped
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    state_after = next(iter(optimizer.optimizers[0].state.values()))
+    if implementation == "fused":  # the device-side skip leaves the moments and step count alone too
+        assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
+    with pytest.raises(TrainingDiverged, match="nan/inf at step 2;"):
+        guard.check()

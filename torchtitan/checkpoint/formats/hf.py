@@ -1,0 +1,190 @@
+"""Hugging Face safetensors folders <-> our state dicts, via the model's state_dict_adapter.
+
+Reading and writing go through DCP's HuggingFaceStorageReader/Writer
+(torch.distributed.checkpoint, public since torch 2.8), which read tensor slices
+straight from safetensors files and write `model-0000i-of-0000N.safetensors`
+plus `model.safetensors.index.json`.
+
+Names, the q/k rotary permutation and config.json <-> model args are the
+family's adapter's job (models/common/adapter.py); this module moves tensors and
+finds the family from config.json's model_type.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+
+from torchtitan.checkpoint.io import (
+    ModelInfo,
+    check_fits,
+    dcp_error_detail,
+    ensure_new_output,
+    read_json,
+    staged_output,
+    state_shapes,
+)
+from torchtitan.models import get_train_spec, model_names, spec_for_hf_model_type
+from torchtitan.models.common.adapter import HF_DERIVED_SUFFIXES, StateDictAdapter
+from torchtitan.tools.errors import CheckpointError
+
+logger = logging.getLogger("torchtitan")
+
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+
+# --------------------------------------------------------------------------- files
+def hf_weight_files(folder: str) -> list[str]:
+    """The safetensors files of an HF folder; a sharded index must name files that all exist."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"HF checkpoint {folder}: no such folder")
+    present = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    index_path = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"HF checkpoint {folder}: unreadable {INDEX_FILE} ({e})") from None
+        listed = sorted(set(weight_map.values()))
+        missing = [f for f in listed if f not in present]
+        if missing:
+            raise CheckpointError(f"HF checkpoint {folder}: {INDEX_FILE} lists {', '.join(missing)} but the file(s) "
+                                  f"are missing (an incomplete download?)")
+        extra = [f for f in present if f not in listed]
+        if extra:
+            raise CheckpointError(f"HF checkpoint {folder}: {', '.join(extra)} not listed in {INDEX_FILE}; "
+                                  f"move the extra safetensors files out of the folder")
+        return [os.path.join(folder, f) for f in listed]
+    if not present:
+        raise CheckpointError(f"HF checkpoint {folder}: no *.safetensors files")
+    return [os.path.join(folder, f) for f in present]
+
+
+def read_hf_shapes(folder: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """HF name -> (shape, dtype), from the safetensors headers only."""
+    out = {}
+    for path in hf_weight_files(folder):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    out[key] = (torch.Size(sl.get_shape()), _st_dtype(sl.get_dtype()))
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise CheckpointError(f"HF checkpoint {path}: unreadable safetensors file "
+                                  f"({type(e).__name__}: {e})") from None
+    return out
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+            "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}[name]
+
+
+def read_hf_state_dict(folder: str, dtype: torch.dtype | None = None,
+                       keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Full tensors of an HF folder (stored dtype unless dtype is given), read in this process only."""
+    shapes = read_hf_shapes(folder)
+    if keys is not None:
+        shapes = {k: v for k, v in shapes.items() if k in keys}
+    sd = {k: torch.empty(size, dtype=dtype or dt) for k, (size, dt) in shapes.items()}
+    try:
+        dcp.load(sd, storage_reader=HuggingFaceStorageReader(folder), no_dist=True)
+    except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException, a BaseException
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise CheckpointError(f"HF checkpoint {folder}: reading the weights failed ({dcp_error_detail(e)})") from None
+    return sd
+
+
+def write_hf_state_dict(hf_sd: dict[str, torch.Tensor], folder: str, num_shards: int = 1) -> None:
+    """model-0000i-of-0000N.safetensors + model.safetensors.index.json (what from_pretrained reads)."""
+    keys = list(hf_sd)
+    num_shards = max(1, min(num_shards, len(keys)))
+    # Contiguous runs of keys per file, balanced by bytes, so layers stay together.
+    total = sum(t.numel() * t.element_size() for t in hf_sd.values())
+    mapping, acc = {}, 0
+    for k in keys:
+        mapping[k] = min(num_shards, 1 + acc * num_shards // max(total, 1))
+        acc += hf_sd[k].numel() * hf_sd[k].element_size()
+    hf_sd = {k: v.contiguous() for k, v in hf_sd.items()}
+    dcp.save(hf_sd, storage_writer=HuggingFaceStorageWriter(folder, fqn_to_index_mapping=mapping), no_dist=True)
+
+
+# ------------------------------------------------------------------ config.json <-> args
+def read_hf_config(folder: str) -> dict:
+    return read_json(folder, CONFIG_FILE, "HF checkpoint")
+
+
+def hf_tied(folder: str) -> bool:
+    """Whether the folder's config.json ties the output matrix to the embedding (no lm_head.weight)."""
+    return os.path.isfile(os.path.join(folder, CONFIG_FILE)) and bool(read_hf_config(folder).get("tie_word_embeddings"))
+
+
+def model_from_hf_config(config: dict, folder: str, name: str | None = None) -> ModelInfo:
+    """The family (from model_type, or `name`), its args and the flavor equal to them (or None)."""
+    model_type = config.get("model_type", "llama")
+    spec = get_train_spec(name) if name else spec_for_hf_model_type(model_type)
+    if spec is None:
+        known = ", ".join(get_train_spec(n).state_dict_adapter.hf_model_type for n in model_names())
+        raise CheckpointError(f"HF checkpoint {folder}: model_type {model_type!r} is not one of {known}; pass --model")
+    args = spec.state_dict_adapter.args_from_hf_config(config, folder)
+    return ModelInfo(spec.name, spec.matching_flavor(args), args)
+
+
+# --------------------------------------------------------------------- HF <-> native
+def hf_native_shapes(folder: str, adapter: StateDictAdapter) -> dict[str, tuple]:
+    """Native name -> (shape,) of an HF folder, from the headers; unmappable names kept as reported extras."""
+    out = {}
+    for hk, (shape, _) in read_hf_shapes(folder).items():
+        if not hk.endswith(HF_DERIVED_SUFFIXES):
+            out[adapter.native_key(hk) or hk] = (shape,)
+    if hf_tied(folder) and "output.weight" not in out and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
+
+
+def read_hf_as_native(folder: str, adapter: StateDictAdapter, dtype: torch.dtype | None = None) -> dict:
+    """Every tensor of an HF folder under its native name (stored dtype unless dtype is given)."""
+    hf_sd = read_hf_state_dict(folder, dtype=dtype)
+    try:
+        return adapter.from_hf(hf_sd, hf_tied=hf_tied(folder))
+    except CheckpointError as e:
+        raise CheckpointError(f"HF checkpoint {folder}: {e}") from None
+
+
+def load_hf_into_model(model_wrapper, adapter: StateDictAdapter, folder: str) -> None:
+    """checkpoint.initial_load_path = an HF folder: every rank reads full tensors, keeps its shard.
+
+    model_wrapper: a checkpoint ModelWrapper (state_dict() and load_full_state_dict())."""
+    want = model_wrapper.state_dict()
+    dtypes = {v.dtype for v in want.values()}
+    # Shapes first (headers only), so another flavor fails before any tensor is read.
+    check_fits(folder, hf_native_shapes(folder, adapter), state_shapes(want), what="HF checkpoint")
+    model_wrapper.load_full_state_dict(read_hf_as_native(folder, adapter, dtypes.pop() if len(dtypes) == 1 else None))
+
+
+def native_to_hf(native: dict[str, torch.Tensor], adapter: StateDictAdapter,
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    hf = adapter.to_hf(native)
+    return {k: (v.to(dtype) if dtype is not None and torch.is_floating_point(v) else v) for k, v in hf.items()}
+
+
+def write_hf_folder(native: dict[str, torch.Tensor], adapter: StateDictAdapter, out_dir: str,
+                    dtype: torch.dtype | None = None, num_shards: int = 1) -> tuple[int, torch.dtype]:
+    """An HF folder transformers loads (safetensors + config.json), staged: nothing at out_dir unless it all
+    worked. Returns (tensor count, dtype written)."""
+    ensure_new_output(out_dir)
+    hf_sd = native_to_hf(native, adapter, dtype)
+    out_dtype = dtype or next(iter(hf_sd.values())).dtype
+    with staged_output(out_dir) as tmp:
+        write_hf_state_dict(hf_sd, tmp, num_shards)
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(adapter.hf_config(out_dtype), f, indent=2)
+    return len(hf_sd), out_dtype

@@ -1,0 +1,189 @@
+"""The declared contract between a model family and checkpoint formats: native <-> HF transformers.
+
+Names go through a table (`{}` is the layer index) plus the few real transforms a
+family writes once (the q/k rotary permutation for Llama). The config.json
+mapping is split the same way: the fields every HF decoder has are written here,
+a family adds its own. Weight tying means one thing everywhere: a tied model has
+no `lm_head.weight` in HF files, and an HF file that ties a model we keep untied
+gets an explicit copy of the embedding as its output matrix.
+"""
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from torchtitan.models.common.args import DecoderArgs
+from torchtitan.tools.errors import CheckpointError
+
+HF_DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)  # derived buffers some HF checkpoints carry
+
+# The names every Llama-style HF decoder (LlamaForCausalLM, OlmoForCausalLM, ...) gives the decoder's
+# projections; a family's table adds its norms.
+HF_DECODER_TABLE = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def permute_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of q/k from Meta's interleaved-pair RoPE layout to HF's rotate-half layout."""
+    out_dim, in_dim = w.shape[0], w.shape[1:]
+    head_dim = out_dim // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *in_dim).transpose(1, 2).reshape(out_dim, *in_dim)
+
+
+def permute_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of permute_to_rotate_half."""
+    out_dim, in_dim = w.shape[0], w.shape[1:]
+    head_dim = out_dim // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, *in_dim).transpose(1, 2).reshape(out_dim, *in_dim)
+
+
+def _compile(table: dict[str, str], reverse: bool) -> list[tuple[re.Pattern, str]]:
+    pairs = [(v, k) if reverse else (k, v) for k, v in table.items()]
+    return [(re.compile("^" + re.escape(src).replace(r"\{\}", r"(\d+)") + "$"), dst) for src, dst in pairs]
+
+
+def hf_rope_params(config: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings of a config.json: transformers < 5 writes rope_theta + rope_scaling, 5.x rope_parameters."""
+    params = dict(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    if "rope_theta" not in params and "rope_theta" in config:
+        params["rope_theta"] = config["rope_theta"]
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params["type"]
+    params.setdefault("rope_type", "default")
+    return params
+
+
+class StateDictAdapter(ABC):
+    """One family's mapping to and from transformers' names and config.json."""
+
+    hf_model_type: ClassVar[str]
+    hf_architecture: ClassVar[str]
+    to_hf_table: ClassVar[dict[str, str]]
+
+    def __init__(self, args: DecoderArgs):
+        self.args = args
+        self._to_hf = _compile(self.to_hf_table, reverse=False)
+        self._from_hf = _compile(self.to_hf_table, reverse=True)
+
+    # ------------------------------------------------------------------ names
+    @staticmethod
+    def _rename(key: str, table) -> str | None:
+        for pattern, target in table:
+            m = pattern.match(key)
+            if m:
+                return target.replace("{}", m.group(1)) if m.groups() else target
+        return None
+
+    def hf_key(self, key: str) -> str:
+        out = self._rename(key, self._to_hf)
+        if out is None:
+            raise CheckpointError(f"parameter {key!r} has no HF name in the {self.hf_model_type} mapping")
+        return out
+
+    def native_key(self, hf_key: str) -> str | None:
+        return self._rename(hf_key, self._from_hf)
+
+    def transform_to_hf(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def transform_from_hf(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.args.tie_word_embeddings:
+            state_dict = {k: v for k, v in state_dict.items() if k != "output.weight"}
+        return {self.hf_key(k): self.transform_to_hf(k, v) for k, v in state_dict.items()}
+
+    def from_hf(self, hf_state_dict: dict[str, torch.Tensor], hf_tied: bool = False) -> dict[str, torch.Tensor]:
+        """Native tensors from HF ones. hf_tied: the HF config ties the output to the embedding."""
+        if self.args.tie_word_embeddings:
+            # Some exporters write lm_head.weight for tied models too; the embedding is the one weight.
+            hf_state_dict = {k: v for k, v in hf_state_dict.items() if k != "lm_head.weight"}
+        out = {}
+        for hk, v in hf_state_dict.items():
+            k = self.native_key(hk)
+            if k is None:
+                if hk.endswith(HF_DERIVED_SUFFIXES):
+                    continue
+                raise CheckpointError(f"HF tensor {hk!r} has no native name for this model ({self.hf_model_type})")
+            out[k] = self.transform_from_hf(k, v)
+        if "output.weight" not in out and "tok_embeddings.weight" in out:
+            if self.args.tie_word_embeddings:
+                out["output.weight"] = out["tok_embeddings.weight"]
+            elif hf_tied:
+                out["output.weight"] = out["tok_embeddings.weight"].clone()
+        return out
+
+    # ----------------------------------------------------------------- config
+    def hf_config(self, dtype: str | torch.dtype = "float32") -> dict[str, Any]:
+        """config.json for transformers; dtype names the weights' dtype (string or torch.dtype)."""
+        a = self.args
+        dtype = str(dtype).removeprefix("torch.")
+        return {
+            "architectures": [self.hf_architecture],
+            "model_type": self.hf_model_type,
+            "vocab_size": a.vocab_size,
+            "hidden_size": a.dim,
+            "intermediate_size": a.ffn_hidden_dim,
+            "num_hidden_layers": a.n_layers,
+            "num_attention_heads": a.n_heads,
+            "num_key_value_heads": a.kv_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": a.max_seq_len,
+            # Top-level rope_theta is what transformers 4.x reads; 5.x converts it to rope_parameters.
+            "rope_theta": a.rope_theta,
+            "attention_bias": False,
+            "tie_word_embeddings": a.tie_word_embeddings,
+            "torch_dtype": dtype,  # transformers 4.x name; 5.x reads it as `dtype`
+            **self.family_hf_config(dtype),
+        }
+
+    @abstractmethod
+    def family_hf_config(self, dtype: str) -> dict[str, Any]:
+        """The config.json fields only this family has."""
+
+    @classmethod
+    def common_args_from_hf(cls, config: dict[str, Any], source: str) -> dict[str, Any]:
+        """DecoderArgs fields every HF decoder config gives, checked for what none of our families has."""
+        if config.get("model_type", cls.hf_model_type) != cls.hf_model_type:
+            raise CheckpointError(f"HF checkpoint {source}: model_type {config.get('model_type')!r} is not "
+                                  f"{cls.hf_model_type!r}")
+        if config.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"HF checkpoint {source}: hidden_act {config['hidden_act']!r}: only silu "
+                                  f"(SwiGLU) is supported")
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            raise CheckpointError(f"HF checkpoint {source}: attention/MLP biases are not supported")
+        try:
+            dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            kv = int(config.get("num_key_value_heads") or heads)
+            out = dict(dim=dim, n_layers=int(config["num_hidden_layers"]), n_heads=heads,
+                       n_kv_heads=None if kv == heads else kv, vocab_size=int(config["vocab_size"]),
+                       tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
+            if "max_position_embeddings" in config:
+                out["max_seq_len"] = int(config["max_position_embeddings"])
+            int(config["intermediate_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"HF checkpoint {source}: config.json lacks a field "
+                                  f"or has a bad value ({e})") from None
+        if config.get("head_dim") not in (None, dim // heads):
+            raise CheckpointError(f"HF checkpoint {source}: head_dim {config['head_dim']} != hidden_size / heads; "
+                                  f"our models derive head_dim from dim")
+        return out
+
+    @classmethod
+    @abstractmethod
+    def args_from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> DecoderArgs:
+        """Model args equal to an HF config.json (CheckpointError naming `source` if none are)."""

@@ -1,0 +1,78 @@
+"""One model-args base for every decoder family: the shape, plus the family differences as data.
+
+A family (llama3, olmo, olmo2) is a subclass that only sets defaults (its norm,
+block, RoPE layout, init scheme) and a flavor table of sizes. The decoder reads
+everything from here, so the args alone rebuild a model: checkpoint markers
+store them as JSON and tools rebuild the model without a config.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from torchtitan.models.common.rope import RopeScaling
+from torchtitan.ops.attention import CAUSAL, AttentionMask
+
+NORMS = ("rms", "layernorm")  # layernorm: OLMo 1's non-parametric LayerNorm
+BLOCKS = ("pre_norm", "reordered_norm")  # reordered_norm: OLMo 2 (norm after attention and after the MLP)
+ROPE_LAYOUTS = ("interleaved", "half")  # Meta's adjacent pairs / GPT-NeoX and HF rotate-half
+FEED_FORWARDS = ("swiglu",)
+INITS = ("llama", "olmo", "olmo2")  # see models/common/init.py
+# Fields that change how a run executes or starts, not the function the weights compute.
+RUN_SETTINGS = ("max_seq_len", "sdpa_backend", "init", "init_std", "depth_init")
+
+
+@dataclass
+class DecoderArgs(ABC):
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 128256
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 8192
+    tie_word_embeddings: bool = False
+    sdpa_backend: str = "default"
+    norm: str = "rms"
+    block: str = "pre_norm"
+    qk_norm: bool = False  # RMSNorm over the whole q (k) projection, before the head split (OLMo 2)
+    clip_qkv: float | None = None  # clamp q, k, v to [-clip, clip] (OLMo 1.7)
+    rope_layout: str = "interleaved"
+    feed_forward: str = "swiglu"
+    init: str = "llama"
+    init_std: float = 0.02
+    depth_init: bool = True  # llama init: output projections scaled by layer depth, not by n_layers
+
+    def __post_init__(self) -> None:
+        for name, valid in (("norm", NORMS), ("block", BLOCKS), ("rope_layout", ROPE_LAYOUTS),
+                            ("feed_forward", FEED_FORWARDS), ("init", INITS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"model args {name} = {getattr(self, name)!r} is not one of {', '.join(valid)}")
+
+    @property
+    @abstractmethod
+    def ffn_hidden_dim(self) -> int:
+        """Width of the feed-forward hidden layer (a field in some families, derived in others)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def attention_mask(self, layer_id: int) -> AttentionMask:
+        """Which keys layer `layer_id` attends to; every family here is causal in every layer."""
+        return CAUSAL
+
+    def architecture(self) -> dict:
+        """What determines the function the weights compute: equal architectures load each other's weights
+        and produce the same logits (flavor matching uses this)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUN_SETTINGS}
+        out["ffn_hidden_dim"] = self.ffn_hidden_dim
+        out["n_kv_heads"] = self.kv_heads
+        return out

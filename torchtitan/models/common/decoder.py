@@ -1,0 +1,125 @@
+"""The one decoder: embedding, blocks keyed by global layer index, final norm, output projection.
+
+Every family is this module with different args (models/common/args.py). Pipeline
+stages set tok_embeddings / norm / output to None for the pieces they do not own,
+and the ModuleDict keyed by layer index keeps FQNs stable when layers are removed.
+Weight tying lives here only: `tie_weights()` makes the output use the embedding's
+parameter, and whoever replaces parameters (to_empty, tensor parallel) calls it
+again. The module knows nothing about parallelism.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchtitan.models.common.args import DecoderArgs
+from torchtitan.models.common.init import INIT_SCHEMES
+from torchtitan.models.common.layers import Attention, build_feed_forward, build_norm
+from torchtitan.models.common.rope import rope_cache
+
+
+class Block(nn.Module):
+    """Pre-norm block (Llama, OLMo 1): x + attn(norm(x)), then h + ffn(norm(h))."""
+
+    def __init__(self, layer_id: int, args: DecoderArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = build_feed_forward(args, layer_id)
+        self.build_norms(args)
+
+    def build_norms(self, args: DecoderArgs) -> None:
+        self.attention_norm = build_norm(args)
+        self.ffn_norm = build_norm(args)
+
+    def norms(self) -> list[nn.Module]:
+        """Every norm of the block (their weights start at one)."""
+        return [self.attention_norm, self.ffn_norm, *self.attention.norms()]
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, positions)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class ReorderedNormBlock(Block):
+    """OLMo 2's block: the norms sit on the residual branches' outputs, none before them."""
+
+    def build_norms(self, args: DecoderArgs) -> None:
+        self.post_attention_norm = build_norm(args)
+        self.post_ffn_norm = build_norm(args)
+
+    def norms(self) -> list[nn.Module]:
+        return [self.post_attention_norm, self.post_ffn_norm, *self.attention.norms()]
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.post_attention_norm(self.attention(x, rope, positions))
+        return h + self.post_ffn_norm(self.feed_forward(h))
+
+
+BLOCK_CLASSES = {"pre_norm": Block, "reordered_norm": ReorderedNormBlock}
+
+
+class Decoder(nn.Module):
+    """Decoder-only transformer built from its args alone."""
+
+    def __init__(self, args: DecoderArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        block_cls = BLOCK_CLASSES[args.block]
+        self.layers = nn.ModuleDict({str(i): block_cls(i, args) for i in range(args.n_layers)})
+        self.norm = build_norm(args)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+        self.register_buffer("rope_cache", self._rope(device=None), persistent=False)
+
+    def tie_weights(self) -> None:
+        """Output and embedding share one parameter when the args say so (and this part holds both).
+
+        Module._apply (to_empty, .to) and tensor parallel's parallelize_module replace parameters
+        one module at a time, which unties them; each of those is followed by a call here. Under
+        TP both are sharded on the vocabulary dim, so the embedding's DTensor serves the output as is.
+        """
+        if self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None:
+            if self.output.weight is not self.tok_embeddings.weight:
+                self.output.weight = self.tok_embeddings.weight
+
+    @property
+    def is_tied(self) -> bool:
+        return self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None
+
+    def _rope(self, device) -> torch.Tensor:
+        a = self.args
+        return rope_cache(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=device)
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
+        """Deterministic init given the RNG state; also rebuilds the RoPE table and the tie after to_empty."""
+        device = buffer_device if buffer_device is not None else self.rope_cache.device
+        self.rope_cache = self._rope(device=device)
+        self.tie_weights()
+        INIT_SCHEMES[self.args.init](self)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (B, S) ids, or (B, S, dim) activations on a later pipeline stage."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cache, positions)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Distinct parameters (a tied output counts once); without the embedding if asked."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and self.tok_embeddings is not None:
+            total -= self.tok_embeddings.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight that multiplies activations (every parameter but the
+        embedding, the output counted even when tied) plus attention's 12 L H Dh S (causality halves
+        nothing here, matching torchtitan's accounting so MFU numbers are comparable)."""
+        weights = sum(p.numel() for name, p in self.named_parameters(remove_duplicate=False)
+                      if not name.startswith("tok_embeddings."))
+        a = self.args
+        return 6 * weights + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len

@@ -1,0 +1,99 @@
+"""Checks that need the world size and model shape but no process group.
+
+They run before `init_process_group` (run_train.sh runs them once before torchrun
+starts, and every rank again), so a bad combination is one clear line on stderr
+and a non-zero exit instead of a hang.
+"""
+from __future__ import annotations
+
+import os
+
+from torchtitan.config.job_config import JobConfig
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.pipeline import check_pipeline_config
+from torchtitan.models import get_train_spec
+from torchtitan.models.common.args import DecoderArgs
+from torchtitan.models.common.spec import TrainSpec
+from torchtitan.ops.attention import resolve_sdpa_backend
+from torchtitan.tools.device import detect_device_type
+from torchtitan.tools.errors import ConfigError
+
+
+def build_model_args(spec: TrainSpec, cfg: JobConfig, device_type: str) -> DecoderArgs:
+    """The flavor's args with this job's run settings (vocab override, sequence length, SDPA backend)."""
+    args = spec.model_args(cfg.model.flavor)
+    if cfg.model.vocab_size > 0:
+        args.vocab_size = cfg.model.vocab_size
+    args.max_seq_len = cfg.training.seq_len
+    args.sdpa_backend = resolve_sdpa_backend(cfg.model.sdpa_backend, device_type)
+    if args.sdpa_backend == "flash" and device_type == "cuda" and cfg.parallelism.context_parallel_degree > 1:
+        # auto picked flash (pre-Hopper); context-parallel attention needs a mask, which CUDA flash takes not.
+        args.sdpa_backend = "efficient"
+    return args
+
+
+def compiled_model(cfg: JobConfig) -> bool:
+    return cfg.compile.enable and "model" in cfg.compile.components
+
+
+def compile_loss_enabled(cfg: JobConfig, tp_degree: int) -> bool:
+    """Compile the loss unless it runs vocab-sharded under loss_parallel: torch 2.13 computes a compiled
+    cross-entropy on sharded logits wrongly (step-1 loss 2.39 instead of 8.19), so there it stays eager."""
+    wanted = cfg.compile.enable and "loss" in cfg.compile.components
+    return wanted and not (tp_degree > 1 and not cfg.parallelism.disable_loss_parallel)
+
+
+def preflight(cfg: JobConfig, world_size: int) -> None:
+    spec = get_train_spec(cfg.model.name)
+    args = spec.model_args(cfg.model.flavor)
+    label = f"{cfg.model.name} {cfg.model.flavor}"
+    p, t = cfg.parallelism, cfg.training
+    on_cuda = detect_device_type() == "cuda"
+    if cfg.checkpoint.create_seed_checkpoint:
+        if world_size > 1:
+            raise ConfigError(f"checkpoint.create_seed_checkpoint needs a single process (NGPU=1 and all parallel "
+                              f"degrees 1), but the world size is {world_size}")
+        if not cfg.checkpoint.enable:
+            raise ConfigError("checkpoint.create_seed_checkpoint needs checkpoint.enable_checkpoint")
+    dims = ParallelDims.from_config(p, world_size)
+    if args.n_heads % dims.tp or args.kv_heads % dims.tp:
+        raise ConfigError(f"parallelism.tensor_parallel_degree = {dims.tp} must divide the model's {args.n_heads} "
+                          f"attention heads and {args.kv_heads} KV heads ({label})")
+    if dims.pp > args.n_layers:
+        raise ConfigError(f"parallelism.pipeline_parallel_degree = {dims.pp} exceeds the {args.n_layers} layers of "
+                          f"{label}")
+    if dims.cp > 1 and t.seq_len % (2 * dims.cp):
+        raise ConfigError(f"training.seq_len = {t.seq_len} must be divisible by 2 x "
+                          f"context_parallel_degree = {2 * dims.cp}")
+    if dims.tp > 1 and dims.tp * dims.cp > 1 and t.seq_len % (dims.tp * max(2 * dims.cp, 1)):
+        raise ConfigError(f"training.seq_len = {t.seq_len} must be divisible by tensor_parallel_degree x 2 x "
+                          f"context_parallel_degree for sequence parallel")
+    if dims.pp > 1 and t.local_batch_size % p.pipeline_parallel_microbatch_size:
+        raise ConfigError(f"training.local_batch_size = {t.local_batch_size} must be a multiple of "
+                          f"parallelism.pipeline_parallel_microbatch_size = {p.pipeline_parallel_microbatch_size}")
+    if t.fused_output_loss and t.loss_chunk_size <= 0:
+        raise ConfigError("training.fused_output_loss needs training.loss_chunk_size > 0 (tokens per chunk, e.g. 2048)")
+    if t.fused_output_loss and dims.tp > 1:
+        raise ConfigError("training.fused_output_loss cannot run with tensor_parallel_degree > 1: the output layer is "
+                          "vocab-sharded there and its loss runs under loss parallel; use loss_chunk_size alone")
+    dry_run = cfg.comm.mode == "fake_backend"  # builds the model only: no tokenizer or data is read
+    check_pipeline_config(p, args, local_batch_size=t.local_batch_size, compiled=compiled_model(cfg),
+                          on_cpu=not on_cuda and not dry_run, model_label=label)
+    per_micro = t.local_batch_size * dims.dp
+    if t.global_batch_size > 0 and t.global_batch_size % per_micro:
+        raise ConfigError(f"training.global_batch_size = {t.global_batch_size} must be a multiple of local_batch_size "
+                          "x "
+                          f"data-parallel degree = {t.local_batch_size} x {dims.dp} = {per_micro}")
+    if p.enable_async_tensor_parallel and not (cfg.compile.enable and on_cuda):
+        raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and compile.enable")
+    if dims.cp > 1 and cfg.model.sdpa_backend == "flash" and on_cuda:
+        raise ConfigError("model.sdpa_backend = flash cannot run context parallel attention (it masks by global "
+                          "position and CUDA flash attention takes no mask); use auto, cudnn, efficient or math")
+    if cfg.model.tokenizer_path and not dry_run and not os.path.exists(cfg.model.tokenizer_path):
+        raise ConfigError(f"model.tokenizer_path {cfg.model.tokenizer_path}: no such file or folder")
+    if t.dataset_path and not dry_run and not os.path.exists(t.dataset_path):
+        raise ConfigError(f"training.dataset_path {t.dataset_path}: no such file or folder")
+    if t.dataset == "memmap" and not t.memmap_paths:
+        raise ConfigError("training.dataset = memmap needs training.memmap_paths")
+    if cfg.float8.recipe_name and "float8" in cfg.model.converters and not on_cuda:
+        raise ConfigError("model.converters float8 needs a CUDA GPU with float8 support (torchao)")

@@ -1,0 +1,131 @@
+"""One optimizer step: micro-batches through forward/backward (or the pipeline schedule), clip, guard, update.
+
+The loss of each micro-batch is summed over its tokens and multiplied by the
+step's normalizer: the dp x cp size that gradient reduction averages over,
+divided by the number of labelled tokens in the whole global batch (all dp/cp
+ranks, all micro-batches). Every layout and any gradient accumulation then
+optimize the same objective. The normalizer is an argument of the loss, also in
+the pipeline schedule.
+
+No host sync happens here: a non-finite gradient norm is caught on the device
+and turns the optimizer update into a no-op (NonFiniteGuard); the trainer asks
+the guard on log and checkpoint steps, where it syncs anyway.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor.parallel import loss_parallel
+
+from torchtitan.components.lr_scheduler import LRSchedulersContainer
+from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.datasets import IGNORE_INDEX
+from torchtitan.distributed.context_parallel import shard_sequence
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.pipeline import Pipeline
+from torchtitan.distributed.utils import all_reduce_sum, clip_grad_norm_
+from torchtitan.tools.errors import TrainingDiverged
+
+
+class StepOutput(NamedTuple):
+    loss_sum: torch.Tensor  # this rank's summed token loss (zero on ranks without the last pipeline stage)
+    n_tokens: torch.Tensor  # labelled tokens in the global batch
+    grad_norm: torch.Tensor  # global gradient norm, before clipping
+
+
+def global_mean_loss(out: StepOutput, dims: ParallelDims) -> float:
+    """The step's loss per labelled token over the global batch (a host sync: call on log steps)."""
+    loss = all_reduce_sum(out.loss_sum.detach().float(), dims.group("dp_cp"))
+    loss = all_reduce_sum(loss, dims.group("pp"))  # only the last stage has a loss
+    return (loss / out.n_tokens).item()
+
+
+class NonFiniteGuard:
+    """Stops training at the first step whose gradient norm is not finite, before that step's update.
+
+    The gradient norm is global (every shard, stage and replica), so all ranks decide alike. The
+    decision stays on the device: from the first bad step on, every update is skipped (the weights
+    stay those before it) until `check()`, called where the trainer syncs anyway, raises with the
+    step number. A non-finite loss always makes the gradients non-finite too.
+    """
+
+    def __init__(self) -> None:
+        self.first_bad_step: torch.Tensor | None = None
+
+    def skip(self, step: int, grad_norm: torch.Tensor) -> torch.Tensor:
+        """0-dim bool on the device: whether this step's update must not be applied."""
+        if self.first_bad_step is None:
+            self.first_bad_step = torch.full((), -1, dtype=torch.long, device=grad_norm.device)
+        bad = ~torch.isfinite(grad_norm)
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
+        return self.first_bad_step >= 0
+
+    def check(self) -> None:
+        if self.first_bad_step is not None and int(self.first_bad_step) >= 0:
+            raise TrainingDiverged(f"loss or gradient norm became nan/inf at step {int(self.first_bad_step)}; "
+                                   f"stopping before that step's update (try a lower optimizer.lr, a warm-up, "
+                                   f"or check the data)")
+
+
+@dataclass
+class ModelRunner:
+    """How this rank computes one micro-batch's loss and gradients: its model parts, or the pipeline over them."""
+
+    parts: list[nn.Module]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    device: torch.device
+    pipeline: Pipeline | None = None
+    cp_mesh: DeviceMesh | None = None  # context parallel: each rank keeps its share of the sequence
+    loss_parallel: bool = False  # tensor parallel: the loss runs on vocab-sharded logits
+
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor,
+                         scale: torch.Tensor) -> torch.Tensor | None:
+        """Accumulate the gradients of scale x summed loss; return the summed loss (None: no last stage here)."""
+        inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        positions = None
+        if self.cp_mesh is not None:
+            inputs, labels, positions = shard_sequence(inputs, labels, self.cp_mesh.size(),
+                                                       self.cp_mesh.get_local_rank())
+        with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
+            if self.pipeline is not None:
+                return self.pipeline.step(inputs, labels, scale, positions)
+            (model,) = self.parts
+            logits = model(inputs, positions) if positions is not None else model(inputs)
+            loss = self.loss_fn(logits, labels)
+            (loss * scale).backward()
+        return loss.detach()
+
+
+def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tensor]], *, dims: ParallelDims,
+               optimizers: OptimizersContainer, lr_schedulers: LRSchedulersContainer, guard: NonFiniteGuard,
+               step: int, max_norm: float, after_update: Callable[[], None] | None = None) -> StepOutput:
+    """One optimizer step over `batches` (the step's micro-batches of (inputs, labels), local to this dp rank)."""
+    n_local = sum((labels != IGNORE_INDEX).sum() for _, labels in batches)
+    # Labels are counted before context-parallel sharding, so cp ranks hold the same count: sum over dp only.
+    n_global = all_reduce_sum(n_local.to(runner.device), dims.group("dp"))
+    # Gradient reduction averages over dp x cp; undo that so gradients are of the global mean.
+    scale = dims.dp * dims.cp / n_global.clamp(min=1).float()
+    loss_sum = torch.zeros((), device=runner.device)
+    for i, (inputs, labels) in enumerate(batches):
+        for part in runner.parts:
+            if isinstance(part, FSDPModule):
+                # Reduce-scatter once per step, not once per micro-batch.
+                part.set_requires_gradient_sync(i == len(batches) - 1)
+        loss = runner.forward_backward(inputs, labels, scale)
+        if loss is not None:
+            loss_sum = loss_sum + loss
+    params = [p for part in runner.parts for p in part.parameters()]
+    grad_norm = clip_grad_norm_(params, max_norm, pp_group=dims.group("pp"))
+    optimizers.step(skip=guard.skip(step, grad_norm))
+    if after_update is not None:
+        after_update()
+    lr_schedulers.step()
+    optimizers.zero_grad()
+    return StepOutput(loss_sum, n_global, grad_norm)
