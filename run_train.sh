@@ -14,6 +14,8 @@ if [ "${COMM_MODE:-}" = "fake_backend" ]; then
   exec env WORLD_SIZE="$NGPU" RANK=0 LOCAL_RANK=0 "$PYTHON" -m torchtitan.train --job.config_file "$CONFIG" \
     --comm.mode fake_backend "$@"
 fi
-exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
+# The launcher validates the config in one process first (a typo costs one line, no process group), then
+# runs torchrun; a failed worker ends in one line too.
+exec "$PYTHON" -m torchtitan.launch --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
   -m torchtitan.train --job.config_file "$CONFIG" "$@"

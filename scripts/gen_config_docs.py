@@ -23,6 +23,17 @@ or on the command line as `--training.steps 1000` or `--training.steps=1000`. Bo
 comma-separated (`--compile.components model,loss`). Precedence: command line > TOML > defaults.
 `--job.print_config` prints the resolved config as TOML. Unknown keys, wrong types, values outside their
 choices and malformed TOML stop the job with one line naming the key, before any process starts talking.
+
+**An option you set that would do nothing is an error too**, naming the key and what it needs: e.g.
+`checkpoint.interval` without `checkpoint.enable`, `training.memmap_paths` without `training.dataset = "memmap"`,
+a `parallelism.pipeline_parallel_*` option with `pipeline_parallel_degree = 1`, `float8.*` without the float8
+converter (the rules are in `torchtitan/config/effects.py`). Keys left at their default never count. A key
+from the config file whose switch you turned off on the command line (`--checkpoint.no-enable` to try a
+production config quickly) is logged instead, since the command line cannot remove a key from the file.
+Options whose effect depends on where the job runs are logged at start, not rejected, so one config runs on a
+CPU box and on a cluster: FSDP options in a layout without FSDP, `training.mixed_precision_param` on CPU (CPU
+trains in float32; on CUDA it applies through FSDP, or autocast where FSDP is off).
+`checkpoint.initial_load_path` loads also with checkpointing off (nothing is saved or resumed then).
 """
 
 

@@ -24,16 +24,17 @@ from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.profiling import Profiler
 from torchtitan.components.tokenizer import build_tokenizer, check_vocab_fits
 from torchtitan.config import JobConfig, load_config, to_toml
+from torchtitan.config.effects import effect_notes
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import build_pipeline
 from torchtitan.distributed.utils import init_distributed, set_determinism, set_pg_timeout
 from torchtitan.models import get_train_spec
 from torchtitan.models.common.parallelize import parallelize_decoder
 from torchtitan.tools.device import detect_device_type, local_device
-from torchtitan.tools.errors import UserError
+from torchtitan.tools.errors import EXIT_CONFIG_ERROR, EXIT_USER_ERROR, UserError
 from torchtitan.tools.logging import init_logging
 from torchtitan.trainer.dry_run import dry_run, rank_memory_line
-from torchtitan.trainer.preflight import build_model_args, compile_loss_enabled, preflight
+from torchtitan.trainer.preflight import autocast_dtype, build_model_args, compile_loss_enabled, layout_notes, preflight
 from torchtitan.trainer.state import TrainState
 from torchtitan.trainer.step import ModelRunner, NonFiniteGuard, global_mean_loss, train_step
 
@@ -102,7 +103,8 @@ def train(cfg: JobConfig) -> list[dict]:
     state.step = checkpoint.load()
 
     runner = ModelRunner(parts, loss_fn, device, pipeline, cp_mesh=dims.mesh["cp"] if dims.cp_enabled else None,
-                         loss_parallel=dims.tp_enabled and not cfg.parallelism.disable_loss_parallel)
+                         loss_parallel=dims.tp_enabled and not cfg.parallelism.disable_loss_parallel,
+                         autocast=autocast_dtype(cfg, dims, device_type))
     after_update = functools.partial(precompute_float8_scales, parts, cfg.float8) if float8 else None
     t = cfg.training
     accumulation = 1 if t.global_batch_size <= 0 else t.global_batch_size // (t.local_batch_size * dims.dp)
@@ -111,6 +113,8 @@ def train(cfg: JobConfig) -> list[dict]:
                             t.steps, write_files=(rank == 0))
     logger.info(f"{cfg.model.name} {cfg.model.flavor}: {num_params:,} params, {dims.describe()}, "
                 f"device {device_type}, steps {state.step + 1}..{t.steps}")
+    for note in effect_notes(cfg) + layout_notes(cfg, dims, device_type):
+        logger.warning(note)
 
     profiler = Profiler(cfg.profiling, cfg.job.dump_folder, rank, device_type, state.step)
     guard = NonFiniteGuard()
@@ -158,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     try:
         train(cfg)
     except UserError as e:
         logger.error(f"error: {e}")
-        return 1
+        return EXIT_USER_ERROR
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

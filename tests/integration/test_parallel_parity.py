@@ -25,8 +25,9 @@ def _bs(n: int) -> list[str]:
     return ["--training.local_batch_size", str(n)]
 
 
-def _ac(mode: str, option: str = "2") -> list[str]:
-    return ["--activation_checkpoint.mode", mode, "--activation_checkpoint.selective_ac_option", option]
+def _ac(mode: str, option: str | None = None) -> list[str]:
+    return ["--activation_checkpoint.mode", mode, *(["--activation_checkpoint.selective_ac_option", option] if option
+                                                     else [])]
 
 
 FSDP = ["--parallelism.data_parallel_shard_degree", "-1"]

@@ -70,3 +70,34 @@ def test_bad_degree_fails_before_launch(tmp_path):
     proc = run_sh(2, str(tmp_path / "bad"), ["--parallelism.tensor_parallel_degree", "4"], timeout=120)
     assert proc.returncode != 0
     assert "world size 2 is not divisible" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("ngpu,args,fragment", [
+    (1, ["--training.stepz", "3"], "unknown config key 'training.stepz'"),
+    (2, ["--parallelism.tensor_parallel_degree", "3"], "world size 2 is not divisible"),
+    (2, ["--checkpoint.enable_checkpoint", "--checkpoint.create_seed_checkpoint"],
+     "create_seed_checkpoint needs a single process"),
+    (1, ["--model.flavor", "9T"], "model.flavor '9T' is not a llama3 flavor"),
+    (1, ["--checkpoint.enable", "--checkpoint.initial_load_path", "/nonexistent/step-3"],
+     "checkpoint.initial_load_path /nonexistent/step-3: no such folder"),
+])
+def test_config_errors_are_one_line_before_torchrun(tmp_path, ngpu, args, fragment):
+    """The launcher validates in one process: no worker, no process group, no torchrun traceback."""
+    proc = run_sh(ngpu, str(tmp_path / "bad"), args, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert lines == [f"error: {lines[0][7:]}"] and fragment in lines[0], lines
+    assert not os.path.exists(tmp_path / "bad")
+
+
+@pytest.mark.slow
+def test_runtime_user_error_is_one_line(tmp_path):
+    """An error only a worker can find (this folder is no checkpoint) is still one line, and exit code 3."""
+    (tmp_path / "empty").mkdir()
+    proc = run_sh(2, str(tmp_path / "run"), ["--checkpoint.enable", "--checkpoint.initial_load_path",
+                                              str(tmp_path / "empty"), "--training.seq_len", "64"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "is not a DCP checkpoint (no .metadata file)" in errors[0], errors

@@ -1,6 +1,6 @@
 """The package forms layers: each subpackage imports only from layers below it, at module top.
 
-tools -> ops, config -> distributed, datasets -> models -> components, checkpoint -> trainer -> train.py
+tools -> ops, config -> distributed, datasets -> models -> components, checkpoint -> trainer -> train.py, launch.py
 (docs/architecture.md). A cycle between packages, or a project import hidden inside a function to
 break one, fails here.
 """
@@ -14,7 +14,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGE = os.path.join(ROOT, "torchtitan")
 LAYERS = {"tools": 0, "ops": 1, "config": 1, "distributed": 2, "datasets": 2, "models": 3,
-          "components": 4, "checkpoint": 4, "trainer": 5, "train": 6}
+          "components": 4, "checkpoint": 4, "trainer": 5, "train": 6, "launch": 6}
 
 
 def _modules():

@@ -138,9 +138,12 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------- loading
     def load(self) -> int:
-        """Resume this run's newest complete checkpoint (or load_step), else initial_load_path. Returns the step."""
+        """Resume this run's newest complete checkpoint (or load_step), else initial_load_path. Returns the step.
+
+        With checkpointing off nothing is resumed or saved, but initial_load_path still loads: a run asked to
+        start from given weights never silently starts from random ones."""
         if not self.enabled:
-            return 0
+            return self._initial_load(self.cfg.initial_load_path) if self.cfg.initial_load_path else 0
         folders = step_folders(self.root)
         for f in folders:
             if not f.complete and (self.cfg.load_step < 0 or f.step == self.cfg.load_step):

@@ -7,6 +7,7 @@ the section(s) it needs, never the whole JobConfig.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 
 def opt(default, help: str, choices: tuple | None = None):
@@ -224,6 +225,10 @@ class JobConfig:
     comm: Comm = field(default_factory=Comm)
     memory_estimation: MemoryEstimation = field(default_factory=MemoryEstimation)
     experimental: Experimental = field(default_factory=Experimental)
+
+    # Where each key the user set came from: "file" or "cli" (load_config fills it; not a config key). An option
+    # the user set that has no effect in this configuration is an error, not silence (config/effects.py).
+    set_by = MappingProxyType({})
 
 
 # Classic key locations, kept so older configs and commands keep working.

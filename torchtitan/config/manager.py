@@ -12,8 +12,10 @@ import sys
 import types
 import typing
 from dataclasses import asdict, fields, is_dataclass
+from types import MappingProxyType
 from typing import Any
 
+from torchtitan.config.effects import check_effects
 from torchtitan.config.job_config import ALIASES, JobConfig
 from torchtitan.tools.errors import ConfigError
 
@@ -111,7 +113,8 @@ def _canonical_key(key: str) -> str:
     return key
 
 
-def _set(cfg: JobConfig, key: str, raw: Any, from_cli: bool) -> None:
+def _set(cfg: JobConfig, key: str, raw: Any, from_cli: bool) -> str:
+    """Set one key; returns its canonical name."""
     key = _canonical_key(key)
     section, name = key.split(".", 1)
     sec = getattr(cfg, section)
@@ -124,6 +127,7 @@ def _set(cfg: JobConfig, key: str, raw: Any, from_cli: bool) -> None:
             if v is not None and v not in choices:
                 raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, choices))}")
     setattr(sec, name, value)
+    return key
 
 
 def _is_bool_key(key: str) -> bool:
@@ -191,6 +195,7 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
         if key == "job.config_file":
             config_file = value
     cfg = JobConfig()
+    set_by: dict[str, str] = {}
     if config_file:
         data = _load_toml(config_file)
         for section, values in data.items():
@@ -198,13 +203,15 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
                 raise ConfigError(f"{config_file}: top-level '{section}' must be a [section] table")
             for name, raw in values.items():
                 try:
-                    _set(cfg, f"{section}.{name}", raw, from_cli=False)
+                    set_by[_set(cfg, f"{section}.{name}", raw, from_cli=False)] = "file"
                 except ConfigError as e:
                     raise ConfigError(f"{config_file}: {e}") from None
         cfg.job.config_file = config_file
     for key, value in overrides:
-        _set(cfg, key, value, from_cli=True)
+        set_by[_set(cfg, key, value, from_cli=True)] = "cli"
+    cfg.set_by = MappingProxyType(set_by)
     validate(cfg)
+    check_effects(cfg)
     return cfg
 
 

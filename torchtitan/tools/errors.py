@@ -6,6 +6,11 @@ config parsing to checkpoint formats, raises the same kinds.
 """
 from __future__ import annotations
 
+# Exit codes of the trainer: a user error before training starts (config) and during it (checkpoint, data,
+# divergence). Both have printed their one line; any other non-zero code is a crash with a traceback.
+EXIT_CONFIG_ERROR = 2
+EXIT_USER_ERROR = 3
+
 
 class UserError(Exception):
     """A problem with the job's input (config, files, data); the message names it and the fix."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from torchtitan.config.job_config import JobConfig
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import check_pipeline_config
@@ -16,6 +18,7 @@ from torchtitan.models.common.args import DecoderArgs
 from torchtitan.models.common.spec import TrainSpec
 from torchtitan.ops.attention import resolve_sdpa_backend
 from torchtitan.tools.device import detect_device_type
+from torchtitan.tools.dtypes import DTYPES
 from torchtitan.tools.errors import ConfigError
 
 
@@ -30,6 +33,33 @@ def build_model_args(spec: TrainSpec, cfg: JobConfig, device_type: str) -> Decod
         # auto picked flash (pre-Hopper); context-parallel attention needs a mask, which CUDA flash takes not.
         args.sdpa_backend = "efficient"
     return args
+
+
+def layout_notes(cfg: JobConfig, dims: ParallelDims, device_type: str) -> list[str]:
+    """Options the user set that do nothing where this job runs (the device, a layout without FSDP). Logged, not
+    errors: one config must run on a CPU box and on a cluster (config/effects.py has the static checks)."""
+    t, set_by, notes = cfg.training, cfg.set_by, []
+    fsdp = "FSDP is off in this layout (data_parallel_shard_degree x context_parallel_degree = 1)"
+    if "training.enable_cpu_offload" in set_by and t.enable_cpu_offload and not dims.fsdp_enabled:
+        notes.append(f"training.enable_cpu_offload has no effect: {fsdp}")
+    if "parallelism.fsdp_reshard_after_forward" in set_by and not dims.fsdp_enabled:
+        notes.append(f"parallelism.fsdp_reshard_after_forward has no effect: {fsdp}")
+    if "training.mixed_precision_reduce" in set_by and not dims.fsdp_enabled:
+        notes.append(f"training.mixed_precision_reduce has no effect: {fsdp}; gradients are reduced in the "
+                     f"parameter dtype")
+    if "training.mixed_precision_param" in set_by and t.mixed_precision_param != "float32" and device_type != "cuda":
+        notes.append(f"training.mixed_precision_param = {t.mixed_precision_param} has no effect on {device_type}: "
+                     f"training runs in float32 there")
+    return notes
+
+
+def autocast_dtype(cfg: JobConfig, dims: ParallelDims, device_type: str) -> torch.dtype | None:
+    """The compute dtype to autocast to where FSDP's mixed precision does not apply (one GPU, DDP, pipeline
+    stages without FSDP): training.mixed_precision_param takes effect on every CUDA layout. CPU runs in float32."""
+    dtype = DTYPES[cfg.training.mixed_precision_param]
+    if device_type != "cuda" or dims.fsdp_enabled or dtype == torch.float32:
+        return None
+    return dtype
 
 
 def compiled_model(cfg: JobConfig) -> bool:
@@ -93,6 +123,9 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
         raise ConfigError(f"model.tokenizer_path {cfg.model.tokenizer_path}: no such file or folder")
     if t.dataset_path and not dry_run and not os.path.exists(t.dataset_path):
         raise ConfigError(f"training.dataset_path {t.dataset_path}: no such file or folder")
+    load = cfg.checkpoint.initial_load_path
+    if load and not dry_run and not os.path.exists(load):
+        raise ConfigError(f"checkpoint.initial_load_path {load}: no such folder")
     if t.dataset == "memmap" and not t.memmap_paths:
         raise ConfigError("training.dataset = memmap needs training.memmap_paths")
     if cfg.float8.recipe_name and "float8" in cfg.model.converters and not on_cuda:

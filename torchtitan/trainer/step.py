@@ -84,6 +84,7 @@ class ModelRunner:
     pipeline: Pipeline | None = None
     cp_mesh: DeviceMesh | None = None  # context parallel: each rank keeps its share of the sequence
     loss_parallel: bool = False  # tensor parallel: the loss runs on vocab-sharded logits
+    autocast: torch.dtype | None = None  # mixed precision where FSDP does not provide it (trainer/preflight.py)
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor,
                          scale: torch.Tensor) -> torch.Tensor | None:
@@ -93,7 +94,8 @@ class ModelRunner:
         if self.cp_mesh is not None:
             inputs, labels, positions = shard_sequence(inputs, labels, self.cp_mesh.size(),
                                                        self.cp_mesh.get_local_rank())
-        with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
+        amp = torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext()
+        with loss_parallel() if self.loss_parallel else contextlib.nullcontext(), amp:
             if self.pipeline is not None:
                 return self.pipeline.step(inputs, labels, scale, positions)
             (model,) = self.parts

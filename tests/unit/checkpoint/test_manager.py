@@ -48,7 +48,7 @@ def build(tmp_path, args: LlamaModelArgs = ARGS, dtype=torch.float32, seed: int 
     opt = build_optimizers([model], Optimizer(lr=1e-2), "cpu")
     sched = build_lr_schedulers(opt, LRScheduler(warmup_steps=2), total_steps)
     state = TrainState()
-    cfg = Checkpoint(enable=True, **{"interval": 2, **ckpt})
+    cfg = Checkpoint(**{"enable": True, "interval": 2, **ckpt})
     states = {"model": ModelWrapper([model]), "optimizer": opt, "lr_scheduler": sched, "dataloader": Counter(),
               "train_state": state}
     mgr = CheckpointManager(cfg, str(tmp_path), states, total_steps, model=ModelInfo("llama3", None, args))
@@ -293,6 +293,16 @@ def test_manager_marker_records_model_args(tmp_path):
     assert info["kind"] == "full" and info["model_args"]["dim"] == ARGS.dim
     # The marker names the family, so tools rebuild the model with no --model.
     assert info["model"] == "llama3" and "flavor" in info
+
+
+def test_initial_load_works_with_checkpointing_off(tmp_path):
+    """Asked to start from given weights, a run never silently starts from random ones; it saves nothing."""
+    saved, _ = train_and_save(tmp_path / "run", [2])
+    mgr, model, *_ = build(tmp_path / "new", seed=1, enable=False,
+                           initial_load_path=str(tmp_path / "run" / "checkpoint" / "step-2"))
+    assert mgr.load() == 0
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not mgr.should_save(8, last=True) and not (tmp_path / "new").exists()
 
 
 def test_dcp_load_casts_bf16_export_into_fp32_model(tmp_path):

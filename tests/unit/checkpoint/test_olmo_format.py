@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import pickle
+import subprocess
 import sys
 
 import pytest
@@ -45,7 +46,8 @@ def olmo_config_yaml(family: str, tied: bool, kv_heads: int) -> dict:
     model = dict(d_model=D, n_heads=HEADS, n_kv_heads=kv_heads, n_layers=LAYERS, mlp_hidden_size=2 * FFN,
                  weight_tying=tied, alibi=False, rope=True, rope_theta=THETA, include_bias=False,
                  block_type="sequential", activation_type="swiglu", max_sequence_length=64,
-                 vocab_size=VOCAB - 8, embedding_size=VOCAB)
+                 vocab_size=VOCAB - 8, embedding_size=VOCAB, attention_dropout=0.0, residual_dropout=0.0,
+                 embedding_dropout=0.0, scale_logits=False, embedding_layer_norm=False)
     if family == "olmo":
         model.update(layer_norm_type="default", layer_norm_with_affine=False, attention_layer_norm=False,
                      clip_qkv=1.5)
@@ -147,6 +149,22 @@ def test_unsupported_architecture_is_named(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(CheckpointError, match="layer_norm_type='rms'"):
         load_olmo_checkpoint(str(tmp_path), trust_pickled_keys=True)
+
+
+@pytest.mark.parametrize("option,value", [("scale_logits", True), ("embedding_layer_norm", True),
+                                          ("rope_full_precision", False), ("residual_dropout", 0.1)])
+def test_options_the_model_does_not_implement_are_refused_by_name(tmp_path, option, value):
+    """OLMo configs with these set convert to a model that computes something else; the converter says which."""
+    write_olmo_checkpoint(tmp_path, "olmo", False, HEADS)
+    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    cfg["model"][option] = value
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match=f"does not implement: {option}={value!r}"):
+        load_olmo_checkpoint(str(tmp_path), trust_pickled_keys=True)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_olmo_to_dcp.py"), str(tmp_path),
+                           str(tmp_path / "out"), "--trust-pickled-keys"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and not os.path.exists(tmp_path / "out")
+    assert proc.stderr.count("\n") == 1 and f"{option}={value!r}" in proc.stderr, proc.stderr
 
 
 def test_convert_script_writes_dcp_and_hf(tmp_path):

@@ -32,7 +32,7 @@ def test_config_env_and_config_file_env(tmp_path):
 def test_bool_flags_and_lists():
     cfg = load_config(["--checkpoint.enable_checkpoint", "--compile.enable=true", "--metrics.enable_jsonl=false",
                        "--compile.components", "model", "--parallelism.pipeline_parallel_split_points",
-                       "layers.2,layers.4"], env={})
+                       "layers.2,layers.4", "--parallelism.pipeline_parallel_degree", "3"], env={})
     assert cfg.checkpoint.enable and cfg.compile.enable and not cfg.metrics.enable_jsonl
     assert cfg.compile.components == ["model"]
     assert cfg.parallelism.pipeline_parallel_split_points == ["layers.2", "layers.4"]
@@ -43,7 +43,8 @@ def test_classic_aliases(tmp_path):
     cfg = load_config(["--training.data_parallel_replicate_degree", "2", "--training.data_parallel_shard_degree", "3",
                        "--training.tensor_parallel_degree", "4", "--experimental.pipeline_parallel_degree", "5",
                        "--experimental.context_parallel_degree", "6", "--checkpoint.model_weights_only=false",
-                       "--checkpoint.interval_type", "seconds", "--training.batch_size", "11"], env={})
+                       "--checkpoint.interval_type", "seconds", "--training.batch_size", "11",
+                       "--checkpoint.enable"], env={})
     p = cfg.parallelism
     assert (p.data_parallel_replicate_degree, p.data_parallel_shard_degree, p.tensor_parallel_degree,
             p.pipeline_parallel_degree, p.context_parallel_degree) == (2, 3, 4, 5, 6)

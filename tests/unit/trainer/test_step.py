@@ -59,6 +59,21 @@ def test_two_micro_batches_of_two_equal_one_of_four():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
 
 
+def test_autocast_runs_the_forward_in_the_compute_dtype():
+    """mixed_precision_param where FSDP's policy does not apply (one GPU, DDP): the runner autocasts. The dtype
+    choice per device is tested in tests/unit/config/test_effects.py; here the plumbing, on CPU."""
+    model, seen = _model(), []
+
+    def loss_fn(logits, labels):
+        seen.append(logits.dtype)
+        return cross_entropy_sum(logits, labels)
+
+    runner = ModelRunner([model], loss_fn, torch.device("cpu"), autocast=torch.bfloat16)
+    inputs, labels = _batch(0, 2)
+    loss = runner.forward_backward(inputs, labels, torch.tensor(1.0))
+    assert seen == [torch.bfloat16] and loss.dtype == torch.float32 and model.output.weight.grad.dtype == torch.float32
+
+
 @pytest.mark.parametrize("implementation", ["fused", "foreach"])
 def test_a_nan_step_is_not_applied_and_is_named(implementation):
     model = _model()

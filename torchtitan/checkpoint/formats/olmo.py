@@ -41,7 +41,13 @@ _OLMO_DEFAULTS = {"rope_theta": 10000.0, "layer_norm_eps": 1e-5, "clip_qkv": Non
                   "multi_query_attention": False, "max_sequence_length": 1024, "attention_layer_norm": False,
                   "norm_after": False, "layer_norm_type": "default", "layer_norm_with_affine": True,
                   "attention_layer_norm_with_affine": True, "include_bias": True, "bias_for_layer_norm": None,
-                  "activation_type": "swiglu", "block_type": "sequential", "rope": False, "alibi": False}
+                  "activation_type": "swiglu", "block_type": "sequential", "rope": False, "alibi": False,
+                  "scale_logits": False, "embedding_layer_norm": False, "rope_full_precision": True,
+                  "attention_dropout": 0.1, "residual_dropout": 0.1, "embedding_dropout": 0.1}
+# OLMo options that change the forward pass (or, dropout, training) and that our decoder does not implement,
+# with the value it computes as. Importing a model that sets another value would silently change it.
+_IMPLEMENTED_AS = {"scale_logits": False, "embedding_layer_norm": False, "rope_full_precision": True,
+                   "attention_dropout": 0.0, "residual_dropout": 0.0, "embedding_dropout": 0.0}
 
 
 @dataclass
@@ -55,7 +61,7 @@ def read_model_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "config.yaml")
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder}: no config.yaml (an unsharded OLMo checkpoint folder has config.yaml "
-                                  f"and model.safetensors or model.pt)")
+                              f"and model.safetensors or model.pt)")
     import yaml
 
     with open(path) as f:
@@ -81,9 +87,16 @@ def family_of(model: dict[str, Any]) -> str:
     unsupported += [f"{k}=true" for k in ("include_bias", "alibi") if g(k)]
     if not g("rope"):
         unsupported.append("rope=false")
+    if g("bias_for_layer_norm"):
+        unsupported.append("bias_for_layer_norm=true")
     if unsupported:
         raise CheckpointError(f"config.yaml: unsupported OLMo architecture ({', '.join(unsupported)}); "
-                                  f"only SwiGLU, sequential blocks, RoPE and no biases are supported")
+                              f"only SwiGLU, sequential blocks, RoPE and no biases are supported")
+    different = [f"{k}={g(k)!r}" for k, ours in _IMPLEMENTED_AS.items() if g(k) != ours]
+    if different:
+        raise CheckpointError(f"config.yaml: OLMo options this model does not implement: {', '.join(different)} "
+                              f"(it computes as {', '.join(f'{k}={v!r}' for k, v in _IMPLEMENTED_AS.items())}); "
+                              f"importing would change what the model computes or how it trains")
     olmo1 = (g("layer_norm_type") in ("default", "low_precision") and not g("layer_norm_with_affine")
              and not g("attention_layer_norm") and not g("norm_after"))
     olmo2 = (g("layer_norm_type") == "rms" and g("layer_norm_with_affine") and g("attention_layer_norm")
@@ -94,8 +107,8 @@ def family_of(model: dict[str, Any]) -> str:
         return "olmo2"
     keys = ("layer_norm_type", "layer_norm_with_affine", "attention_layer_norm", "norm_after")
     raise CheckpointError("config.yaml: norm settings " + ", ".join(f"{k}={g(k)!r}" for k in keys) +
-                              " are neither OLMo 1 (default, no affine, no QK-norm, pre-norm) nor OLMo 2 "
-                              "(rms, affine, QK-norm, norm_after)")
+                          " are neither OLMo 1 (default, no affine, no QK-norm, pre-norm) nor OLMo 2 "
+                          "(rms, affine, QK-norm, norm_after)")
 
 
 def model_args_from_config(model: dict[str, Any]):

@@ -1,0 +1,89 @@
+"""Options set by the user that would have no effect: an error naming the key and what it needs."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import pytest
+
+from torchtitan.config import ConfigError, load_config
+from torchtitan.config.effects import REQUIREMENTS, effect_notes
+from torchtitan.config.manager import iter_fields
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.trainer.preflight import autocast_dtype, layout_notes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+@pytest.mark.parametrize("args,key,needs", [
+    (["--checkpoint.interval", "5"], "checkpoint.interval", "checkpoint.enable = true"),
+    (["--checkpoint.enable", "--checkpoint.last_save_model_only=false", "--checkpoint.export_dtype", "bfloat16"],
+     "checkpoint.export_dtype", "last_save_model_only = true"),
+    (["--checkpoint.initial_load_model_only=false"], "checkpoint.initial_load_model_only",
+     "checkpoint.initial_load_path"),
+    (["--training.memmap_paths", "a.npy"], "training.memmap_paths", 'training.dataset = "memmap"'),
+    (["--training.dataset", "memmap", "--training.memmap_paths", "a.npy", "--training.dataset_path", "x"],
+     "training.dataset_path", "a text dataset"),
+    (["--parallelism.pipeline_parallel_schedule", "GPipe"], "parallelism.pipeline_parallel_schedule",
+     "pipeline_parallel_degree > 1"),
+    (["--parallelism.context_parallel_rotate_method", "alltoall"], "parallelism.context_parallel_rotate_method",
+     "context_parallel_degree > 1"),
+    (["--parallelism.tensor_parallel_degree", "2", "--training.loss_chunk_size", "128"], "training.loss_chunk_size",
+     "disable_loss_parallel = true"),
+    (["--float8.recipe_name", "rowwise"], "float8.recipe_name", 'model.converters = ["float8"]'),
+    (["--activation_checkpoint.mode", "full", "--activation_checkpoint.selective_ac_option", "op"],
+     "activation_checkpoint.selective_ac_option", 'mode = "selective"'),
+    (["--compile.components", "model"], "compile.components", "compile.enable = true"),
+    (["--metrics.save_tb_folder", "x"], "metrics.save_tb_folder", "metrics.enable_tensorboard = true"),
+])
+def test_an_option_without_its_switch_is_an_error(args, key, needs):
+    with pytest.raises(ConfigError, match=rf"^{key} \(set in the command line\) has no effect here: it needs .*"
+                                          rf"{re.escape(needs)}"):
+        load_config(args, env={})
+
+
+def test_the_same_options_with_their_switch_load():
+    load_config(["--checkpoint.enable", "--checkpoint.interval", "5", "--compile.enable", "--compile.components",
+                 "model", "--parallelism.tensor_parallel_degree", "2", "--training.loss_chunk_size", "128",
+                 "--parallelism.disable_loss_parallel"], env={})
+
+
+def test_a_file_option_whose_switch_the_command_line_turned_off_is_a_note(tmp_path):
+    """The command line cannot remove a key from the file: a quick run of a production config without
+    checkpointing must still start, and says what it ignores."""
+    path = tmp_path / "c.toml"
+    path.write_text("[checkpoint]\nenable = true\ninterval = 100\nkeep_latest_k = 3\n")
+    cfg = load_config(["--job.config_file", str(path), "--checkpoint.no-enable"], env={})
+    notes = effect_notes(cfg)
+    assert len(notes) == 2 and notes[0].startswith(f"checkpoint.interval (from {path}) has no effect")
+    with pytest.raises(ConfigError, match="checkpoint.interval .set in the command line. has no effect"):
+        load_config(["--job.config_file", str(path), "--checkpoint.no-enable", "--checkpoint.interval", "5"], env={})
+    path.write_text("[checkpoint]\nenable = false\ninterval = 100\n")
+    with pytest.raises(ConfigError, match="checkpoint.interval .set in .*c.toml. has no effect"):
+        load_config(["--job.config_file", str(path)], env={})
+
+
+def test_shipped_configs_and_defaults_have_no_dead_options():
+    assert not effect_notes(load_config([], env={}))
+    for path in glob.glob(os.path.join(ROOT, "train_configs", "*.toml")):
+        assert not effect_notes(load_config(["--job.config_file", path], env={})), path
+
+
+def test_every_rule_names_real_keys():
+    keys = {f"{sec}.{name}" for sec, name, *_ in iter_fields()}
+    for req in REQUIREMENTS:
+        assert set(req.keys) <= keys and req.switch in keys, req
+
+
+def test_layout_and_device_notes():
+    cfg = load_config(["--training.enable_cpu_offload", "--training.mixed_precision_param", "bfloat16",
+                       "--training.mixed_precision_reduce", "float32"], env={})
+    one, two = (ParallelDims.from_config(cfg.parallelism, w) for w in (1, 2))
+    notes = layout_notes(cfg, one, "cpu")
+    assert [n.split(" ")[0] for n in notes] == ["training.enable_cpu_offload", "training.mixed_precision_reduce",
+                                                "training.mixed_precision_param"]
+    assert layout_notes(cfg, two, "cuda") == []
+    # mixed_precision_param takes effect everywhere on CUDA: FSDP's policy, or autocast without FSDP.
+    assert str(autocast_dtype(cfg, one, "cuda")) == "torch.bfloat16"
+    assert autocast_dtype(cfg, two, "cuda") is None and autocast_dtype(cfg, one, "cpu") is None

@@ -1,0 +1,107 @@
+"""Options that the user set but that have no effect in this configuration: an error naming what they need.
+
+Each requirement says which keys need which setting (their switch). A key the user set whose switch is off
+is an error, with one exception: a key from the config file whose switch was turned off on the command line
+(`--checkpoint.no-enable` for a quick try of a production config) is reported as a note instead, because the
+command line cannot remove a key from the file. Only keys the user set to something other than the default
+count.
+
+Options whose effect depends on where the job runs (the device, or a world size that leaves FSDP out) are
+checked by trainer/preflight.py and logged, so one config runs on a CPU box and on a cluster.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torchtitan.tools.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torchtitan.config.job_config import JobConfig
+
+
+@dataclass(frozen=True)
+class Requirement:
+    keys: tuple[str, ...]  # options that only act when...
+    switch: str  # ...this key...
+    met: Callable[[JobConfig], bool]  # ...makes this true
+    needs: str  # what to set, for the message
+
+
+_CHECKPOINT_OPTIONS = ("folder", "interval_type", "interval", "keep_latest_k", "load_step", "last_save_model_only",
+                       "export_dtype", "async_mode", "exclude_from_loading", "enable_first_step_checkpoint")
+_MEMMAP_OPTIONS = ("memmap_paths", "memmap_dtype", "memmap_label_mask_paths", "data_order_ignore_fingerprint")
+_PIPELINE_OPTIONS = ("pipeline_parallel_schedule", "pipeline_parallel_schedule_csv", "pipeline_parallel_split_points",
+                     "pipeline_parallel_layers_per_stage", "pipeline_parallel_microbatch_size")
+
+REQUIREMENTS: tuple[Requirement, ...] = (
+    Requirement(tuple(f"checkpoint.{k}" for k in _CHECKPOINT_OPTIONS), "checkpoint.enable",
+                lambda c: c.checkpoint.enable, "checkpoint.enable = true (nothing is saved or resumed without it)"),
+    Requirement(("checkpoint.export_dtype",), "checkpoint.last_save_model_only",
+                lambda c: c.checkpoint.last_save_model_only,
+                "checkpoint.last_save_model_only = true (only the final weights-only save is cast)"),
+    Requirement(("checkpoint.initial_load_model_only",), "checkpoint.initial_load_path",
+                lambda c: bool(c.checkpoint.initial_load_path), "checkpoint.initial_load_path"),
+    Requirement(tuple(f"training.{k}" for k in _MEMMAP_OPTIONS), "training.dataset",
+                lambda c: c.training.dataset == "memmap", 'training.dataset = "memmap"'),
+    Requirement(("training.dataset_path", "training.dataset_text_field", "training.shuffle_documents"),
+                "training.dataset", lambda c: c.training.dataset != "memmap",
+                "a text dataset (memmap data is read from training.memmap_paths in its own order)"),
+    Requirement(("training.loss_chunk_size",), "parallelism.disable_loss_parallel",
+                lambda c: c.parallelism.tensor_parallel_degree == 1 or c.parallelism.disable_loss_parallel,
+                "parallelism.disable_loss_parallel = true under tensor parallel (loss parallel already keeps "
+                "the logits vocab-sharded)"),
+    Requirement(tuple(f"parallelism.{k}" for k in _PIPELINE_OPTIONS), "parallelism.pipeline_parallel_degree",
+                lambda c: c.parallelism.pipeline_parallel_degree > 1, "parallelism.pipeline_parallel_degree > 1"),
+    Requirement(("parallelism.pipeline_parallel_schedule_csv",), "parallelism.pipeline_parallel_schedule",
+                lambda c: c.parallelism.pipeline_parallel_schedule == "CSV",
+                'parallelism.pipeline_parallel_schedule = "CSV"'),
+    Requirement(("parallelism.context_parallel_rotate_method",), "parallelism.context_parallel_degree",
+                lambda c: c.parallelism.context_parallel_degree > 1, "parallelism.context_parallel_degree > 1"),
+    Requirement(("parallelism.disable_loss_parallel", "parallelism.enable_async_tensor_parallel"),
+                "parallelism.tensor_parallel_degree", lambda c: c.parallelism.tensor_parallel_degree > 1,
+                "parallelism.tensor_parallel_degree > 1"),
+    Requirement(("float8.recipe_name", "float8.enable_fsdp_float8_all_gather",
+                 "float8.precompute_float8_dynamic_scale_for_fsdp", "float8.filter_fqns"), "model.converters",
+                lambda c: "float8" in c.model.converters, 'model.converters = ["float8"]'),
+    Requirement(("activation_checkpoint.selective_ac_option",), "activation_checkpoint.mode",
+                lambda c: c.activation_checkpoint.mode == "selective", 'activation_checkpoint.mode = "selective"'),
+    Requirement(("compile.components",), "compile.enable", lambda c: c.compile.enable, "compile.enable = true"),
+    Requirement(("metrics.save_tb_folder",), "metrics.enable_tensorboard", lambda c: c.metrics.enable_tensorboard,
+                "metrics.enable_tensorboard = true"),
+    Requirement(("profiling.save_traces_folder",), "profiling.enable_profiling", lambda c: c.profiling.enable_profiling,
+                "profiling.enable_profiling = true"),
+    Requirement(("profiling.profile_freq",), "profiling.enable_profiling",
+                lambda c: c.profiling.enable_profiling or c.profiling.enable_memory_snapshot,
+                "profiling.enable_profiling or profiling.enable_memory_snapshot = true"),
+    Requirement(("profiling.save_memory_snapshot_folder",), "profiling.enable_memory_snapshot",
+                lambda c: c.profiling.enable_memory_snapshot, "profiling.enable_memory_snapshot = true"),
+)
+
+
+def _unmet(cfg: JobConfig):
+    defaults = type(cfg)()
+    for req in REQUIREMENTS:
+        if req.met(cfg):
+            continue
+        for key in req.keys:
+            section, name = key.split(".")
+            # A key set to its default changes nothing (e.g. a config printed by --job.print_config).
+            if key in cfg.set_by and getattr(getattr(cfg, section), name) != getattr(getattr(defaults, section), name):
+                yield key, req
+
+
+def check_effects(cfg: JobConfig) -> None:
+    """Raise for the first option set by the user that would do nothing (see the module doc)."""
+    for key, req in _unmet(cfg):
+        if not (cfg.set_by[key] == "file" and cfg.set_by.get(req.switch) == "cli"):
+            where = "the command line" if cfg.set_by[key] == "cli" else cfg.job.config_file
+            raise ConfigError(f"{key} (set in {where}) has no effect here: it needs {req.needs}; set that or "
+                              f"remove {key}")
+
+
+def effect_notes(cfg: JobConfig) -> list[str]:
+    """The options from the config file that a command-line switch turned off (logged, not errors)."""
+    return [f"{key} (from {cfg.job.config_file}) has no effect: {req.switch} was changed on the command line"
+            for key, req in _unmet(cfg)]
