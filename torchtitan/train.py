@@ -65,7 +65,8 @@ def train(cfg: JobConfig) -> list[dict]:
     check_vocab_fits(tokenizer, model_args.vocab_size, tokenizer_path)
     dataloader = build_dataloader(cfg.training, tokenizer, dims.local_rank("dp"), dims.dp, cfg.job.dump_folder)
 
-    set_determinism(cfg.training.seed if cfg.training.seed is not None else 0, cfg.training.deterministic)
+    seed = cfg.training.seed if cfg.training.seed is not None else 0
+    set_determinism(seed, cfg.training.deterministic)
     model = spec.build_meta_model(model_args)
     num_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.training.seq_len)
     compile_loss = compile_loss_enabled(cfg, dims.tp)
@@ -82,7 +83,7 @@ def train(cfg: JobConfig) -> list[dict]:
     parts = pipeline.parts if pipeline is not None else [parallelize(model)]
     for part in parts:
         part.to_empty(device=device)
-        part.init_weights(buffer_device=device)
+        part.init_weights(buffer_device=device, seed=seed)  # the same weights on every layout
         part.train()
     if cfg.training.fused_output_loss and any(part.output is not None for part in parts):
         loss_fn.head = next(part.output for part in parts if part.output is not None)

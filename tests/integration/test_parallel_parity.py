@@ -1,7 +1,9 @@
 """Every parallel layout reproduces single-process training (CPU, gloo, fp32, real processes).
 
 All runs start from one seed checkpoint and see the same global batch (local
-batch x dp is constant), so per-step losses must agree to float32 noise. After a
+batch x dp is constant), so per-step losses must agree to float32 noise. The
+`*_fresh` layouts start without it: initialization is layout-invariant
+(models/common/init.py), so they must agree just the same. After a
 few AdamW steps last-bit gradient noise grows, hence losses (not weights) are
 compared, plus the first step's gradient norm.
 
@@ -34,6 +36,8 @@ FSDP = ["--parallelism.data_parallel_shard_degree", "-1"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
 CP2 = ["--parallelism.context_parallel_degree", "2"]
 ZLOSS = ["--training.z_loss_multiplier", "1e-3"]
+PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
+FRESH = ["--checkpoint.initial_load_path", "none"]  # initialized from training.seed, no seed checkpoint
 # 48-token chunks do not divide a rank's 128 tokens: the last chunk is short.
 FUSED = ["--training.loss_chunk_size", "48", "--training.fused_output_loss"]
 
@@ -68,6 +72,12 @@ LAYOUTS: dict[str, tuple[int, list[str], str, float]] = {
     "fsdp2_tp2": (4, FSDP + TP2 + _bs(2), "single", LOSS_TOL),
     "fsdp2_cp2": (4, FSDP + CP2 + _bs(2), "single", LOSS_TOL),
     "tp2_cp2": (4, TP2 + CP2 + _bs(4), "single", LOSS_TOL),
+    "single_fresh": (1, _bs(4) + FRESH, "single_fresh", 0.0),
+    "fsdp2_fresh": (2, FSDP + _bs(2) + FRESH, "single_fresh", LOSS_TOL),
+    "tp2_fresh": (2, TP2 + _bs(4) + FRESH, "single_fresh", LOSS_TOL),
+    "cp2_fresh": (2, CP2 + _bs(4) + FRESH, "single_fresh", LOSS_TOL),
+    "pp2_fresh": (2, PP2 + _bs(4) + FRESH, "single_fresh", LOSS_TOL),
+    "fsdp2_tp2_fresh": (4, FSDP + TP2 + _bs(2) + FRESH, "single_fresh", LOSS_TOL),
 }
 COMPARED = [name for name, (_, _, ref, _) in LAYOUTS.items() if ref != name]
 

@@ -92,7 +92,8 @@ def test_loss_fn_is_the_fused_one_only_when_asked():
 
 @pytest.mark.parametrize("extra,message", [
     ([], "fused_output_loss needs training.loss_chunk_size > 0"),
-    (["--training.loss_chunk_size", "64", "--parallelism.tensor_parallel_degree", "2"],
+    (["--training.loss_chunk_size", "64", "--parallelism.tensor_parallel_degree", "2",
+      "--parallelism.disable_loss_parallel"],
      "fused_output_loss cannot run with tensor_parallel_degree > 1"),
 ])
 def test_preflight_rejects_what_fusion_cannot_do(extra, message):

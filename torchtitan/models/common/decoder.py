@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from torchtitan.models.common.args import DecoderArgs
-from torchtitan.models.common.init import INIT_SCHEMES
+from torchtitan.models.common.init import INIT_SCHEMES, ParameterInit
 from torchtitan.models.common.layers import Attention, build_feed_forward, build_norm
 from torchtitan.models.common.rope import rope_cache
 
@@ -93,12 +93,14 @@ class Decoder(nn.Module):
         return rope_cache(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=device)
 
     @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
-        """Deterministic init given the RNG state; also rebuilds the RoPE table and the tie after to_empty."""
+    def init_weights(self, buffer_device: torch.device | str | None = None, seed: int | None = None) -> None:
+        """The weights a seed gives, on any layout (models/common/init.py); also rebuilds the RoPE table and the
+        tie after to_empty. seed None: torch's current seed (torch.initial_seed())."""
         device = buffer_device if buffer_device is not None else self.rope_cache.device
         self.rope_cache = self._rope(device=device)
         self.tie_weights()
-        INIT_SCHEMES[self.args.init](self)
+        seed = torch.initial_seed() if seed is None else seed
+        INIT_SCHEMES[self.args.init](self, ParameterInit(self, seed))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, S) ids, or (B, S, dim) activations on a later pipeline stage."""
