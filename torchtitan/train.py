@@ -37,6 +37,7 @@ from torchtitan.trainer.dry_run import dry_run, rank_memory_line
 from torchtitan.trainer.preflight import autocast_dtype, build_model_args, compile_loss_enabled, layout_notes, preflight
 from torchtitan.trainer.state import TrainState
 from torchtitan.trainer.step import ModelRunner, NonFiniteGuard, global_mean_loss, train_step
+from torchtitan.trainer.validate import Validator
 
 logger = logging.getLogger("torchtitan")
 DEFAULT_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tokenizer")
@@ -117,6 +118,7 @@ def train(cfg: JobConfig) -> list[dict]:
     for note in effect_notes(cfg) + layout_notes(cfg, dims, device_type):
         logger.warning(note)
 
+    validator = Validator(cfg.validation, t, tokenizer, dims, t.steps) if cfg.validation.enable else None
     profiler = Profiler(cfg.profiling, cfg.job.dump_folder, rank, device_type, state.step)
     guard = NonFiniteGuard()
     gc.disable()  # collect on a schedule, so no rank stalls at a random step
@@ -138,6 +140,10 @@ def train(cfg: JobConfig) -> list[dict]:
             loss = global_mean_loss(out, dims)
             guard.check()
             records.append(metrics.log(state.step, loss, float(out.grad_norm), lr_schedulers.get_last_lr()))
+        if validator is not None and validator.due(state.step):
+            guard.check()
+            v = validator.run(runner)
+            records.append(metrics.log_validation(state.step, v.loss, v.perplexity, v.tokens, v.seconds))
         last = state.step == t.steps
         if checkpoint.should_save(state.step, last):
             guard.check()  # never write a checkpoint of weights that a non-finite step reached

@@ -7,7 +7,7 @@ start-up once, not once per layout):
 
 SPEC.json: {"common": [cli args], "layouts": {name: [cli args]}}. Every layout
 calls `torchtitan.train.train` with the common args plus its own, in order.
-OUT.json (written by rank 0): {name: {"loss": [...], "grad_norm": [...], "seconds": s}}.
+OUT.json (written by rank 0): {name: {"loss": [...], "grad_norm": [...], "validation_loss": [...], "seconds": s}}.
 """
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ def main(spec_path: str, out_path: str) -> None:
             preflight(cfg, world)
             t0 = time.perf_counter()
             records = train(cfg)
-            results[name] = {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
+            train_records = [r for r in records if "loss" in r]
+            results[name] = {"loss": [r["loss"] for r in train_records],
+                             "grad_norm": [r["grad_norm"] for r in train_records],
+                             "validation_loss": [r["validation_loss"] for r in records if "validation_loss" in r],
                              "seconds": time.perf_counter() - t0}
             if int(os.environ.get("RANK", "0")) == 0:
                 # Written after every layout, so a later failure still leaves the earlier results to read.

@@ -24,7 +24,8 @@ COMPILE_TOL = 1e-4
 
 
 def _bs(n: int) -> list[str]:
-    return ["--training.local_batch_size", str(n)]
+    """Local batch n for training and validation: dp x n stays 4 (the global batch) on every layout."""
+    return ["--training.local_batch_size", str(n), "--validation.local_batch_size", str(n)]
 
 
 def _ac(mode: str, option: str | None = None) -> list[str]:
@@ -61,7 +62,8 @@ LAYOUTS: dict[str, tuple[int, list[str], str, float]] = {
     "fsdp2_full_ac": (2, FSDP + _bs(2) + _ac("full"), "single", LOSS_TOL),
     "fsdp2_selective_layer_ac": (2, FSDP + _bs(2) + _ac("selective", "2"), "single", LOSS_TOL),
     "fsdp2_selective_op_ac": (2, FSDP + _bs(2) + _ac("selective", "op"), "single", LOSS_TOL),
-    "fsdp2_grad_accum2": (2, FSDP + _bs(2) + ["--training.global_batch_size", "8"], "single_bs8", LOSS_TOL),
+    "fsdp2_grad_accum2": (2, FSDP + ["--training.local_batch_size", "2", "--validation.local_batch_size", "4",
+                                     "--training.global_batch_size", "8"], "single_bs8", LOSS_TOL),
     "fsdp2_compile": (2, FSDP + _bs(2) + ["--compile.enable"], "single", COMPILE_TOL),
     "fsdp2_fused_loss": (2, FSDP + _bs(2) + FUSED + ZLOSS, "single_zloss", LOSS_TOL),
     "cp2_fused_loss_compile": (2, CP2 + _bs(4) + FUSED + ["--compile.enable"], "single", COMPILE_TOL),
@@ -85,7 +87,9 @@ COMPARED = [name for name, (_, _, ref, _) in LAYOUTS.items() if ref != name]
 def _common(seed: str) -> list[str]:
     return ["--job.config_file", launch.DEBUG_CONFIG, *launch.TINY,
             "--checkpoint.enable", "--checkpoint.initial_load_path", seed, "--metrics.enable_jsonl=false",
-            "--comm.init_timeout_seconds", "120", "--comm.train_timeout_seconds", "60"]
+            "--comm.init_timeout_seconds", "120", "--comm.train_timeout_seconds", "60",
+            # Validation at steps 2, 4 and 5 on 2 global batches of held-out windows (the pydoc corpus).
+            "--validation.enable", "--validation.freq", "2", "--validation.steps", "2", "--validation.seq_len", "64"]
 
 
 def _run_world(world: int, seed: str, tmp: str) -> dict:
@@ -116,20 +120,23 @@ def parity(tmp_path_factory) -> dict:
     return results
 
 
-def _diffs(results: dict, name: str) -> tuple[float, float]:
+def _diffs(results: dict, name: str) -> tuple[float, float, float]:
+    """Max |d loss| over the 5 steps, |d grad norm| at step 1, max |d validation loss| over the 3 validations."""
     ref = results[LAYOUTS[name][2]]
     got = results[name]
     assert len(got["loss"]) == len(ref["loss"]) == 5, f"{name}: expected 5 logged steps, got {len(got['loss'])}"
+    assert len(got["validation_loss"]) == len(ref["validation_loss"]) == 3, got["validation_loss"]
     loss = max(abs(a - b) for a, b in zip(got["loss"], ref["loss"]))
-    return loss, abs(got["grad_norm"][0] - ref["grad_norm"][0])
+    val = max(abs(a - b) for a, b in zip(got["validation_loss"], ref["validation_loss"]))
+    return loss, abs(got["grad_norm"][0] - ref["grad_norm"][0]), val
 
 
 def _print_summary(results: dict) -> None:
-    lines = ["layout                      max|dloss|   |dgradnorm1|   seconds"]
+    lines = ["layout                      max|dloss|   |dgradnorm1|   max|dval|   seconds"]
     for name in COMPARED:
         if name in results and LAYOUTS[name][2] in results:
-            loss, gn = _diffs(results, name)
-            lines.append(f"{name:<26}  {loss:10.2e}   {gn:10.2e}   {results[name]['seconds']:7.1f}")
+            loss, gn, val = _diffs(results, name)
+            lines.append(f"{name:<26}  {loss:10.2e}   {gn:10.2e}   {val:9.2e}   {results[name]['seconds']:7.1f}")
     print("\n" + "\n".join(lines))
 
 
@@ -139,11 +146,13 @@ def test_layout_matches_single_process(parity: dict, name: str):
     if name not in parity or LAYOUTS[name][2] not in parity:
         pytest.fail(f"{name} did not run:\n" + "\n".join(parity["_errors"]))
     tol = LAYOUTS[name][3]
-    loss, grad_norm = _diffs(parity, name)
+    loss, grad_norm, val = _diffs(parity, name)
     ref = parity[LAYOUTS[name][2]]
     assert loss <= tol, f"{name}: losses {parity[name]['loss']} vs reference {ref['loss']} (max diff {loss:.2e})"
     assert grad_norm <= tol, (f"{name}: first grad norm {parity[name]['grad_norm'][0]} vs reference "
                               f"{ref['grad_norm'][0]} (diff {grad_norm:.2e})")
+    assert val <= tol, (f"{name}: validation losses {parity[name]['validation_loss']} vs reference "
+                        f"{ref['validation_loss']} (max diff {val:.2e})")
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ class ParallelAwareDataloader(StatefulDataLoader, Stateful):
     """StatefulDataLoader whose state is rank-independent (see datasets/text.py), saved as one entry."""
 
     def __init__(self, dataset, batch_size: int, dp_degree: int):
-        super().__init__(dataset, batch_size=batch_size, num_workers=0, collate_fn=_collate)
+        super().__init__(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate)
         self.dp_degree = dp_degree
 
     def state_dict(self) -> dict:
@@ -28,7 +28,7 @@ class ParallelAwareDataloader(StatefulDataLoader, Stateful):
         super().load_state_dict(pickle.loads(state["state"])["loader"])
 
 
-def _collate(items: list[dict]) -> tuple[dict, torch.Tensor]:
+def collate(items: list[dict]) -> tuple[dict, torch.Tensor]:
     return {"input": torch.stack([it["input"] for it in items])}, torch.stack([it["label"] for it in items])
 
 

@@ -114,6 +114,20 @@ class MetricsLogger:
         self.tokens_since_log = 0
         return rec
 
+    def log_validation(self, step: int, loss: float, perplexity: float, tokens: int, seconds: float) -> dict:
+        """One line and one record for a validation: loss per labelled token and perplexity."""
+        rec = {"step": step, "validation_loss": loss, "validation_ppl": perplexity, "validation_tokens": tokens,
+               "validation_seconds": seconds}
+        logger.info(f"validate {step:>5d}  loss {loss:8.4f}  ppl {perplexity:10.3f}  tokens {tokens:,}  "
+                    f"time {seconds:.1f}s")
+        if self.jsonl:
+            self.jsonl.write(json.dumps(rec) + "\n")
+        if self.tb:
+            self.tb.add_scalar("validation/loss", loss, step)
+            self.tb.add_scalar("validation/ppl", perplexity, step)
+        self.window.start += seconds  # training throughput leaves validation time out
+        return rec
+
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()

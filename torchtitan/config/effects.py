@@ -35,7 +35,11 @@ _MEMMAP_OPTIONS = ("memmap_paths", "memmap_dtype", "memmap_label_mask_paths", "d
 _PIPELINE_OPTIONS = ("pipeline_parallel_schedule", "pipeline_parallel_schedule_csv", "pipeline_parallel_split_points",
                      "pipeline_parallel_layers_per_stage", "pipeline_parallel_microbatch_size")
 
+_VALIDATION_OPTIONS = ("freq", "steps", "dataset", "dataset_path", "seq_len", "local_batch_size")
+
 REQUIREMENTS: tuple[Requirement, ...] = (
+    Requirement(tuple(f"validation.{k}" for k in _VALIDATION_OPTIONS), "validation.enable",
+                lambda c: c.validation.enable, "validation.enable = true"),
     Requirement(tuple(f"checkpoint.{k}" for k in _CHECKPOINT_OPTIONS), "checkpoint.enable",
                 lambda c: c.checkpoint.enable, "checkpoint.enable = true (nothing is saved or resumed without it)"),
     Requirement(("checkpoint.export_dtype",), "checkpoint.last_save_model_only",

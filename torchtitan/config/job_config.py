@@ -147,6 +147,20 @@ class Parallelism:
 
 
 @dataclass
+class Validation:
+    enable: bool = opt(False, "Evaluate the loss on held-out data every validation.freq steps and at the last step.")
+    freq: int = opt(500, "Steps between validations.")
+    steps: int = opt(-1, "Batches per validation; -1: the whole set (every whole global batch of it).")
+    dataset: str = opt("pydoc", "A text dataset as in training.dataset (pydoc is the training corpus itself: point "
+                                "dataset_path at held-out data for real runs), or memmap.")
+    dataset_path: str | None = opt(None, "Local json/jsonl/parquet/text file or folder; with dataset = memmap a "
+                                         "token file or a folder of them (dtype training.memmap_dtype).")
+    seq_len: int = opt(2048, "Tokens per validation sequence (training.seq_len under pipeline parallel).")
+    local_batch_size: int = opt(8, "Validation sequences per data-parallel rank per batch (training's under "
+                                   "pipeline parallel).")
+
+
+@dataclass
 class Checkpoint:
     enable: bool = opt(False, "Save and resume checkpoints.")
     folder: str = opt("checkpoint", "Checkpoint folder, under dump_folder.")
@@ -217,6 +231,7 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     training: Training = field(default_factory=Training)
+    validation: Validation = field(default_factory=Validation)
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)

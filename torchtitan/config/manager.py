@@ -218,10 +218,15 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
 def validate(cfg: JobConfig) -> None:
     """Cross-field checks that need no process group."""
     t, p = cfg.training, cfg.parallelism
-    for key, v in (("training.local_batch_size", t.local_batch_size), ("training.seq_len", t.seq_len),
-                   ("training.steps", t.steps), ("metrics.log_freq", cfg.metrics.log_freq)):
-        if v < 1:
-            raise ConfigError(f"{key} must be >= 1, got {v}")
+    v = cfg.validation
+    for key, n in (("training.local_batch_size", t.local_batch_size), ("training.seq_len", t.seq_len),
+                   ("training.steps", t.steps), ("metrics.log_freq", cfg.metrics.log_freq),
+                   ("validation.freq", v.freq), ("validation.seq_len", v.seq_len),
+                   ("validation.local_batch_size", v.local_batch_size)):
+        if n < 1:
+            raise ConfigError(f"{key} must be >= 1, got {n}")
+    if v.steps == 0 or v.steps < -1:
+        raise ConfigError(f"validation.steps must be -1 (the whole set) or >= 1, got {v.steps}")
     for key in ("data_parallel_replicate_degree", "tensor_parallel_degree", "pipeline_parallel_degree",
                 "context_parallel_degree", "pipeline_parallel_microbatch_size"):
         if getattr(p, key) < 1:

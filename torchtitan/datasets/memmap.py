@@ -310,6 +310,31 @@ class MemmapDataset(IterableDataset):
                 yield self.instances.item(int(i))
 
 
+class SequentialInstances(IterableDataset):
+    """Evaluation data: instances in file order, once, this dp rank's share of each global batch. A trailing
+    partial global batch is left out, so every layout with the same global batch sees the same sequences."""
+
+    def __init__(self, instances: MemmapInstances, local_batch_size: int, dp_rank: int, dp_degree: int):
+        self.instances, self.local_batch_size, self.dp_rank = instances, local_batch_size, dp_rank
+        self.group = local_batch_size * dp_degree
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        lo = self.dp_rank * self.local_batch_size
+        for start in range(0, len(self.instances) // self.group * self.group, self.group):
+            for i in range(start + lo, start + lo + self.local_batch_size):
+                yield self.instances.item(i)
+
+
+def token_files(path: str) -> list[str]:
+    """A token file, or the token files of a folder in name order (*.npy / *.bin: raw, headerless)."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".npy", ".bin")))
+        if not files:
+            raise DataError(f"{path}: no .npy or .bin token files in this folder")
+        return files
+    return [path]
+
+
 def _describe_change(old: dict, new: dict) -> str:
     for key in ("dtype", "seq_len"):
         if old.get(key) != new.get(key):

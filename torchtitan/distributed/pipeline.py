@@ -313,6 +313,24 @@ class Pipeline:
             return None
         return torch.stack([loss.detach() for loss in losses]).sum() / scale
 
+    def eval(self, inputs: torch.Tensor, labels: torch.Tensor,
+             positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Forward only (validation); the summed loss on the rank holding the last stage, None elsewhere."""
+        kwargs: dict = {"positions": positions} if positions is not None else {}
+        if self._loss_kwargs:
+            kwargs["loss_kwargs"] = {"scale": 1.0}
+        else:
+            self.loss.scale = 1.0
+        losses: list[torch.Tensor] = []
+        if self.has_first:
+            self.schedule.eval(inputs, **kwargs, target=labels if self.has_last else None,
+                               losses=losses if self.has_last else None)
+        elif self.has_last:
+            self.schedule.eval(**kwargs, target=labels, losses=losses)
+        else:
+            self.schedule.eval(**kwargs)
+        return torch.stack(losses).sum() if self.has_last and losses else None
+
 
 def build_pipeline(model: nn.Module, *, dims: ParallelDims, parallelism: Parallelism, local_batch_size: int,
                    device: torch.device, parallelize: Callable[[nn.Module], nn.Module],

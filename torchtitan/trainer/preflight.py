@@ -73,6 +73,28 @@ def compile_loss_enabled(cfg: JobConfig, tp_degree: int) -> bool:
     return wanted and not (tp_degree > 1 and not cfg.parallelism.disable_loss_parallel)
 
 
+def _check_seq_len(key: str, seq_len: int, dims: ParallelDims) -> None:
+    if dims.cp > 1 and seq_len % (2 * dims.cp):
+        raise ConfigError(f"{key} = {seq_len} must be divisible by 2 x context_parallel_degree = {2 * dims.cp}")
+    if dims.tp > 1 and dims.tp * dims.cp > 1 and seq_len % (dims.tp * max(2 * dims.cp, 1)):
+        raise ConfigError(f"{key} = {seq_len} must be divisible by tensor_parallel_degree x 2 x "
+                          f"context_parallel_degree for sequence parallel")
+
+
+def _check_validation(cfg: JobConfig, dims: ParallelDims, dry_run: bool) -> None:
+    v, t = cfg.validation, cfg.training
+    _check_seq_len("validation.seq_len", v.seq_len, dims)
+    if dims.pp > 1 and (v.seq_len, v.local_batch_size) != (t.seq_len, t.local_batch_size):
+        raise ConfigError(f"validation.seq_len and validation.local_batch_size must equal training's "
+                          f"({t.seq_len}, {t.local_batch_size}) under pipeline parallel: the stages are built for "
+                          f"one micro-batch shape")
+    if v.dataset == "memmap" and not v.dataset_path:
+        raise ConfigError("validation.dataset = memmap needs validation.dataset_path (a token file or a folder of "
+                          "them)")
+    if v.dataset_path and not dry_run and not os.path.exists(v.dataset_path):
+        raise ConfigError(f"validation.dataset_path {v.dataset_path}: no such file or folder")
+
+
 def preflight(cfg: JobConfig, world_size: int) -> None:
     spec = get_train_spec(cfg.model.name)
     args = spec.model_args(cfg.model.flavor)
@@ -92,12 +114,7 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
     if dims.pp > args.n_layers:
         raise ConfigError(f"parallelism.pipeline_parallel_degree = {dims.pp} exceeds the {args.n_layers} layers of "
                           f"{label}")
-    if dims.cp > 1 and t.seq_len % (2 * dims.cp):
-        raise ConfigError(f"training.seq_len = {t.seq_len} must be divisible by 2 x "
-                          f"context_parallel_degree = {2 * dims.cp}")
-    if dims.tp > 1 and dims.tp * dims.cp > 1 and t.seq_len % (dims.tp * max(2 * dims.cp, 1)):
-        raise ConfigError(f"training.seq_len = {t.seq_len} must be divisible by tensor_parallel_degree x 2 x "
-                          f"context_parallel_degree for sequence parallel")
+    _check_seq_len("training.seq_len", t.seq_len, dims)
     if dims.pp > 1 and t.local_batch_size % p.pipeline_parallel_microbatch_size:
         raise ConfigError(f"training.local_batch_size = {t.local_batch_size} must be a multiple of "
                           f"parallelism.pipeline_parallel_microbatch_size = {p.pipeline_parallel_microbatch_size}")
@@ -126,6 +143,8 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
     load = cfg.checkpoint.initial_load_path
     if load and not dry_run and not os.path.exists(load):
         raise ConfigError(f"checkpoint.initial_load_path {load}: no such folder")
+    if cfg.validation.enable:
+        _check_validation(cfg, dims, dry_run)
     if t.dataset == "memmap" and not t.memmap_paths:
         raise ConfigError("training.dataset = memmap needs training.memmap_paths")
     if cfg.float8.recipe_name and "float8" in cfg.model.converters and not on_cuda:

@@ -86,23 +86,43 @@ class ModelRunner:
     loss_parallel: bool = False  # tensor parallel: the loss runs on vocab-sharded logits
     autocast: torch.dtype | None = None  # mixed precision where FSDP does not provide it (trainer/preflight.py)
 
+    def _prepare(self, inputs: torch.Tensor, labels: torch.Tensor):
+        inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        if self.cp_mesh is None:
+            return inputs, labels, None
+        return shard_sequence(inputs, labels, self.cp_mesh.size(), self.cp_mesh.get_local_rank())
+
+    def _context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if self.loss_parallel:
+            stack.enter_context(loss_parallel())
+        if self.autocast is not None:
+            stack.enter_context(torch.autocast(self.device.type, self.autocast))
+        return stack
+
+    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        (model,) = self.parts
+        return self.loss_fn(model(inputs, positions) if positions is not None else model(inputs), labels)
+
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor,
                          scale: torch.Tensor) -> torch.Tensor | None:
         """Accumulate the gradients of scale x summed loss; return the summed loss (None: no last stage here)."""
-        inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        positions = None
-        if self.cp_mesh is not None:
-            inputs, labels, positions = shard_sequence(inputs, labels, self.cp_mesh.size(),
-                                                       self.cp_mesh.get_local_rank())
-        amp = torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext()
-        with loss_parallel() if self.loss_parallel else contextlib.nullcontext(), amp:
+        inputs, labels, positions = self._prepare(inputs, labels)
+        with self._context():
             if self.pipeline is not None:
                 return self.pipeline.step(inputs, labels, scale, positions)
-            (model,) = self.parts
-            logits = model(inputs, positions) if positions is not None else model(inputs)
-            loss = self.loss_fn(logits, labels)
+            loss = self._loss(inputs, labels, positions)
             (loss * scale).backward()
         return loss.detach()
+
+    @torch.no_grad()
+    def forward_eval(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """The summed loss of a batch, forward only (None: no last stage here)."""
+        inputs, labels, positions = self._prepare(inputs, labels)
+        with self._context():
+            if self.pipeline is not None:
+                return self.pipeline.eval(inputs, labels, positions)
+            return self._loss(inputs, labels, positions)
 
 
 def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tensor]], *, dims: ParallelDims,

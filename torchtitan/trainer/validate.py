@@ -1,0 +1,83 @@
+"""In-loop validation: the loss per labelled token over a fixed held-out set, the same on every layout.
+
+Every validation reads the same sequences from the start of the set (text windows packed as for training,
+or memmap instances in file order), each dp rank its share of each global batch of validation.local_batch_size
+x dp sequences. The loss is summed over labelled tokens and reduced over dp, cp and pp, so one process and any
+mesh report the same number for the same global batch. It runs under no_grad and puts the model parts back in
+train mode afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from torchtitan.components.dataloader import collate
+from torchtitan.config.job_config import Training, Validation
+from torchtitan.datasets import IGNORE_INDEX
+from torchtitan.datasets.memmap import MemmapInstances, SequentialInstances, token_files
+from torchtitan.datasets.text import DocumentSource, PackedWindows
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.utils import all_reduce_sum
+from torchtitan.trainer.step import ModelRunner
+
+logger = logging.getLogger("torchtitan")
+
+
+@dataclasses.dataclass
+class ValidationResult:
+    loss: float  # per labelled token
+    perplexity: float
+    tokens: int  # labelled tokens evaluated
+    seconds: float
+
+
+class Validator:
+    def __init__(self, cfg: Validation, training: Training, tokenizer, dims: ParallelDims, total_steps: int):
+        self.cfg, self.training, self.tokenizer, self.dims = cfg, training, tokenizer, dims
+        self.total_steps = total_steps
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.freq == 0 or step == self.total_steps
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        v, dp_rank, dp = self.cfg, self.dims.local_rank("dp"), self.dims.dp
+        if v.dataset == "memmap":
+            instances = MemmapInstances(token_files(v.dataset_path), self.training.memmap_dtype, v.seq_len)
+            dataset = SequentialInstances(instances, v.local_batch_size, dp_rank, dp)
+        else:
+            source = DocumentSource(v.dataset, v.dataset_path, self.training.dataset_text_field)
+            dataset = PackedWindows(source, lambda texts: self.tokenizer.encode_batch(texts, bos=True, eos=True),
+                                    v.seq_len, v.local_batch_size, dp_rank, dp, infinite=False)
+        for i, (batch, labels) in enumerate(DataLoader(dataset, batch_size=v.local_batch_size, collate_fn=collate)):
+            if i == v.steps:
+                return
+            yield batch["input"], labels
+
+    @torch.no_grad()
+    def run(self, runner: ModelRunner) -> ValidationResult:
+        t0 = time.perf_counter()
+        for part in runner.parts:
+            part.eval()
+        loss_sum = torch.zeros((), device=runner.device, dtype=torch.float64)
+        n_tokens = torch.zeros((), device=runner.device, dtype=torch.long)
+        try:
+            for inputs, labels in self._batches():
+                n_tokens += (labels != IGNORE_INDEX).sum().to(runner.device)
+                loss = runner.forward_eval(inputs, labels)
+                if loss is not None:
+                    loss_sum += loss.double()
+        finally:
+            for part in runner.parts:
+                part.train()
+        # Labels are counted before context-parallel sharding: tokens sum over dp, losses over dp, cp and pp.
+        loss_sum = all_reduce_sum(all_reduce_sum(loss_sum, self.dims.group("dp_cp")), self.dims.group("pp"))
+        n = int(all_reduce_sum(n_tokens, self.dims.group("dp")))
+        mean = float(loss_sum) / max(n, 1)
+        return ValidationResult(mean, math.exp(min(mean, 700.0)), n, time.perf_counter() - t0)
+
