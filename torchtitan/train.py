@@ -34,9 +34,10 @@ from torchtitan.tools.device import detect_device_type, local_device
 from torchtitan.tools.errors import EXIT_CONFIG_ERROR, EXIT_USER_ERROR, UserError
 from torchtitan.tools.logging import init_logging
 from torchtitan.trainer.dry_run import dry_run, rank_memory_line
+from torchtitan.trainer.guards import NonFiniteGuard, SpikeGuard
 from torchtitan.trainer.preflight import autocast_dtype, build_model_args, compile_loss_enabled, layout_notes, preflight
 from torchtitan.trainer.state import TrainState
-from torchtitan.trainer.step import ModelRunner, NonFiniteGuard, global_mean_loss, train_step
+from torchtitan.trainer.step import ModelRunner, global_mean_loss, train_step
 from torchtitan.trainer.validate import Validator
 
 logger = logging.getLogger("torchtitan")
@@ -44,7 +45,7 @@ DEFAULT_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tokenizer
 
 
 def train(cfg: JobConfig) -> list[dict]:
-    device_type = detect_device_type()
+    device_type, t = detect_device_type(), cfg.training
     fake = cfg.comm.mode == "fake_backend"
     rank, world = init_distributed(device_type, cfg.comm.init_timeout_seconds, fake=fake)
     device = torch.device("meta") if fake else local_device(device_type)
@@ -55,7 +56,7 @@ def train(cfg: JobConfig) -> list[dict]:
     model_args = build_model_args(spec, cfg, device_type)
     float8 = "float8" in cfg.model.converters
     parallelize = functools.partial(
-        parallelize_decoder, dims=dims, parallelism=cfg.parallelism, training=cfg.training,
+        parallelize_decoder, dims=dims, parallelism=cfg.parallelism, training=t,
         activation_checkpoint=cfg.activation_checkpoint, compile=cfg.compile, device_type=device_type,
         convert=functools.partial(convert_to_float8, cfg=cfg.float8) if float8 else None)
     if fake:
@@ -64,41 +65,42 @@ def train(cfg: JobConfig) -> list[dict]:
     tokenizer_path = cfg.model.tokenizer_path or DEFAULT_TOKENIZER
     tokenizer = build_tokenizer(tokenizer_path, cfg.model.tokenizer_backend)
     check_vocab_fits(tokenizer, model_args.vocab_size, tokenizer_path)
-    dataloader = build_dataloader(cfg.training, tokenizer, dims.local_rank("dp"), dims.dp, cfg.job.dump_folder)
+    dataloader = build_dataloader(t, tokenizer, dims.local_rank("dp"), dims.dp, cfg.job.dump_folder)
 
-    seed = cfg.training.seed if cfg.training.seed is not None else 0
-    set_determinism(seed, cfg.training.deterministic)
+    seed = t.seed if t.seed is not None else 0
+    set_determinism(seed, t.deterministic)
     model = spec.build_meta_model(model_args)
-    num_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.training.seq_len)
+    num_params, flops_per_token = model.num_params(), model.flops_per_token(t.seq_len)
     compile_loss = compile_loss_enabled(cfg, dims.tp)
     if cfg.compile.enable and "loss" in cfg.compile.components and not compile_loss:
         logger.info("compile: the loss stays eager under tensor-parallel loss_parallel (see trainer/preflight.py)")
-    loss_fn = build_loss_fn(cfg.training, compile_loss)
-    if cfg.training.fused_output_loss:
+    loss_fn = build_loss_fn(t, compile_loss)
+    if t.fused_output_loss:
         fuse_output_into_loss(model)  # the loss applies the output weight, chunk by chunk
     pipeline = None
     if dims.pp_enabled:
         pipeline = build_pipeline(model, dims=dims, parallelism=cfg.parallelism,
-                                  local_batch_size=cfg.training.local_batch_size, device=device,
+                                  local_batch_size=t.local_batch_size, device=device,
                                   parallelize=parallelize, loss_fn=loss_fn)
     parts = pipeline.parts if pipeline is not None else [parallelize(model)]
     for part in parts:
         part.to_empty(device=device)
         part.init_weights(buffer_device=device, seed=seed)  # the same weights on every layout
         part.train()
-    if cfg.training.fused_output_loss and any(part.output is not None for part in parts):
+    if t.fused_output_loss and any(part.output is not None for part in parts):
         loss_fn.head = next(part.output for part in parts if part.output is not None)
     if cfg.memory_estimation.enabled:
         logger.info(rank_memory_line(parts, dims, cfg))
 
     optimizers = build_optimizers(parts, cfg.optimizer, device_type)
-    lr_schedulers = build_lr_schedulers(optimizers, cfg.lr_scheduler, cfg.training.steps)
+    lr_schedulers = build_lr_schedulers(optimizers, cfg.lr_scheduler, t.steps)
     state = TrainState()
+    spike_guard = SpikeGuard(t.spike_guard_sigma, t.spike_guard_window, device) if t.spike_guard_sigma > 0 else None
     checkpoint = CheckpointManager(
         cfg.checkpoint, cfg.job.dump_folder,
         {"model": ModelWrapper(parts), "optimizer": optimizers, "lr_scheduler": lr_schedulers,
-         "dataloader": dataloader, "train_state": state},
-        cfg.training.steps, model=ModelInfo(cfg.model.name, cfg.model.flavor, model_args))
+         "dataloader": dataloader, "train_state": state, **({"spike_guard": spike_guard} if spike_guard else {})},
+        t.steps, model=ModelInfo(cfg.model.name, cfg.model.flavor, model_args))
     if cfg.checkpoint.create_seed_checkpoint:
         checkpoint.save_seed()
         return []
@@ -108,7 +110,6 @@ def train(cfg: JobConfig) -> list[dict]:
                          loss_parallel=dims.tp_enabled and not cfg.parallelism.disable_loss_parallel,
                          autocast=autocast_dtype(cfg, dims, device_type))
     after_update = functools.partial(precompute_float8_scales, parts, cfg.float8) if float8 else None
-    t = cfg.training
     accumulation = 1 if t.global_batch_size <= 0 else t.global_batch_size // (t.local_batch_size * dims.dp)
     global_tokens = t.local_batch_size * dims.dp * accumulation * t.seq_len
     metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, rank, device_type, flops_per_token, world,
@@ -132,14 +133,16 @@ def train(cfg: JobConfig) -> list[dict]:
         batches = [(batch["input"], labels) for batch, labels in (next(data_iter) for _ in range(accumulation))]
         metrics.add_data_time(time.perf_counter() - t0)
         out = train_step(runner, batches, dims=dims, optimizers=optimizers, lr_schedulers=lr_schedulers,
-                         guard=guard, step=state.step, max_norm=t.max_norm, after_update=after_update)
+                         guard=guard, step=state.step, max_norm=t.max_norm, after_update=after_update,
+                         spike_guard=spike_guard)
         metrics.add_step(global_tokens)
         state.tokens_seen += global_tokens
         profiler.step(state.step)
         if metrics.should_log(state.step):
             loss = global_mean_loss(out, dims)
             guard.check()
-            records.append(metrics.log(state.step, loss, float(out.grad_norm), lr_schedulers.get_last_lr()))
+            skipped = {"skipped_steps": int(spike_guard.skipped)} if spike_guard else None
+            records.append(metrics.log(state.step, loss, float(out.grad_norm), lr_schedulers.get_last_lr(), skipped))
         if validator is not None and validator.due(state.step):
             guard.check()
             v = validator.run(runner)

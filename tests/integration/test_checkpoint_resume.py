@@ -22,6 +22,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 STEPS = 12
 CKPT = ["--training.steps", str(STEPS), "--checkpoint.enable_checkpoint", "--checkpoint.interval", "4",
         "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "0", "--checkpoint.export_dtype", "bfloat16"]
+# A spike guard tight enough to skip some of these steps: its window must survive the restart for the skips
+# (and so the losses) to stay the same.
+GUARD = ["--training.spike_guard_sigma", "0.5", "--training.spike_guard_window", "4"]
 
 
 def _train_cmd(dump: str, args: list[str]) -> list[str]:
@@ -106,21 +109,23 @@ def _complete_steps(dump: str) -> list[int]:
 def test_sigkill_between_checkpoints_then_resume_is_bitwise(tmp_path):
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
     os.makedirs(run)
-    run_train(ref, [*TINY, "--training.steps", str(STEPS)])  # uninterrupted, no checkpointing at all
-    reference = {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(ref)}
+    run_train(ref, [*TINY, *GUARD, "--training.steps", str(STEPS)])  # uninterrupted, no checkpointing at all
+    reference = {r["step"]: (r["loss"], r["grad_norm"], r["skipped_steps"]) for r in read_metrics(ref)}
+    assert 0 < reference[STEPS][2] < STEPS - 2, reference  # the guard skips some steps, not all
 
-    seen = _kill_after_step(run, [*TINY, *CKPT], kill_step=6)
+    seen = _kill_after_step(run, [*TINY, *GUARD, *CKPT], kill_step=6)
     assert seen < STEPS
     resumed_from = max(_complete_steps(run))
     assert resumed_from in (4, 8), _complete_steps(run)
 
-    proc = run_train(run, [*TINY, *CKPT])  # the same command again
+    proc = run_train(run, [*TINY, *GUARD, *CKPT])  # the same command again
     assert f"loading checkpoint {os.path.join(run, 'checkpoint', f'step-{resumed_from}')}" in proc.stdout + proc.stderr
     records = read_metrics(run)
     after_restart = records[[i for i, r in enumerate(records) if r["step"] == resumed_from + 1][-1]:]
     assert [r["step"] for r in after_restart] == list(range(resumed_from + 1, STEPS + 1))
     for r in after_restart:
-        assert (r["loss"], r["grad_norm"]) == reference[r["step"]], r["step"]  # bitwise, data order included
+        # Bitwise, data order and the spike guard's skips included.
+        assert (r["loss"], r["grad_norm"], r["skipped_steps"]) == reference[r["step"]], r["step"]
 
     # Earlier checkpoints stay full; the final one is weights only, really cast to bfloat16.
     ck = os.path.join(run, "checkpoint")
@@ -130,7 +135,7 @@ def test_sigkill_between_checkpoints_then_resume_is_bitwise(tmp_path):
     dcp_to_torch_save(export, str(tmp_path / "export.pt"))  # the function that command runs
     full_pt = torch.load(tmp_path / "full.pt", weights_only=True)
     export_pt = torch.load(tmp_path / "export.pt", weights_only=True)
-    assert set(full_pt) == {"model", "optimizer", "lr_scheduler", "dataloader", "train_state"}
+    assert set(full_pt) == {"model", "optimizer", "lr_scheduler", "dataloader", "train_state", "spike_guard"}
     assert set(export_pt) == {"model"}
     assert {v.dtype for v in full_pt["model"].values()} == {torch.float32}
     assert {v.dtype for v in export_pt["model"].values()} == {torch.bfloat16}

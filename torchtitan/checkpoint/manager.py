@@ -50,7 +50,7 @@ logger = logging.getLogger("torchtitan")
 
 __all__ = ["CheckpointManager", "ModelWrapper", "STATE_KEYS"]
 
-STATE_KEYS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
+STATE_KEYS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "spike_guard")
 # Kinds of complete step folders (marker "kind"): full training state, or model weights only.
 RESUMABLE_KINDS = ("full", "seed", "converted")
 

@@ -103,7 +103,7 @@ class MetricsLogger:
         logger.info(
             f"step {step:>6d}  loss {loss:8.4f}  grad_norm {grad_norm:8.4f}  lr {lr:.3e}  tps {tps:,.0f}  "
             f"tflops {tflops:.2f}  mfu {mfu_s}  mem {rec['memory_gib']:.2f}GiB  data {rec['data_wait_pct']:.1f}%  "
-            f"eta {_fmt_eta(eta)}")
+            f"eta {_fmt_eta(eta)}" + "".join(f"  {k.replace('_', ' ')} {v}" for k, v in (extra or {}).items()))
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
         if self.tb:

@@ -52,6 +52,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(("training.dataset_path", "training.dataset_text_field", "training.shuffle_documents"),
                 "training.dataset", lambda c: c.training.dataset != "memmap",
                 "a text dataset (memmap data is read from training.memmap_paths in its own order)"),
+    Requirement(("training.spike_guard_window",), "training.spike_guard_sigma",
+                lambda c: c.training.spike_guard_sigma > 0, "training.spike_guard_sigma > 0"),
     Requirement(("training.loss_chunk_size",), "parallelism.disable_loss_parallel",
                 lambda c: c.parallelism.tensor_parallel_degree == 1 or c.parallelism.disable_loss_parallel,
                 "parallelism.disable_loss_parallel = true under tensor parallel (loss parallel already keeps "

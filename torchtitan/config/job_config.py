@@ -117,6 +117,11 @@ class Training:
     loss_chunk_size: int = opt(0, "Cross-entropy in chunks of this many tokens, each upcast to float32 and recomputed "
                                   "in backward, so the full float32 logits never exist (0: in one piece). Not applied "
                                   "to vocab-sharded logits under TP loss parallel.")
+    spike_guard_sigma: float = opt(0.0, "Skip the update of a step whose loss or gradient norm exceeds the mean of "
+                                        "the last spike_guard_window applied steps by this many standard deviations "
+                                        "(0: off; OLMo-core uses 6). Decided on the device; skipped steps are logged.")
+    spike_guard_window: int = opt(128, "Steps of history the spike guard compares against (it judges once half "
+                                       "of them are in).")
     fused_output_loss: bool = opt(False, "Also compute the output layer inside each loss chunk (needs loss_chunk_size "
                                          "> 0; not with tensor parallel): no logits tensor exists whole in any dtype, "
                                          "for one extra output-layer matmul per step.")
@@ -178,7 +183,7 @@ class Checkpoint:
                                               "of this run exists.")
     initial_load_model_only: bool = opt(True, "Load only model weights from initial_load_path.")
     exclude_from_loading: list[str] = opt([], "State keys not to load on resume (model, optimizer, lr_scheduler, "
-                                              "dataloader, train_state).")
+                                              "dataloader, train_state, spike_guard).")
     enable_first_step_checkpoint: bool = opt(False, "Also save right after step 1.")
 
 

@@ -225,6 +225,9 @@ def validate(cfg: JobConfig) -> None:
                    ("validation.local_batch_size", v.local_batch_size)):
         if n < 1:
             raise ConfigError(f"{key} must be >= 1, got {n}")
+    if t.spike_guard_sigma < 0 or t.spike_guard_window < 2:
+        raise ConfigError(f"training.spike_guard_sigma must be >= 0 and training.spike_guard_window >= 2, got "
+                          f"{t.spike_guard_sigma} and {t.spike_guard_window}")
     if v.steps == 0 or v.steps < -1:
         raise ConfigError(f"validation.steps must be -1 (the whole set) or >= 1, got {v.steps}")
     for key in ("data_parallel_replicate_degree", "tensor_parallel_degree", "pipeline_parallel_degree",

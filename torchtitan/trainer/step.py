@@ -7,9 +7,10 @@ ranks, all micro-batches). Every layout and any gradient accumulation then
 optimize the same objective. The normalizer is an argument of the loss, also in
 the pipeline schedule.
 
-No host sync happens here: a non-finite gradient norm is caught on the device
-and turns the optimizer update into a no-op (NonFiniteGuard); the trainer asks
-the guard on log and checkpoint steps, where it syncs anyway.
+No host sync happens here: a non-finite gradient norm (NonFiniteGuard) or, when
+enabled, a loss or gradient-norm spike (SpikeGuard) is caught on the device and
+turns the optimizer update into a no-op (trainer/guards.py); the trainer asks the
+guards on log and checkpoint steps, where it syncs anyway.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from torchtitan.distributed.context_parallel import shard_sequence
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import Pipeline
 from torchtitan.distributed.utils import all_reduce_sum, clip_grad_norm_
-from torchtitan.tools.errors import TrainingDiverged
+from torchtitan.trainer.guards import NonFiniteGuard, SpikeGuard
 
 
 class StepOutput(NamedTuple):
@@ -45,33 +46,6 @@ def global_mean_loss(out: StepOutput, dims: ParallelDims) -> float:
     loss = all_reduce_sum(out.loss_sum.detach().float(), dims.group("dp_cp"))
     loss = all_reduce_sum(loss, dims.group("pp"))  # only the last stage has a loss
     return (loss / out.n_tokens).item()
-
-
-class NonFiniteGuard:
-    """Stops training at the first step whose gradient norm is not finite, before that step's update.
-
-    The gradient norm is global (every shard, stage and replica), so all ranks decide alike. The
-    decision stays on the device: from the first bad step on, every update is skipped (the weights
-    stay those before it) until `check()`, called where the trainer syncs anyway, raises with the
-    step number. A non-finite loss always makes the gradients non-finite too.
-    """
-
-    def __init__(self) -> None:
-        self.first_bad_step: torch.Tensor | None = None
-
-    def skip(self, step: int, grad_norm: torch.Tensor) -> torch.Tensor:
-        """0-dim bool on the device: whether this step's update must not be applied."""
-        if self.first_bad_step is None:
-            self.first_bad_step = torch.full((), -1, dtype=torch.long, device=grad_norm.device)
-        bad = ~torch.isfinite(grad_norm)
-        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
-        return self.first_bad_step >= 0
-
-    def check(self) -> None:
-        if self.first_bad_step is not None and int(self.first_bad_step) >= 0:
-            raise TrainingDiverged(f"loss or gradient norm became nan/inf at step {int(self.first_bad_step)}; "
-                                   f"stopping before that step's update (try a lower optimizer.lr, a warm-up, "
-                                   f"or check the data)")
 
 
 @dataclass
@@ -127,7 +101,8 @@ class ModelRunner:
 
 def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tensor]], *, dims: ParallelDims,
                optimizers: OptimizersContainer, lr_schedulers: LRSchedulersContainer, guard: NonFiniteGuard,
-               step: int, max_norm: float, after_update: Callable[[], None] | None = None) -> StepOutput:
+               step: int, max_norm: float, after_update: Callable[[], None] | None = None,
+               spike_guard: SpikeGuard | None = None) -> StepOutput:
     """One optimizer step over `batches` (the step's micro-batches of (inputs, labels), local to this dp rank)."""
     n_local = sum((labels != IGNORE_INDEX).sum() for _, labels in batches)
     # Labels are counted before context-parallel sharding, so cp ranks hold the same count: sum over dp only.
@@ -145,7 +120,12 @@ def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tens
             loss_sum = loss_sum + loss
     params = [p for part in runner.parts for p in part.parameters()]
     grad_norm = clip_grad_norm_(params, max_norm, pp_group=dims.group("pp"))
-    optimizers.step(skip=guard.skip(step, grad_norm))
+    skip = guard.skip(step, grad_norm)
+    if spike_guard is not None:
+        # The global mean loss, reduced on the device (collectives, no host sync), so every rank decides alike.
+        mean_loss = all_reduce_sum(all_reduce_sum(loss_sum, dims.group("dp_cp")), dims.group("pp")) / n_global
+        skip = skip | spike_guard.skip(mean_loss, grad_norm)
+    optimizers.step(skip=skip)
     if after_update is not None:
         after_update()
     lr_schedulers.step()

@@ -11,7 +11,8 @@ from torchtitan.config.job_config import LRScheduler, Optimizer, Parallelism
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.models import get_train_spec
 from torchtitan.tools.errors import TrainingDiverged
-from torchtitan.trainer.step import ModelRunner, NonFiniteGuard, global_mean_loss, train_step
+from torchtitan.trainer.guards import NonFiniteGuard, SpikeGuard
+from torchtitan.trainer.step import ModelRunner, global_mean_loss, train_step
 
 DIMS = ParallelDims.from_config(Parallelism(), 1)
 
@@ -100,3 +101,39 @@ def test_a_nan_step_is_not_applied_and_is_named(implementation):
         assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
     with pytest.raises(TrainingDiverged, match="nan/inf at step 2;"):
         guard.check()
+
+
+def test_spike_guard_skips_an_injected_spike_and_goes_on():
+    """A loss spike at step 9 is skipped (weights unchanged, counted); step 10 trains again."""
+    model = _model()
+    optimizer = build_optimizers([model], Optimizer(lr=1e-3), "cpu")
+    guard, spikes = NonFiniteGuard(), SpikeGuard(sigma=4.0, window=8, device=torch.device("cpu"))
+    spike_at = {9}
+
+    for step in range(1, 11):
+        def loss_fn(logits, labels, step=step):
+            loss = cross_entropy_sum(logits, labels)
+            return loss * 1000 if step in spike_at else loss  # a spike in loss and gradient norm alike
+
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        scheds = build_lr_schedulers(optimizer, LRScheduler(warmup_steps=0), 20)
+        runner = ModelRunner([model], loss_fn, torch.device("cpu"))
+        train_step(runner, [_batch(step, 2)], dims=DIMS, optimizers=optimizer, lr_schedulers=scheds, guard=guard,
+                   step=step, max_norm=1.0, spike_guard=spikes)
+        unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert unchanged == (step in spike_at), step
+    guard.check()  # a spike is not a divergence
+    assert int(spikes.skipped) == 1 and int(spikes.filled) == 8
+
+
+def test_spike_guard_state_round_trips():
+    a = SpikeGuard(3.0, 4, torch.device("cpu"))
+    for loss in (1.0, 1.1, 0.9, 1.0, 1.05):
+        a.skip(torch.tensor(loss), torch.tensor(1.0))
+    b = SpikeGuard(3.0, 4, torch.device("cpu"))
+    b.load_state_dict({k: v.clone() for k, v in a.state_dict().items()})
+    for loss in (5.0, 1.0, 0.95):
+        one = torch.tensor(1.0)
+        assert bool(a.skip(torch.tensor(loss), one)) == bool(b.skip(torch.tensor(loss), one))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert int(a.skipped) == 1
