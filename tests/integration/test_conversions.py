@@ -248,3 +248,32 @@ def test_conversion_errors_are_clear_and_write_nothing(tmp_path, hf_sharded):
     fails(script("convert_dcp_to_hf.py", half, tmp_path / "o4", "--flavor", "debugmodel"),
           r"half has .distcp data but no .metadata: the save was interrupted")
     assert not (tmp_path / "o4").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,nproc", [("llama3", 2), ("olmo", 1)])
+def test_last_save_in_hf_loads_in_transformers_with_our_logits(tmp_path, family, nproc):
+    """checkpoint.last_save_in_hf: the final save also lands as an HF folder (FSDP-sharded weights for Llama,
+    a tied embedding for OLMo) that transformers loads with the logits of our model on the same weights."""
+    import transformers
+
+    from tests.launch import run_train
+    from torchtitan.models import get_train_spec
+
+    dump = str(tmp_path / "run")
+    run_train(dump, [*TINY, "--model.name", family, "--training.steps", "2", "--training.local_batch_size",
+                     str(4 // nproc), "--checkpoint.enable", "--checkpoint.last_save_in_hf"], nproc=nproc)
+    step, hf_dir = os.path.join(dump, "checkpoint", "step-2"), os.path.join(dump, "checkpoint", "step-2-hf")
+    assert json.loads(open(os.path.join(hf_dir, "config.json")).read())["model_type"] == (
+        "llama" if family == "llama3" else "olmo")
+    spec = get_train_spec(family)
+    args = spec.model_args("debugmodel")
+    args.max_seq_len = 64
+    ours = spec.build_model(args)
+    ours.init_weights(buffer_device="cpu")
+    load_model_from_dcp(step, ours.state_dict())
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    tokens = torch.randint(0, args.vocab_size, (2, 32))
+    with torch.no_grad():
+        diff = (ours.eval()(tokens) - theirs(tokens).logits).abs().max().item()
+    assert diff < 1e-4, diff

@@ -183,12 +183,16 @@ def dcp_error_detail(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
-def load_model_from_dcp(path: str, model_state: dict[str, torch.Tensor], meta: Metadata | None = None) -> None:
-    """Read the `model` entry of a DCP folder into model_state (any layout; casts to its dtypes)."""
-    meta = meta or read_dcp_metadata(path)
-    check_fits(path, model_shapes(meta), state_shapes(model_state))
+def load_model_from_dcp(path: str, model_state: dict[str, torch.Tensor], meta: Metadata | None = None,
+                        piece: bool = False) -> None:
+    """Read the `model` entry of a DCP folder into model_state (any layout; casts to its dtypes), collectively
+    when a process group exists. piece=True: model_state is a subset of the checkpoint's tensors, read by this
+    process alone (a caller going through a checkpoint in pieces)."""
+    if not piece:
+        meta = meta or read_dcp_metadata(path)
+        check_fits(path, model_shapes(meta), state_shapes(model_state))
     try:
-        dcp.load({"model": model_state}, checkpoint_id=path, no_dist=not dist.is_initialized())
+        dcp.load({"model": model_state}, checkpoint_id=path, no_dist=piece or not dist.is_initialized())
     except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException, a BaseException
         if isinstance(e, KeyboardInterrupt):
             raise

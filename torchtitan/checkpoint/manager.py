@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from torchtitan.checkpoint.formats.hf import load_hf_into_model
+from torchtitan.checkpoint.formats.hf import export_dcp_to_hf, load_hf_into_model
 from torchtitan.checkpoint.io import (
     MARKER,
     ModelInfo,
@@ -286,7 +286,22 @@ class CheckpointManager:
             self._complete(path, info)
             logger.info(f"checkpoint step-{step} saved ({kind}) in {time.perf_counter() - t0:.3f}s, "
                         f"training blocked for all of it")
+        if last and self.cfg.last_save_in_hf:
+            self._export_hf(path)
         self._last_save_time = time.monotonic()
+
+    def _export_hf(self, path: str) -> None:
+        """The final weights as an HF folder beside the step folder, converted by rank 0 from the DCP save just
+        completed, one block at a time. The other ranks do not wait (a large model takes a while)."""
+        if _rank() != 0:
+            return
+        if self.model is None:
+            raise CheckpointError("checkpoint.last_save_in_hf: the checkpoint manager was given no model to name "
+                                  "the HF tensors")
+        t0 = time.perf_counter()
+        out = f"{path}-hf"
+        count, dtype = export_dcp_to_hf(path, out, self.model, DTYPES[self.cfg.export_dtype])
+        logger.info(f"HF export {out}: {count} tensors in {dtype}, {time.perf_counter() - t0:.1f}s")
 
     def _prepare_folder(self, path: str) -> None:
         if _rank() == 0:

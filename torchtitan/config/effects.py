@@ -30,7 +30,8 @@ class Requirement:
 
 
 _CHECKPOINT_OPTIONS = ("folder", "interval_type", "interval", "keep_latest_k", "load_step", "last_save_model_only",
-                       "export_dtype", "async_mode", "exclude_from_loading", "enable_first_step_checkpoint")
+                       "last_save_in_hf", "export_dtype", "async_mode", "exclude_from_loading",
+                       "enable_first_step_checkpoint")
 _MEMMAP_OPTIONS = ("memmap_paths", "memmap_dtype", "memmap_label_mask_paths", "data_order_ignore_fingerprint")
 _PIPELINE_OPTIONS = ("pipeline_parallel_schedule", "pipeline_parallel_schedule_csv", "pipeline_parallel_split_points",
                      "pipeline_parallel_layers_per_stage", "pipeline_parallel_microbatch_size")
@@ -43,8 +44,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(tuple(f"checkpoint.{k}" for k in _CHECKPOINT_OPTIONS), "checkpoint.enable",
                 lambda c: c.checkpoint.enable, "checkpoint.enable = true (nothing is saved or resumed without it)"),
     Requirement(("checkpoint.export_dtype",), "checkpoint.last_save_model_only",
-                lambda c: c.checkpoint.last_save_model_only,
-                "checkpoint.last_save_model_only = true (only the final weights-only save is cast)"),
+                lambda c: c.checkpoint.last_save_model_only or c.checkpoint.last_save_in_hf,
+                "checkpoint.last_save_model_only = true or checkpoint.last_save_in_hf = true (only final exports "
+                "are cast)"),
     Requirement(("checkpoint.initial_load_model_only",), "checkpoint.initial_load_path",
                 lambda c: bool(c.checkpoint.initial_load_path), "checkpoint.initial_load_path"),
     Requirement(tuple(f"training.{k}" for k in _MEMMAP_OPTIONS), "training.dataset",

@@ -174,7 +174,10 @@ class Checkpoint:
     keep_latest_k: int = opt(10, "Keep only the newest k complete checkpoints (0 keeps all).")
     load_step: int = opt(-1, "Resume from this step instead of the newest complete checkpoint.")
     last_save_model_only: bool = opt(True, "The final save holds only model weights (in export_dtype).")
-    export_dtype: str = opt("float32", "dtype of weights in the final weights-only save.",
+    last_save_in_hf: bool = opt(False, "Also write the final weights as a Hugging Face folder ({folder}/step-N-hf: "
+                                       "config.json + safetensors, in export_dtype) that transformers' "
+                                       "from_pretrained loads.")
+    export_dtype: str = opt("float32", "dtype of weights in the final weights-only save (and the HF export).",
                             ("float32", "bfloat16", "float16"))
     async_mode: str = opt("disabled", "Overlap checkpoint writes with training.",
                           ("disabled", "async", "async_with_pinned_mem"))

@@ -14,17 +14,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 from torchtitan.checkpoint.io import (
     ModelInfo,
     check_fits,
     dcp_error_detail,
     ensure_new_output,
+    expected_shapes,
+    load_model_from_dcp,
+    model_shapes,
+    read_dcp_metadata,
     read_json,
     staged_output,
     state_shapes,
@@ -36,6 +42,7 @@ from torchtitan.tools.errors import CheckpointError
 logger = logging.getLogger("torchtitan")
 
 INDEX_FILE = "model.safetensors.index.json"
+SHARD_BYTES = 4 * 2**30  # size of one safetensors file when the count is left to us
 CONFIG_FILE = "config.json"
 
 
@@ -103,18 +110,55 @@ def read_hf_state_dict(folder: str, dtype: torch.dtype | None = None,
     return sd
 
 
-def write_hf_state_dict(hf_sd: dict[str, torch.Tensor], folder: str, num_shards: int = 1) -> None:
-    """model-0000i-of-0000N.safetensors + model.safetensors.index.json (what from_pretrained reads)."""
-    keys = list(hf_sd)
-    num_shards = max(1, min(num_shards, len(keys)))
-    # Contiguous runs of keys per file, balanced by bytes, so layers stay together.
-    total = sum(t.numel() * t.element_size() for t in hf_sd.values())
+def _shard_plan(sizes: list[tuple[str, int]], num_shards: int) -> dict[str, int]:
+    """HF name -> file number (1..N): contiguous runs of names, balanced by bytes, so layers stay together.
+    num_shards 0: as many files as it takes to keep each near SHARD_BYTES."""
+    total = sum(n for _, n in sizes)
+    if num_shards <= 0:
+        num_shards = -(-total // SHARD_BYTES)
+    num_shards = max(1, min(num_shards, len(sizes)))
     mapping, acc = {}, 0
-    for k in keys:
-        mapping[k] = min(num_shards, 1 + acc * num_shards // max(total, 1))
-        acc += hf_sd[k].numel() * hf_sd[k].element_size()
-    hf_sd = {k: v.contiguous() for k, v in hf_sd.items()}
-    dcp.save(hf_sd, storage_writer=HuggingFaceStorageWriter(folder, fqn_to_index_mapping=mapping), no_dist=True)
+    for name, n in sizes:
+        mapping[name] = min(num_shards, 1 + acc * num_shards // max(total, 1))
+        acc += n
+    renumber = {old: new for new, old in enumerate(sorted(set(mapping.values())), start=1)}  # no empty files
+    return {name: renumber[i] for name, i in mapping.items()}
+
+
+def write_hf_shards(folder: str, sizes: list[tuple[str, int]], groups: Iterable[dict[str, torch.Tensor]],
+                    num_shards: int = 0) -> None:
+    """model-0000i-of-0000N.safetensors + model.safetensors.index.json (what from_pretrained reads), written one
+    file at a time from `groups` (dicts of HF-named tensors arriving in the order of `sizes`): memory holds at
+    most one group and one file's tensors."""
+    mapping = _shard_plan(sizes, num_shards)
+    n_files = max(mapping.values())
+    names = {i: f"model-{i:05d}-of-{n_files:05d}.safetensors" for i in range(1, n_files + 1)}
+    current: dict[str, torch.Tensor] = {}
+    number, weight_map = 1, {}
+
+    def flush() -> None:
+        if current:
+            save_file(current, os.path.join(folder, names[number]), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(current, names[number]))
+            current.clear()
+
+    for group in groups:
+        for name, tensor in group.items():
+            if mapping[name] != number:
+                flush()
+                number = mapping[name]
+            current[name] = tensor.contiguous()
+    flush()
+    missing = sorted(set(mapping) - set(weight_map))
+    if missing:
+        raise CheckpointError(f"HF export {folder}: no tensor arrived for {missing[:3]}")
+    with open(os.path.join(folder, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}, f, indent=2)
+
+
+def write_hf_state_dict(hf_sd: dict[str, torch.Tensor], folder: str, num_shards: int = 1) -> None:
+    """An in-memory HF state dict as safetensors files + index."""
+    write_hf_shards(folder, [(k, v.numel() * v.element_size()) for k, v in hf_sd.items()], [hf_sd], num_shards)
 
 
 # ------------------------------------------------------------------ config.json <-> args
@@ -178,13 +222,57 @@ def native_to_hf(native: dict[str, torch.Tensor], adapter: StateDictAdapter,
 
 def write_hf_folder(native: dict[str, torch.Tensor], adapter: StateDictAdapter, out_dir: str,
                     dtype: torch.dtype | None = None, num_shards: int = 1) -> tuple[int, torch.dtype]:
-    """An HF folder transformers loads (safetensors + config.json), staged: nothing at out_dir unless it all
-    worked. Returns (tensor count, dtype written)."""
+    """An HF folder transformers loads (safetensors + config.json) from native tensors in memory, staged: nothing
+    at out_dir unless it all worked. Returns (tensor count, dtype written)."""
     ensure_new_output(out_dir)
     hf_sd = native_to_hf(native, adapter, dtype)
     out_dtype = dtype or next(iter(hf_sd.values())).dtype
     with staged_output(out_dir) as tmp:
         write_hf_state_dict(hf_sd, tmp, num_shards)
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(adapter.hf_config(out_dtype), f, indent=2)
+        _write_config(tmp, adapter, out_dtype)
     return len(hf_sd), out_dtype
+
+
+def _write_config(folder: str, adapter: StateDictAdapter, dtype: torch.dtype) -> None:
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        json.dump(adapter.hf_config(dtype), f, indent=2)
+
+
+def _layer_groups(keys: list[str]) -> list[list[str]]:
+    """Consecutive keys grouped by block (layers.N.*); the embedding and the head form their own groups."""
+    groups: list[list[str]] = []
+    last = None
+    for k in keys:
+        unit = ".".join(k.split(".")[:2]) if k.startswith("layers.") else k.split(".")[0]
+        if unit != last:
+            groups.append([])
+            last = unit
+        groups[-1].append(k)
+    return groups
+
+
+def export_dcp_to_hf(dcp_dir: str, out_dir: str, model: ModelInfo, dtype: torch.dtype | None = None,
+                     num_shards: int = 0) -> tuple[int, torch.dtype]:
+    """The model weights of a DCP folder as an HF folder, read and written one block at a time (memory: the
+    largest block plus one output file, not the model), staged. Runs in one process. Returns (tensors, dtype)."""
+    ensure_new_output(out_dir)
+    stored = model_shapes(read_dcp_metadata(dcp_dir))
+    want = expected_shapes(model.spec, model.args)
+    check_fits(dcp_dir, {k: (size,) for k, (size, _) in stored.items()}, want, union_across_ranks=False)
+    adapter = model.spec.adapter(model.args)
+    keys = [k for k in want if k in stored]
+    out_dtype = dtype or stored[keys[0]][1]
+    tied_output = model.args.tie_word_embeddings
+    sizes = [(adapter.hf_key(k), stored[k][0].numel() * out_dtype.itemsize) for k in keys
+             if not (tied_output and k == "output.weight")]
+
+    def groups():
+        for group in _layer_groups(keys):
+            native = {k: torch.empty(stored[k][0], dtype=stored[k][1]) for k in group}
+            load_model_from_dcp(dcp_dir, native, piece=True)
+            yield native_to_hf(native, adapter, dtype)
+
+    with staged_output(out_dir) as tmp:
+        write_hf_shards(tmp, sizes, groups(), num_shards)
+        _write_config(tmp, adapter, out_dtype)
+    return len(sizes), out_dtype
