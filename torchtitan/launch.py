@@ -16,10 +16,9 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, parse_min_max_nnodes, run
 
-from torchtitan.config import load_config, to_toml
-from torchtitan.tools.errors import EXIT_CONFIG_ERROR, EXIT_USER_ERROR, UserError
+from torchtitan.tools.errors import EXIT_CONFIG_ERROR, EXIT_USER_ERROR
 from torchtitan.tools.logging import init_logging
-from torchtitan.trainer.preflight import preflight
+from torchtitan.trainer.preflight import check_job
 
 
 def _world_size(args) -> int | None:
@@ -36,17 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.module and args.training_script == "torchtitan.train":
-        try:
-            cfg = load_config(list(args.training_script_args), env=os.environ)
-            if cfg.job.print_config:
-                print(to_toml(cfg))
-                return 0
-            world = _world_size(args)
-            if world is not None:
-                preflight(cfg, world)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
+        cfg = check_job(list(args.training_script_args), _world_size(args), env=os.environ)
+        if isinstance(cfg, int):
+            return cfg
     try:
         run(args)
     except ChildFailedError as e:

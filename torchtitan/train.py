@@ -23,7 +23,7 @@ from torchtitan.components.metrics import MetricsLogger
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.profiling import Profiler
 from torchtitan.components.tokenizer import build_tokenizer, check_vocab_fits
-from torchtitan.config import JobConfig, load_config, to_toml
+from torchtitan.config import JobConfig
 from torchtitan.config.effects import effect_notes
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import build_pipeline
@@ -31,11 +31,11 @@ from torchtitan.distributed.utils import init_distributed, set_determinism, set_
 from torchtitan.models import get_train_spec
 from torchtitan.models.common.parallelize import parallelize_decoder
 from torchtitan.tools.device import detect_device_type, local_device
-from torchtitan.tools.errors import EXIT_CONFIG_ERROR, EXIT_USER_ERROR, UserError
+from torchtitan.tools.errors import EXIT_USER_ERROR, UserError
 from torchtitan.tools.logging import init_logging
 from torchtitan.trainer.dry_run import dry_run, rank_memory_line
 from torchtitan.trainer.guards import NonFiniteGuard, SpikeGuard
-from torchtitan.trainer.preflight import autocast_dtype, build_model_args, compile_loss_enabled, layout_notes, preflight
+from torchtitan.trainer.preflight import autocast_dtype, build_model_args, check_job, compile_loss_enabled, layout_notes
 from torchtitan.trainer.state import TrainState
 from torchtitan.trainer.step import ModelRunner, global_mean_loss, train_step
 from torchtitan.trainer.validate import Validator
@@ -164,15 +164,9 @@ def train(cfg: JobConfig) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     """User errors (config, files, data, divergence) are one line and a non-zero exit; bugs keep their traceback."""
     init_logging()
-    try:
-        cfg = load_config(argv)
-        if cfg.job.print_config:
-            print(to_toml(cfg))
-            return 0
-        preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    cfg = check_job(argv, int(os.environ.get("WORLD_SIZE", "1")))
+    if isinstance(cfg, int):
+        return cfg
     try:
         train(cfg)
     except UserError as e:

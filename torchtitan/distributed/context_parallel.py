@@ -71,6 +71,24 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _wait_now(t: torch.Tensor) -> None:
+    """Block until the functional collective that produced `t` has finished; `t` and its graph are unchanged.
+
+    Functional collectives return an AsyncCollectiveTensor that waits at first use, so K, V and the positions
+    used to be in flight together on the cp group. On gloo that corrupts the heap (a rank aborts with
+    "malloc(): unaligned tcache chunk detected" or SIGSEGV, a few steps in): ProcessGroupGloo runs a group's
+    collectives on several worker threads, and each thread, after its collective, assigns
+    `pgStatus_->lastCompletedWorkName` (a std::string longer than the small-string buffer, e.g.
+    "ALLGATHER_COALESCED") outside the group's lock (ProcessGroupGloo::runLoop, torch 2.11-2.13); two collectives
+    finishing together free the old string twice. One collective in flight per group avoids it, and costs
+    nothing here: attention needs all three before it starts. The wait runs under no_grad and its result is
+    dropped, so the autograd graph is the one it was.
+    """
+    if isinstance(t, funcol.AsyncCollectiveTensor):
+        with torch.no_grad():
+            t.wait()
+
+
 def _exchange(x: torch.Tensor, group: dist.ProcessGroup, method: str, dim: int) -> torch.Tensor:
     """Every rank's `x` concatenated in rank order along `dim`; differentiable.
 
@@ -86,6 +104,7 @@ def _exchange(x: torch.Tensor, group: dist.ProcessGroup, method: str, dim: int) 
     else:
         n = x.shape[0]
         out = funcol.all_to_all_single_autograd(x.repeat(size, *([1] * (x.dim() - 1))), [n] * size, [n] * size, group)
+    _wait_now(out)
     if _OLD_FUNCOL:  # torch 2.13's backwards take any layout: leave its graph as it was
         out = _ContiguousGrad.apply(out)
     return out.movedim(0, dim)

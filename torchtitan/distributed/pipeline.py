@@ -292,10 +292,10 @@ class Pipeline:
     def __post_init__(self) -> None:
         self._loss_kwargs = "loss_kwargs" in inspect.signature(self.schedule.step).parameters
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
-             positions: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Forward and backward of one local batch through the pipeline; the summed (unscaled) loss on the
-        rank holding the last stage, None elsewhere."""
+    def _run(self, run: Callable, inputs: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | float,
+             positions: torch.Tensor | None) -> torch.Tensor | None:
+        """One schedule call (`step` or `eval`) on a local batch; the summed scaled loss on the rank holding the
+        last stage, None elsewhere."""
         kwargs: dict = {"positions": positions} if positions is not None else {}
         if self._loss_kwargs:
             kwargs["loss_kwargs"] = {"scale": scale}
@@ -303,33 +303,24 @@ class Pipeline:
             self.loss.scale = scale
         losses: list[torch.Tensor] = []
         if self.has_first:
-            self.schedule.step(inputs, **kwargs, target=labels if self.has_last else None,
-                               losses=losses if self.has_last else None)
+            run(inputs, **kwargs, target=labels if self.has_last else None, losses=losses if self.has_last else None)
         elif self.has_last:
-            self.schedule.step(**kwargs, target=labels, losses=losses)
+            run(**kwargs, target=labels, losses=losses)
         else:
-            self.schedule.step(**kwargs)
-        if not (self.has_last and losses):
-            return None
-        return torch.stack([loss.detach() for loss in losses]).sum() / scale
+            run(**kwargs)
+        return torch.stack([loss.detach() for loss in losses]).sum() if self.has_last and losses else None
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+             positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Forward and backward of one local batch through the pipeline; the summed (unscaled) loss on the
+        rank holding the last stage, None elsewhere."""
+        loss = self._run(self.schedule.step, inputs, labels, scale, positions)
+        return None if loss is None else loss / scale
 
     def eval(self, inputs: torch.Tensor, labels: torch.Tensor,
              positions: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Forward only (validation); the summed loss on the rank holding the last stage, None elsewhere."""
-        kwargs: dict = {"positions": positions} if positions is not None else {}
-        if self._loss_kwargs:
-            kwargs["loss_kwargs"] = {"scale": 1.0}
-        else:
-            self.loss.scale = 1.0
-        losses: list[torch.Tensor] = []
-        if self.has_first:
-            self.schedule.eval(inputs, **kwargs, target=labels if self.has_last else None,
-                               losses=losses if self.has_last else None)
-        elif self.has_last:
-            self.schedule.eval(**kwargs, target=labels, losses=losses)
-        else:
-            self.schedule.eval(**kwargs)
-        return torch.stack(losses).sum() if self.has_last and losses else None
+        """Forward only (validation): the schedule's eval; the summed loss on the last stage's rank, else None."""
+        return self._run(self.schedule.eval, inputs, labels, 1.0, positions)
 
 
 def build_pipeline(model: nn.Module, *, dims: ParallelDims, parallelism: Parallelism, local_batch_size: int,

@@ -7,9 +7,11 @@ and a non-zero exit instead of a hang.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
+from torchtitan.config import load_config, to_toml
 from torchtitan.config.job_config import JobConfig
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import check_pipeline_config
@@ -19,7 +21,23 @@ from torchtitan.models.common.spec import TrainSpec
 from torchtitan.ops.attention import resolve_sdpa_backend
 from torchtitan.tools.device import detect_device_type
 from torchtitan.tools.dtypes import DTYPES
-from torchtitan.tools.errors import ConfigError
+from torchtitan.tools.errors import EXIT_CONFIG_ERROR, ConfigError, UserError
+
+
+def check_job(argv: list[str] | None, world_size: int | None, env=None) -> JobConfig | int:
+    """Load the job config and check it against the world size (None: not known yet): the config, or the exit
+    code after printing the config (--job.print_config, 0) or a one-line error (EXIT_CONFIG_ERROR)."""
+    try:
+        cfg = load_config(argv, env)
+        if cfg.job.print_config:
+            print(to_toml(cfg))
+            return 0
+        if world_size is not None:
+            preflight(cfg, world_size)
+        return cfg
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
 
 def build_model_args(spec: TrainSpec, cfg: JobConfig, device_type: str) -> DecoderArgs:
