@@ -5,6 +5,7 @@
     python scripts/benchmark.py overhead            # trainer step vs a minimal hand-written loop (CPU)
     python scripts/benchmark.py data                # tokenizer + packing tokens/s on one core
     python scripts/benchmark.py loss                # peak memory and time of plain / chunked / fused loss (CPU)
+    python scripts/benchmark.py cp --seq-lens 16384   # context parallel vs one process: memory and tokens/s
 
 `rows` runs the real trainer (run_train.sh) per row, averages the logged steps after `--skip`, and prints
 tokens/s, TFLOP/s, MFU and peak memory. With `--baseline`, torchtitan's anchor recipe
@@ -263,6 +264,47 @@ def cmd_loss(args) -> None:
         print(f"{names[variant]:34s} {r['peak_mib']:9,.0f} {r['seconds']:8.2f} {r['loss']:12.1f}")
 
 
+DEBUG_CONFIG = os.path.join(ROOT, "train_configs", "debug_model.toml")
+
+
+def _run_layout(ngpu: int, seq: int, steps: int, skip: int, extra: list[str]) -> dict:
+    """The debug model at batch 1 and sequence `seq` on `ngpu` processes; mean tokens/s after `skip` steps."""
+    with tempfile.TemporaryDirectory() as dump:
+        cmd = ["./run_train.sh", "--job.dump_folder", dump, "--training.steps", str(steps), "--metrics.log_freq", "1",
+               "--training.seq_len", str(seq), "--training.local_batch_size", "1", "--training.dataset", "pydoc",
+               "--validation.no-enable", *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, NGPU=str(ngpu), CONFIG=DEBUG_CONFIG),
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": (proc.stdout + proc.stderr)[-800:]}
+        with open(os.path.join(dump, "metrics.jsonl")) as f:
+            return summarize([json.loads(line) for line in f], skip)
+
+
+def cmd_cp(args) -> None:
+    """Context parallel against one process on the same cores: per-rank peak memory and tokens/s, with ratios.
+
+    tokens/s is the job's (tokens of the global batch per second); memory is the peak RSS of rank 0 (CPU) or
+    its peak allocated device memory (GPU)."""
+    degrees = [int(d) for d in args.degrees.split(",")]
+    print(f"debug model, batch 1, {args.steps} steps (mean after step {args.skip}), rotate {args.rotate}")
+    print(f"{'seq':>7s} {'layout':>8s} {'peak GiB':>9s} {'tokens/s':>9s} {'mem ratio':>10s} {'tps ratio':>10s}")
+    for seq in (int(x) for x in args.seq_lens.split(",")):
+        base = None
+        for cp in degrees:
+            extra = [] if cp == 1 else ["--parallelism.context_parallel_degree", str(cp),
+                                        "--parallelism.data_parallel_shard_degree", "1",
+                                        "--parallelism.context_parallel_rotate_method", args.rotate]
+            r = _run_layout(cp, seq, args.steps, args.skip, extra)
+            if "error" in r:
+                print(f"{seq:7d} {'cp' + str(cp):>8s} FAILED: {r['error'][-300:]}")
+                continue
+            base = base or (r if cp == 1 else None)
+            ratios = (f"{r['memory_gib'] / base['memory_gib']:10.2f} {r['tps'] / base['tps']:10.2f}"
+                      if base else f"{'-':>10s} {'-':>10s}")
+            print(f"{seq:7d} {'cp' + str(cp):>8s} {r['memory_gib']:9.2f} {r['tps']:9.0f} {ratios}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -294,8 +336,14 @@ def main() -> None:
     lo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="bfloat16 is what GPUs run, but CPU bf16 matmuls are slow")
     lo.add_argument("--variant", choices=["plain", "chunked", "fused"], help=argparse.SUPPRESS)
+    c = sub.add_parser("cp")
+    c.add_argument("--seq-lens", default="16384")
+    c.add_argument("--degrees", default="1,2", help="context-parallel degrees; 1 is the baseline of the ratios")
+    c.add_argument("--rotate", default="alltoall", choices=["alltoall", "allgather"])
+    c.add_argument("--steps", type=int, default=4)
+    c.add_argument("--skip", type=int, default=1)
     args = ap.parse_args()
-    {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "loss": cmd_loss}[args.cmd](args)
+    {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "loss": cmd_loss, "cp": cmd_cp}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,9 @@ def train(cfg: JobConfig) -> list[dict]:
 
     runner = ModelRunner(parts, loss_fn, device, pipeline, cp_mesh=dims.mesh["cp"] if dims.cp_enabled else None,
                          loss_parallel=dims.tp_enabled and not cfg.parallelism.disable_loss_parallel,
-                         autocast=autocast_dtype(cfg, dims, device_type))
+                         autocast=autocast_dtype(cfg, dims, device_type),
+                         document_eos_id=tokenizer.eos_id if t.document_masking else None,
+                         document_rope_restart=t.document_rope_restart)
     after_update = functools.partial(precompute_float8_scales, parts, cfg.float8) if float8 else None
     accumulation = 1 if t.global_batch_size <= 0 else t.global_batch_size // (t.local_batch_size * dims.dp)
     global_tokens = t.local_batch_size * dims.dp * accumulation * t.seq_len

@@ -54,6 +54,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(("training.dataset_path", "training.dataset_text_field", "training.shuffle_documents"),
                 "training.dataset", lambda c: c.training.dataset != "memmap",
                 "a text dataset (memmap data is read from training.memmap_paths in its own order)"),
+    Requirement(("training.document_rope_restart",), "training.document_masking",
+                lambda c: c.training.document_masking, "training.document_masking = true"),
     Requirement(("training.spike_guard_window",), "training.spike_guard_sigma",
                 lambda c: c.training.spike_guard_sigma > 0, "training.spike_guard_sigma > 0"),
     Requirement(("training.loss_chunk_size",), "parallelism.disable_loss_parallel",

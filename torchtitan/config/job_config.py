@@ -47,7 +47,7 @@ class Metrics:
 
 @dataclass
 class Model:
-    name: str = opt("llama3", "Model family, a key of the train-spec table (llama3, olmo, olmo2).")
+    name: str = opt("llama3", "Model family, a key of the train-spec table (llama3, olmo, olmo2, olmo3).")
     flavor: str = opt("debugmodel", "Size preset of the model family.")
     tokenizer_path: str = opt("", "Tokenizer file or folder (tiktoken tokenizer.model, sentencepiece .model, HF "
                                   "tokenizer.json). Empty: the bundled debug tokenizer.")
@@ -125,6 +125,9 @@ class Training:
     fused_output_loss: bool = opt(False, "Also compute the output layer inside each loss chunk (needs loss_chunk_size "
                                          "> 0; not with tensor parallel): no logits tensor exists whole in any dtype, "
                                          "for one extra output-layer matmul per step.")
+    document_masking: bool = opt(False, "Attention stays inside EOS-delimited documents of a packed window (the "
+                                        "tokenizer's EOS ends a document); training and validation.")
+    document_rope_restart: bool = opt(False, "With document_masking: RoPE positions restart at 0 in every document.")
 
 
 @dataclass

@@ -6,5 +6,8 @@ from torch import nn
 
 
 def apply_compile(model: nn.Module) -> None:
+    """Whole-graph compile of every block, except around an attention core that must run eagerly (context
+    parallel's ring sends messages from inside its autograd.Function): one graph break there."""
     for name, block in list(model.layers.items()):
-        model.layers[name] = torch.compile(block, fullgraph=True)
+        eager_core = not getattr(block.attention.sdpa, "traceable", True)
+        model.layers[name] = torch.compile(block, fullgraph=not eager_core)

@@ -1,19 +1,24 @@
-"""Context parallel: the sequence is split over the "cp" mesh dim; attention sees all keys.
+"""Context parallel: the sequence is split over the "cp" mesh dim; attention sees all keys, block by block.
 
 Each CP rank holds S / cp tokens of every sequence. Causal attention makes late
 tokens costlier than early ones, so the sequence is cut into 2 x cp chunks and
 rank i takes chunks i and 2cp-1-i (one cheap, one expensive): every rank then
-does the same attention work. Positions travel with the tokens so RoPE and the
-causal mask use global token positions.
+does the same attention work. Positions travel with the tokens so RoPE uses
+global token positions.
 
-Attention gathers K and V (and their positions) over the cp group with
-autograd-aware functional collectives, whose backward reduce-scatters the K/V
-gradients back to their owners, then runs SDPA with the mask the replaced core
-defines by position (ops/attention.py; causal: key_pos <= query_pos). Exact on every
-device and under torch.compile; the cost
-is a (S/cp x S) mask per sequence and the full K/V on every rank (see
-docs/parallelism.md, "Context parallel", for the trade-offs and what a faster
-CUDA path would need).
+Attention is blockwise (ops/blockwise.py): each (query chunk, key chunk) pair is
+computed by a kernel that returns the log-sum-exp, the pairs merge with an online
+softmax, pairs no query sees are skipped, and no mask exists unless a window edge
+or a document boundary crosses a pair (then that pair's mask only). K/V reach the
+other ranks one of two ways (parallelism.context_parallel_rotate_method):
+- alltoall: a ring. At step s a rank computes with the K/V piece of rank r - s
+  while it sends that piece on and receives the next (point-to-point). A rank
+  holds its own K/V and one piece in flight: attention state is O(S / cp). The
+  backward runs the ring again and the K/V gradients travel with their piece
+  back to its owner.
+- allgather: K and V gathered once per layer (differentiable all-gather whose
+  backward reduce-scatters the gradients), then the same blockwise pairs. Fewer,
+  larger messages; the layer's whole K/V is held for its backward.
 
 torch's experimental `context_parallel` is not used: it has no CPU sharding
 strategy (shared/TORCH_ON_CPU.md) and shards the batch itself inside a context
@@ -27,7 +32,8 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from torchtitan.ops.attention import CAUSAL, AttentionCore, AttentionMask, attend
+from torchtitan.ops.attention import CAUSAL, AttentionCore, AttentionMask
+from torchtitan.ops.blockwise import BlockPlan, Span, blockwise_attention
 from torchtitan.tools.errors import ConfigError
 
 ROTATE_METHODS = ("allgather", "alltoall")
@@ -74,14 +80,14 @@ class _ContiguousGrad(torch.autograd.Function):
 def _wait_now(t: torch.Tensor) -> None:
     """Block until the functional collective that produced `t` has finished; `t` and its graph are unchanged.
 
-    Functional collectives return an AsyncCollectiveTensor that waits at first use, so K, V and the positions
-    used to be in flight together on the cp group. On gloo that corrupts the heap (a rank aborts with
+    Functional collectives return an AsyncCollectiveTensor that waits at first use, so K and V would be in
+    flight together on the cp group. On gloo that corrupts the heap (a rank aborts with
     "malloc(): unaligned tcache chunk detected" or SIGSEGV, a few steps in): ProcessGroupGloo runs a group's
     collectives on several worker threads, and each thread, after its collective, assigns
     `pgStatus_->lastCompletedWorkName` (a std::string longer than the small-string buffer, e.g.
     "ALLGATHER_COALESCED") outside the group's lock (ProcessGroupGloo::runLoop, torch 2.11-2.13); two collectives
     finishing together free the old string twice. One collective in flight per group avoids it, and costs
-    nothing here: attention needs all three before it starts. The wait runs under no_grad and its result is
+    nothing here: attention needs both before it starts. The wait runs under no_grad and its result is
     dropped, so the autograd graph is the one it was.
     """
     if isinstance(t, funcol.AsyncCollectiveTensor):
@@ -89,46 +95,73 @@ def _wait_now(t: torch.Tensor) -> None:
             t.wait()
 
 
-def _exchange(x: torch.Tensor, group: dist.ProcessGroup, method: str, dim: int) -> torch.Tensor:
-    """Every rank's `x` concatenated in rank order along `dim`; differentiable.
-
-    allgather: one all-gather (backward: reduce-scatter). alltoall: each rank sends
-    its block to every rank through all_to_all_single (backward: the reverse
-    all-to-all, then the copies' gradients are summed). Same result, different
-    collective: all-to-all is the primitive some fabrics/backends schedule better.
-    """
-    size = dist.get_world_size(group)
+def _exchange(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    """Every rank's `x` concatenated in rank order along `dim`; differentiable (backward: reduce-scatter)."""
     x = x.movedim(dim, 0).contiguous()
-    if method == "allgather":
-        out = _all_gather_autograd(x, 0, group)
-    else:
-        n = x.shape[0]
-        out = funcol.all_to_all_single_autograd(x.repeat(size, *([1] * (x.dim() - 1))), [n] * size, [n] * size, group)
+    out = _all_gather_autograd(x, 0, group)
     _wait_now(out)
     if _OLD_FUNCOL:  # torch 2.13's backwards take any layout: leave its graph as it was
         out = _ContiguousGrad.apply(out)
     return out.movedim(0, dim)
 
 
+class P2PRing:
+    """Passes tensors to the next rank of the cp group and receives the previous rank's (point-to-point).
+
+    Sends and receives do not go through gloo's collective worker threads, so several may be in flight on
+    one group (unlike collectives there, see `_wait_now`)."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+
+    def start(self, tensors: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
+        received = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, tag=i) for i, t in enumerate(tensors)]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag=i) for i, r in enumerate(received)]
+        return dist.batch_isend_irecv(ops), received
+
+    def finish(self, pending: tuple[list, list[torch.Tensor]]) -> list[torch.Tensor]:
+        works, received = pending
+        for work in works:
+            work.wait()
+        return received
+
+
+def rank_spans(cp_size: int, rank: int, chunk: int, offset: int = 0) -> tuple[Span, Span]:
+    """The two chunks rank `rank` holds, as spans of global positions, laid out from `offset` locally."""
+    first, second = chunk_ids(cp_size, rank)
+    return Span(first * chunk, chunk, offset), Span(second * chunk, chunk, offset + chunk)
+
+
 class ContextParallelAttention(AttentionCore):
-    """Drop-in for the model's attention core when the sequence is sharded over `group`."""
+    """Drop-in for the model's attention core when the sequence is sharded over `group` (shard_sequence)."""
+
+    traceable = False  # torch.compile leaves it eager (distributed/compile.py)
 
     def __init__(self, group: dist.ProcessGroup, rotate_method: str, mask: AttentionMask = CAUSAL,
                  backend: str = "default"):
         super().__init__(mask, backend)
         self.group, self.rotate_method = group, rotate_method
         self.cp_size, self.cp_rank = dist.get_world_size(group), dist.get_rank(group)
+        self.ring = P2PRing(group) if rotate_method == "alltoall" else None
 
+    @torch.compiler.disable  # point-to-point messages inside an autograd.Function: run eagerly
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        if positions is None:
-            raise ValueError("context parallel attention needs the global positions of the local tokens "
-                             "(shard the batch with context_parallel.shard_sequence)")
-        k = _exchange(k, self.group, self.rotate_method, dim=2)
-        v = _exchange(v, self.group, self.rotate_method, dim=2)
-        with torch.no_grad():
-            k_pos = _exchange(positions, self.group, "allgather", dim=1)
-        return attend(q, k, v, self.mask, self.backend, positions, k_pos)
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        chunk = q.shape[2] // 2
+        q_spans = rank_spans(self.cp_size, self.cp_rank, chunk)
+        if self.ring is not None:
+            kv_spans = tuple(rank_spans(self.cp_size, (self.cp_rank - s) % self.cp_size, chunk)
+                             for s in range(self.cp_size))
+            return blockwise_attention(q, k, v, BlockPlan(self.mask, q_spans, kv_spans, self.ring), documents)
+        k = _exchange(k, self.group, dim=2)
+        v = _exchange(v, self.group, dim=2)
+        kv_spans = tuple(span for r in range(self.cp_size)
+                         for span in rank_spans(self.cp_size, r, chunk, offset=2 * chunk * r))
+        return blockwise_attention(q, k, v, BlockPlan(self.mask, q_spans, (kv_spans,)), documents)
 
     def extra_repr(self) -> str:
         return f"cp={self.cp_size}, rotate_method={self.rotate_method}, {super().extra_repr()}"

@@ -293,10 +293,11 @@ class Pipeline:
         self._loss_kwargs = "loss_kwargs" in inspect.signature(self.schedule.step).parameters
 
     def _run(self, run: Callable, inputs: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | float,
-             positions: torch.Tensor | None) -> torch.Tensor | None:
+             model_kwargs: dict | None) -> torch.Tensor | None:
         """One schedule call (`step` or `eval`) on a local batch; the summed scaled loss on the rank holding the
-        last stage, None elsewhere."""
-        kwargs: dict = {"positions": positions} if positions is not None else {}
+        last stage, None elsewhere. model_kwargs (positions, documents): (B, ...) tensors every stage's forward
+        takes, split into micro-batches like the inputs."""
+        kwargs: dict = dict(model_kwargs or {})
         if self._loss_kwargs:
             kwargs["loss_kwargs"] = {"scale": scale}
         else:
@@ -311,16 +312,16 @@ class Pipeline:
         return torch.stack([loss.detach() for loss in losses]).sum() if self.has_last and losses else None
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
-             positions: torch.Tensor | None = None) -> torch.Tensor | None:
+             model_kwargs: dict | None = None) -> torch.Tensor | None:
         """Forward and backward of one local batch through the pipeline; the summed (unscaled) loss on the
         rank holding the last stage, None elsewhere."""
-        loss = self._run(self.schedule.step, inputs, labels, scale, positions)
+        loss = self._run(self.schedule.step, inputs, labels, scale, model_kwargs)
         return None if loss is None else loss / scale
 
     def eval(self, inputs: torch.Tensor, labels: torch.Tensor,
-             positions: torch.Tensor | None = None) -> torch.Tensor | None:
+             model_kwargs: dict | None = None) -> torch.Tensor | None:
         """Forward only (validation): the schedule's eval; the summed loss on the last stage's rank, else None."""
-        return self._run(self.schedule.eval, inputs, labels, 1.0, positions)
+        return self._run(self.schedule.eval, inputs, labels, 1.0, model_kwargs)
 
 
 def build_pipeline(model: nn.Module, *, dims: ParallelDims, parallelism: Parallelism, local_batch_size: int,

@@ -32,6 +32,7 @@ from torchtitan.distributed.context_parallel import shard_sequence
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import Pipeline
 from torchtitan.distributed.utils import all_reduce_sum, clip_grad_norm_
+from torchtitan.trainer.documents import document_ids, document_positions
 from torchtitan.trainer.guards import NonFiniteGuard, SpikeGuard
 
 
@@ -59,12 +60,26 @@ class ModelRunner:
     cp_mesh: DeviceMesh | None = None  # context parallel: each rank keeps its share of the sequence
     loss_parallel: bool = False  # tensor parallel: the loss runs on vocab-sharded logits
     autocast: torch.dtype | None = None  # mixed precision where FSDP does not provide it (trainer/preflight.py)
+    document_eos_id: int | None = None  # document masking: attention stays inside EOS-delimited documents
+    document_rope_restart: bool = False  # ... and RoPE positions restart in every document
 
-    def _prepare(self, inputs: torch.Tensor, labels: torch.Tensor):
+    def _prepare(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """This rank's inputs and labels on the device, and the model's keyword inputs (positions, documents)."""
         inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        if self.cp_mesh is None:
-            return inputs, labels, None
-        return shard_sequence(inputs, labels, self.cp_mesh.size(), self.cp_mesh.get_local_rank())
+        kwargs: dict = {}
+        rope = None
+        if self.document_eos_id is not None:
+            # Document ids of the whole window, on every cp rank: the attention core slices what it needs.
+            kwargs["documents"] = document_ids(inputs, self.document_eos_id)
+            if self.document_rope_restart:
+                rope = document_positions(kwargs["documents"])
+        if self.cp_mesh is not None:
+            inputs, labels, positions = shard_sequence(inputs, labels, self.cp_mesh.size(),
+                                                       self.cp_mesh.get_local_rank())
+            rope = positions if rope is None else rope.gather(1, positions)
+        if rope is not None:
+            kwargs["positions"] = rope
+        return inputs, labels, kwargs
 
     def _context(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -74,29 +89,29 @@ class ModelRunner:
             stack.enter_context(torch.autocast(self.device.type, self.autocast))
         return stack
 
-    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def _loss(self, inputs: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> torch.Tensor:
         (model,) = self.parts
-        return self.loss_fn(model(inputs, positions) if positions is not None else model(inputs), labels)
+        return self.loss_fn(model(inputs, **kwargs), labels)
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor,
                          scale: torch.Tensor) -> torch.Tensor | None:
         """Accumulate the gradients of scale x summed loss; return the summed loss (None: no last stage here)."""
-        inputs, labels, positions = self._prepare(inputs, labels)
+        inputs, labels, kwargs = self._prepare(inputs, labels)
         with self._context():
             if self.pipeline is not None:
-                return self.pipeline.step(inputs, labels, scale, positions)
-            loss = self._loss(inputs, labels, positions)
+                return self.pipeline.step(inputs, labels, scale, kwargs)
+            loss = self._loss(inputs, labels, kwargs)
             (loss * scale).backward()
         return loss.detach()
 
     @torch.no_grad()
     def forward_eval(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """The summed loss of a batch, forward only (None: no last stage here)."""
-        inputs, labels, positions = self._prepare(inputs, labels)
+        inputs, labels, kwargs = self._prepare(inputs, labels)
         with self._context():
             if self.pipeline is not None:
-                return self.pipeline.eval(inputs, labels, positions)
-            return self._loss(inputs, labels, positions)
+                return self.pipeline.eval(inputs, labels, kwargs)
+            return self._loss(inputs, labels, kwargs)
 
 
 def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tensor]], *, dims: ParallelDims,

@@ -2,6 +2,8 @@
 config, FLOPs per token against torch's FLOP counter on a real forward + backward."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,6 +43,9 @@ def test_flops_per_token_equal_counted_matmul_flops(name):
     torch on the math SDPA path (whose matmuls the counter sees). Norm weights are in the 6N term but are no
     matmul, so the counter misses exactly 6 x their count."""
     spec, args = _debug(name)
+    # Sliding-window layers (OLMo 3) attend blockwise through kernels the counter does not see: counted here
+    # as full-attention layers (sequence 32 < window); the window's discount is tested below.
+    args.attention_pattern = ("full",)
     seq = 32
     torch.manual_seed(0)
     model = spec.build_model(args)
@@ -50,3 +55,15 @@ def test_flops_per_token_equal_counted_matmul_flops(name):
         model(tokens).float().square().mean().backward()
     norm_params = sum(p.numel() for n, p in model.named_parameters() if "norm" in n.split(".")[-2])
     assert counter.get_total_flops() == model.flops_per_token(seq) * seq - 6 * norm_params * seq
+
+
+def test_flops_per_token_charges_sliding_layers_their_window():
+    spec, args = _debug("olmo3")
+    model = spec.build_model(args)
+    args_full = dataclasses.replace(args, attention_pattern=("full",))
+    full = spec.build_model(args_full)
+    sliding = sum(args.layer_attention(i) == "sliding" for i in range(args.n_layers))
+    assert sliding == 3 and args.sliding_window < 1024
+    saved = 12 * args.n_heads * args.head_dim * sliding * (1024 - args.sliding_window)
+    assert full.flops_per_token(1024) - model.flops_per_token(1024) == saved
+    assert full.flops_per_token(args.sliding_window) == model.flops_per_token(args.sliding_window)

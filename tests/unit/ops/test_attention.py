@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchtitan.ops.attention import CAUSAL, AttentionCore, AttentionMask, attend
+from torchtitan.ops import attention
+from torchtitan.ops.attention import CAUSAL, AttentionCore, AttentionMask
 from torchtitan.tools.errors import ConfigError
 
 
@@ -24,16 +25,15 @@ def test_mask_kinds_match_hand_written_softmax(window):
     torch.testing.assert_close(AttentionCore(mask)(q, k, v), _reference(q, k, v, window))
 
 
-def test_sliding_window_by_global_positions_equals_local():
-    """A context-parallel rank sees shuffled global positions; the mask must follow them, not the order."""
+def test_sliding_window_across_tiles_with_grouped_heads(monkeypatch):
+    """Tiles smaller than the window and than the sequence; K/V with half the query heads."""
+    monkeypatch.setattr(attention, "LOCAL_TILE", 7)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.float64) for _ in range(3))
-    mask = AttentionMask("sliding_window", 5)
-    full = attend(q, k, v, mask)
-    perm = torch.randperm(16)
-    pos = perm.unsqueeze(0)
-    out = attend(q[:, :, perm], k[:, :, perm], v[:, :, perm], mask, "default", pos, pos)
-    torch.testing.assert_close(out, full[:, :, perm])
+    q = torch.randn(2, 4, 30, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 30, 8, dtype=torch.float64) for _ in range(2))
+    mask = AttentionMask("sliding_window", 10)
+    expected = _reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), 10)
+    torch.testing.assert_close(AttentionCore(mask)(q, k, v), expected)
 
 
 def test_bad_masks_are_config_errors():

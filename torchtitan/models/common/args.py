@@ -19,6 +19,7 @@ BLOCKS = ("pre_norm", "reordered_norm")  # reordered_norm: OLMo 2 (norm after at
 ROPE_LAYOUTS = ("interleaved", "half")  # Meta's adjacent pairs / GPT-NeoX and HF rotate-half
 FEED_FORWARDS = ("swiglu",)
 INITS = ("llama", "olmo", "olmo2")  # see models/common/init.py
+LAYER_ATTENTION = ("full", "sliding")  # entries of attention_pattern
 # Fields that change how a run executes or starts, not the function the weights compute.
 RUN_SETTINGS = ("max_seq_len", "sdpa_backend", "init", "init_std", "depth_init")
 
@@ -45,12 +46,25 @@ class DecoderArgs(ABC):
     init: str = "llama"
     init_std: float = 0.02
     depth_init: bool = True  # llama init: output projections scaled by layer depth, not by n_layers
+    # Sliding-window attention: a query sees the `sliding_window` most recent keys (itself included) in the
+    # layers whose entry of `attention_pattern` is "sliding". The pattern repeats over the layers (OLMo 3:
+    # sliding, sliding, sliding, full); empty means every layer is sliding when a window is set.
+    sliding_window: int | None = None
+    attention_pattern: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, valid in (("norm", NORMS), ("block", BLOCKS), ("rope_layout", ROPE_LAYOUTS),
                             ("feed_forward", FEED_FORWARDS), ("init", INITS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"model args {name} = {getattr(self, name)!r} is not one of {', '.join(valid)}")
+        self.attention_pattern = tuple(self.attention_pattern)  # a list after a JSON round trip
+        bad = sorted(set(self.attention_pattern) - set(LAYER_ATTENTION))
+        if bad:
+            raise ValueError(f"model args attention_pattern entries {bad} are not one of {', '.join(LAYER_ATTENTION)}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"model args sliding_window = {self.sliding_window}; it must be >= 1 (or None)")
+        if "sliding" in self.attention_pattern and self.sliding_window is None:
+            raise ValueError("model args attention_pattern has sliding layers but sliding_window is not set")
 
     @property
     @abstractmethod
@@ -65,8 +79,18 @@ class DecoderArgs(ABC):
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
+    def layer_attention(self, layer_id: int) -> str:
+        """ "full" or "sliding" for layer `layer_id`."""
+        if self.sliding_window is None:
+            return "full"
+        if not self.attention_pattern:
+            return "sliding"
+        return self.attention_pattern[layer_id % len(self.attention_pattern)]
+
     def attention_mask(self, layer_id: int) -> AttentionMask:
-        """Which keys layer `layer_id` attends to; every family here is causal in every layer."""
+        """Which keys layer `layer_id` attends to: causal, or causal within the sliding window."""
+        if self.layer_attention(layer_id) == "sliding":
+            return AttentionMask("sliding_window", self.sliding_window)
         return CAUSAL
 
     def architecture(self) -> dict:

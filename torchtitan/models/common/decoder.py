@@ -36,8 +36,9 @@ class Block(nn.Module):
         """Every norm of the block (their weights start at one)."""
         return [self.attention_norm, self.ffn_norm, *self.attention.norms()]
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, positions)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, positions, documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -51,8 +52,9 @@ class ReorderedNormBlock(Block):
     def norms(self) -> list[nn.Module]:
         return [self.post_attention_norm, self.post_ffn_norm, *self.attention.norms()]
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.post_attention_norm(self.attention(x, rope, positions))
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.post_attention_norm(self.attention(x, rope, positions, documents))
         return h + self.post_ffn_norm(self.feed_forward(h))
 
 
@@ -102,11 +104,14 @@ class Decoder(nn.Module):
         seed = torch.initial_seed() if seed is None else seed
         INIT_SCHEMES[self.args.init](self, ParameterInit(self, seed))
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (B, S) ids, or (B, S, dim) activations on a later pipeline stage."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (B, S) ids, or (B, S, dim) activations on a later pipeline stage. positions: the tokens' RoPE
+        positions (None: 0..S-1). documents: (B, S_global) document ids; attention then stays inside
+        documents (trainer/documents.py)."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, self.rope_cache, positions)
+            h = layer(h, self.rope_cache, positions, documents)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
@@ -120,8 +125,12 @@ class Decoder(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per weight that multiplies activations (every parameter but the
         embedding, the output counted even when tied) plus attention's 12 L H Dh S (causality halves
-        nothing here, matching torchtitan's accounting so MFU numbers are comparable)."""
+        nothing here, matching torchtitan's accounting so MFU numbers are comparable; a sliding-window
+        layer counts min(S, window) keys instead of S)."""
         weights = sum(p.numel() for name, p in self.named_parameters(remove_duplicate=False)
                       if not name.startswith("tok_embeddings."))
         a = self.args
-        return 6 * weights + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len
+        # A sliding-window layer's query sees at most `window` keys: charge it min(S, window) keys.
+        keys = sum(min(seq_len, a.sliding_window) if a.layer_attention(i) == "sliding" else seq_len
+                   for i in range(a.n_layers))
+        return 6 * weights + 12 * a.n_heads * a.head_dim * keys

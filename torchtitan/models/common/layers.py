@@ -59,7 +59,10 @@ class Attention(nn.Module):
     def norms(self) -> list[nn.Module]:
         return [self.q_norm, self.k_norm] if self.qk_norm else []
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        """positions: RoPE positions of the local tokens (None: 0..S-1); documents: (B, S) document ids of the
+        whole sequence when attention stays inside documents."""
         bs, seqlen, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.clip_qkv is not None:
@@ -70,11 +73,9 @@ class Attention(nn.Module):
         q = self.rope(q.view(bs, seqlen, -1, self.head_dim), rope, positions)
         k = self.rope(k.view(bs, seqlen, -1, self.head_dim), rope, positions)
         v = v.view(bs, seqlen, -1, self.head_dim)
-        rep = q.shape[2] // k.shape[2]
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=2)
-            v = v.repeat_interleave(rep, dim=2)
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions)
+        # Grouped K/V heads go to the core as they are: it repeats them where its kernel needs it, and
+        # context parallel passes the smaller tensors between ranks.
+        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
 

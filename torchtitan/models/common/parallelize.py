@@ -37,14 +37,14 @@ from torchtitan.tools.dtypes import DTYPES
 def block_tp_plan(block: nn.Module) -> dict:
     """Sequence-parallel norms, column-sharded input projections, row-sharded output projections.
 
-    Attention.forward(x, rope, positions) is called positionally: rope and positions stay plain
+    Attention.forward(x, rope, positions, documents) is called positionally: the last three stay plain
     tensors. Pre-norm blocks hand the norms' DTensor output to PrepareModuleInput; OLMo 2's
     post-norms sit on the residual branch and hand back plain local tensors, so the residual
     add sees two plain (B, S/tp, D) tensors.
     """
     plan = {
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                        desired_input_layouts=(Replicate(), None, None)),
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                        desired_input_layouts=(Replicate(), None, None, None)),
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
