@@ -3,7 +3,7 @@
 
     python scripts/convert_hf_to_dcp.py HF_DIR OUT_DIR [--dtype keep|float32|bfloat16|float16] [--model NAME]
 
-Llama (model_type llama), OLMo and OLMo 2: the family comes from config.json's
+Llama (model_type llama), OLMo, OLMo 2 and OLMo 3: the family comes from config.json's
 model_type, the model args from the rest of it, names and the q/k rotary
 permutation from the family's adapter. OUT_DIR holds {"model": ...} in plain DCP
 plus a .complete marker (family, flavor, model args), usable as

@@ -10,6 +10,7 @@ _TRAIN_SPEC_MODULES = {
     "llama3": "torchtitan.models.llama3",
     "olmo": "torchtitan.models.olmo",
     "olmo2": "torchtitan.models.olmo2",
+    "olmo3": "torchtitan.models.olmo3",
 }
 
 

@@ -1,0 +1,204 @@
+"""OLMo 3: logits equal transformers' Olmo3ForCausalLM when the sliding window is shorter than the prompt; HF ->
+DCP -> HF is bitwise; our export loads in transformers; layer_types <-> attention_pattern, and what an import
+refuses; scripts/generate.py greedy-decodes an OLMo 3 HF folder as transformers does."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.integration.checkpoint_helpers import script
+from torchtitan.checkpoint import CheckpointError, ModelWrapper
+from torchtitan.checkpoint.formats.hf import load_hf_into_model, model_from_hf_config, read_hf_config, write_hf_folder
+from torchtitan.checkpoint.io import MARKER
+from torchtitan.models import get_train_spec
+from torchtitan.models.olmo3 import Olmo3ModelArgs, Olmo3StateDictAdapter, olmo3_flavors
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+WINDOW = 8  # shorter than every sequence below, so sliding layers drop keys
+S, F = "sliding_attention", "full_attention"
+
+
+def make_hf(folder, layer_types: list[str] | None, n_layers: int = 6, kv_heads: int = 2, seed: int = 0, **config):
+    """A random tiny Olmo3ForCausalLM (norm weights random too), saved to folder; returned in eval mode."""
+    cfg = transformers.Olmo3Config(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=n_layers, num_attention_heads=4,
+        num_key_value_heads=kv_heads, vocab_size=2048, max_position_embeddings=128, sliding_window=WINDOW,
+        layer_types=layer_types, rms_norm_eps=1e-6, pad_token_id=None, eos_token_id=None, bos_token_id=None,
+        # Larger than HF's 0.02 so logits are well separated and greedy choices are robust.
+        initializer_range=0.1, **config)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Olmo3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+    model.save_pretrained(str(folder))
+    return model
+
+
+def import_hf(folder):
+    """(ModelInfo, our model with the folder's weights) as the converters and generate.py see them."""
+    info = model_from_hf_config(read_hf_config(str(folder)), str(folder))
+    model = info.spec.build_model(info.args)
+    model.init_weights(buffer_device="cpu")
+    load_hf_into_model(ModelWrapper([model]), info.spec.adapter(info.args), str(folder))
+    return info, model.eval()
+
+
+def hf_tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+# (layer_types, extra Olmo3Config kwargs, the attention_pattern we expect): transformers' default pattern with
+# GQA; an irregular pattern, MHA and a non-default theta given per layer type (the transformers 5.x form).
+LOGIT_CASES = {
+    "default-pattern-gqa": (None, dict(), ("sliding", "sliding", "sliding", "full")),
+    "irregular-mha-theta": ([F, S, S, F, S], dict(num_key_value_heads=4, rope_parameters={
+        t: {"rope_type": "default", "rope_theta": 12345.0} for t in (S, F)}), ("full", "sliding", "sliding")),
+}
+
+
+@pytest.mark.parametrize("case", list(LOGIT_CASES))
+def test_logits_equal_transformers_after_hf_import(tmp_path, case):
+    layer_types, config, pattern = LOGIT_CASES[case]
+    n_layers = len(layer_types) if layer_types else 6
+    config = {"kv_heads": config.pop("num_key_value_heads", 2), **config}
+    hf = make_hf(tmp_path, layer_types, n_layers=n_layers, **config)
+    info, ours = import_hf(tmp_path)
+    assert info.name == "olmo3" and info.args.attention_pattern == pattern and info.args.sliding_window == WINDOW
+    assert info.args.rope_theta == (12345.0 if "rope_parameters" in config else 500000.0)
+    tokens = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        assert (ours(tokens) - ref).abs().max().item() < 1e-5
+        # The window is exercised: the same weights with every layer full give other logits.
+        full = info.spec.build_model(dataclasses.replace(info.args, attention_pattern=("full",)))
+        full.load_state_dict(ours.state_dict())
+        assert (full.eval()(tokens) - ref).abs().max().item() > 1e-2
+
+
+def test_hf_to_dcp_to_hf_is_bitwise(tmp_path):
+    src, dcp_dir, back = tmp_path / "hf", tmp_path / "dcp", tmp_path / "back"
+    make_hf(src, None)
+    p = script("convert_hf_to_dcp.py", src, dcp_dir)
+    assert p.returncode == 0, p.stderr[-3000:]
+    marker = json.loads((dcp_dir / MARKER).read_text())
+    assert marker["model"] == "olmo3" and marker["model_args"]["attention_pattern"] == ["sliding"] * 3 + ["full"]
+    p = script("convert_dcp_to_hf.py", dcp_dir, back)  # family and args from the marker
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = hf_tensors(src), hf_tensors(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg_a, cfg_b = json.loads((src / "config.json").read_text()), json.loads((back / "config.json").read_text())
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+                "layer_types", "sliding_window", "rope_parameters"):
+        assert cfg_a[key] == cfg_b[key], key
+
+
+def test_our_export_loads_in_transformers_with_our_logits(tmp_path):
+    args = dataclasses.replace(olmo3_flavors["debugmodel"], max_seq_len=128, rope_theta=54321.0)
+    spec = get_train_spec("olmo3")
+    torch.manual_seed(0)
+    ours = spec.build_model(args)
+    ours.init_weights(buffer_device="cpu")
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+    write_hf_folder(ours.state_dict(), spec.adapter(args), str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()  # sdpa attention
+    assert type(hf).__name__ == "Olmo3ForCausalLM" and hf.config.sliding_window == 64
+    assert hf.config.layer_types == [S, S, S, F]
+    tokens = torch.randint(0, args.vocab_size, (2, 96))  # longer than the window (64)
+    with torch.no_grad():
+        assert (ours.eval()(tokens) - hf(tokens).logits).abs().max().item() < 1e-5
+    # The config comes back to the same args, also as transformers re-saves it (5.x: rope keyed by layer type).
+    assert Olmo3StateDictAdapter.args_from_hf_config(read_hf_config(str(tmp_path / "hf"))) == args
+    hf.config.save_pretrained(str(tmp_path / "resaved"))
+    assert Olmo3StateDictAdapter.args_from_hf_config(read_hf_config(str(tmp_path / "resaved"))) == args
+
+
+@pytest.mark.parametrize("flavor", list(olmo3_flavors))
+def test_flavors_round_trip_through_config_json(flavor):
+    args = olmo3_flavors[flavor]
+    cfg = json.loads(json.dumps(Olmo3StateDictAdapter(args).hf_config("bfloat16")))
+    assert cfg["layer_types"] == [F if (i + 1) % 4 == 0 else S for i in range(args.n_layers)]
+    back = Olmo3StateDictAdapter.args_from_hf_config(cfg)
+    assert back == args and get_train_spec("olmo3").matching_flavor(back) == flavor
+
+
+@pytest.mark.parametrize("n_layers,pattern,window,layer_types", [
+    (6, ("sliding", "sliding", "sliding", "full"), 16, [S, S, S, F, S, S]),
+    (4, ("full", "sliding", "sliding"), 16, [F, S, S, F]),
+    (3, ("sliding",), 16, [S, S, S]),
+    (3, ("full",), None, [F, F, F]),
+])
+def test_attention_pattern_round_trips_through_layer_types(n_layers, pattern, window, layer_types):
+    args = dataclasses.replace(olmo3_flavors["debugmodel"], n_layers=n_layers, attention_pattern=pattern,
+                               sliding_window=window)
+    cfg = Olmo3StateDictAdapter(args).hf_config()
+    assert cfg["layer_types"] == layer_types
+    assert cfg["sliding_window"] == (window or args.max_seq_len)  # transformers needs a window even when unused
+    assert Olmo3StateDictAdapter.args_from_hf_config(json.loads(json.dumps(cfg))) == args
+
+
+YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192, "attention_factor": 1.2079,
+        "beta_fast": 32, "beta_slow": 1}
+BAD_CONFIGS = {
+    "unknown-layer-type": (dict(layer_types=[S, "chunked_attention", S, F]), r"layer_types has 'chunked_attention'"),
+    "layer-types-length": (dict(layer_types=[S, F]), r"layer_types must be a list of one entry per layer \(4\)"),
+    "no-window": (dict(sliding_window=None), r"sliding_window None must be an integer >= 1"),
+    "legacy-yarn": (dict(rope_scaling=YARN), r"rope type 'yarn' on the full_attention layers"),
+    "keyed-yarn": (dict(rope_parameters={S: {"rope_type": "default", "rope_theta": 5e5},
+                                         F: {**YARN, "rope_theta": 5e5}}), r"rope_parameters\.full_attention\) is not"),
+    "flat-yarn": (dict(rope_parameters={**YARN, "rope_theta": 5e5}), r"rope type 'yarn' on the full_attention"),
+    "two-thetas": (dict(rope_parameters={S: {"rope_type": "default", "rope_theta": 1e4},
+                                         F: {"rope_type": "default", "rope_theta": 5e5}}), r"different rope_theta"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_import_refuses_what_the_decoder_cannot_compute(case):
+    changes, message = BAD_CONFIGS[case]
+    cfg = {**Olmo3StateDictAdapter(olmo3_flavors["debugmodel"]).hf_config(), **changes}
+    if "rope_parameters" not in changes:
+        del cfg["rope_parameters"]  # the transformers 4.x form: rope_theta (+ rope_scaling)
+    with pytest.raises(CheckpointError, match=message):
+        Olmo3StateDictAdapter.args_from_hf_config(cfg, "ckpt/config.json")
+
+
+def test_yarn_on_full_layers_is_irrelevant_when_every_layer_slides():
+    cfg = {**Olmo3StateDictAdapter(olmo3_flavors["debugmodel"]).hf_config(), "rope_scaling": YARN,
+           "layer_types": [S] * 4}
+    del cfg["rope_parameters"]
+    args = Olmo3StateDictAdapter.args_from_hf_config(cfg)
+    assert isinstance(args, Olmo3ModelArgs) and args.attention_pattern == ("sliding",) and args.rope_scaling is None
+
+
+def test_generate_script_matches_transformers_on_an_hf_folder(tmp_path):
+    prompt, new = [1, 17, 300, 42, 1999, 5], 12  # 18 tokens: past the window of 8
+    hf = make_hf(tmp_path, None, n_layers=4)
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    p = script("generate.py", "--checkpoint", tmp_path, "--prompt-ids", ",".join(map(str, prompt)),
+               "--max-new-tokens", new, "--ignore-eos", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["generated_ids"] == want[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("flavor,params_b", [("7B", 7.30), ("32B", 32.23)])
+def test_flavor_sizes(flavor, params_b):
+    model = get_train_spec("olmo3").build_meta_model(olmo3_flavors[flavor])
+    assert model.num_params() / 1e9 == pytest.approx(params_b, rel=0.01)
