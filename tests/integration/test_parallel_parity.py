@@ -36,7 +36,13 @@ def _ac(mode: str, option: str | None = None) -> list[str]:
 FSDP = ["--parallelism.data_parallel_shard_degree", "-1"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
 CP2 = ["--parallelism.context_parallel_degree", "2"]
+CP4 = ["--parallelism.context_parallel_degree", "4"]
 ZLOSS = ["--training.z_loss_multiplier", "1e-3"]
+# Document masking with per-document RoPE positions: pydoc windows hold several EOS-delimited documents.
+DOCS = ["--training.document_masking", "--training.document_rope_restart"]
+# OLMo 3's debug flavor (window 64 on three of four layers) at 256 tokens: windows cross CP chunk boundaries.
+# Fresh init (no seed checkpoint of this family); global batch 4 x 256.
+OLMO3 = ["--model.name", "olmo3", "--training.seq_len", "256", "--checkpoint.initial_load_path", "none"]
 PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
 FRESH = ["--checkpoint.initial_load_path", "none"]  # initialized from training.seed, no seed checkpoint
 # 48-token chunks do not divide a rank's 128 tokens: the last chunk is short.
@@ -57,8 +63,17 @@ LAYOUTS: dict[str, tuple[int, list[str], str, float]] = {
     "tp2_no_loss_parallel": (2, TP2 + _bs(4) + ["--parallelism.disable_loss_parallel"], "single", LOSS_TOL),
     "tp2_zloss": (2, TP2 + _bs(4) + ZLOSS, "single_zloss", LOSS_TOL),  # z-loss on vocab-sharded logits
     "cp2": (2, CP2 + _bs(4), "single", LOSS_TOL),
-    "cp2_alltoall": (2, CP2 + _bs(4) + ["--parallelism.context_parallel_rotate_method", "alltoall"], "single",
-                     LOSS_TOL),
+    "cp2_allgather": (2, CP2 + _bs(4) + ["--parallelism.context_parallel_rotate_method", "allgather"], "single",
+                      LOSS_TOL),
+    "cp4": (4, CP4 + _bs(4), "single", LOSS_TOL),
+    "single_docs": (1, _bs(4) + DOCS, "single_docs", 0.0),
+    "cp2_docs": (2, CP2 + _bs(4) + DOCS, "single_docs", LOSS_TOL),
+    "fsdp2_cp2_docs_allgather": (4, FSDP + CP2 + _bs(2) + DOCS + ["--parallelism.context_parallel_rotate_method",
+                                                                  "allgather"], "single_docs", LOSS_TOL),
+    "single_olmo3": (1, _bs(4) + OLMO3, "single_olmo3", 0.0),
+    "cp2_olmo3": (2, CP2 + _bs(4) + OLMO3, "single_olmo3", LOSS_TOL),
+    "cp4_olmo3_docs": (4, CP4 + _bs(4) + OLMO3 + DOCS, "single_olmo3_docs", LOSS_TOL),
+    "single_olmo3_docs": (1, _bs(4) + OLMO3 + DOCS, "single_olmo3_docs", 0.0),
     "fsdp2_full_ac": (2, FSDP + _bs(2) + _ac("full"), "single", LOSS_TOL),
     "fsdp2_selective_layer_ac": (2, FSDP + _bs(2) + _ac("selective", "2"), "single", LOSS_TOL),
     "fsdp2_selective_op_ac": (2, FSDP + _bs(2) + _ac("selective", "op"), "single", LOSS_TOL),

@@ -23,6 +23,7 @@ from torchtitan.trainer.preflight import preflight
 
 TOL = 1e-5
 PP = ["--parallelism.pipeline_parallel_degree", "2"]
+DOCS = ["--training.document_masking", "--training.document_rope_restart"]
 
 
 def _schedule(name: str) -> list[str]:
@@ -54,6 +55,8 @@ WORLD_4 = {
                                   "--training.local_batch_size", "2"],
     "PP2xTP2_1F1B": [*_schedule("1F1B"), "--parallelism.tensor_parallel_degree", "2"],
     "PP2xCP2_Interleaved1F1B": [*_schedule("Interleaved1F1B"), "--parallelism.context_parallel_degree", "2"],
+    # Document ids and per-document positions are split into micro-batches with the inputs.
+    "PP2xCP2_1F1B_documents": [*_schedule("1F1B"), "--parallelism.context_parallel_degree", "2", *DOCS],
 }
 WORLD_8 = {
     "PP2xFSDP2xTP2_1F1B": [*_schedule("1F1B"), "--parallelism.data_parallel_shard_degree", "2",
@@ -61,7 +64,7 @@ WORLD_8 = {
 }
 # torch < 2.12 cannot run V schedules over gloo (preflight says so; see test_v_schedules_on_old_torch_gloo).
 V_UNSUPPORTED = pipeline._warmup_sends_to_self()
-GROUPS = {1: {"reference": []}, 2: WORLD_2, 4: WORLD_4, 8: WORLD_8}
+GROUPS = {1: {"reference": [], "reference_documents": DOCS}, 2: WORLD_2, 4: WORLD_4, 8: WORLD_8}
 LAYOUTS = [(n, name) for n in (2, 4, 8) for name in GROUPS[n]]
 
 
@@ -103,7 +106,7 @@ def runs(tmp_path_factory):
 def test_pipeline_matches_single_process(runs, nproc, layout):
     if V_UNSUPPORTED and layout in V_SCHEDULES:
         pytest.skip(f"torch {torch.__version__} cannot run {layout} over gloo (it needs torch >= 2.12 on CPU)")
-    ref = runs(1).get("reference")
+    ref = runs(1).get("reference_documents" if layout.endswith("_documents") else "reference")
     assert ref, runs(1).get("__error__", "reference run produced no result")
     got = runs(nproc).get(layout)
     assert got, runs(nproc).get("__error__", f"{layout} produced no result")

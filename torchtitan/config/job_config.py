@@ -150,8 +150,9 @@ class Parallelism:
     pipeline_parallel_schedule_csv: str = opt("", "CSV schedule file (with schedule = CSV).")
     pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline micro-batch.")
     context_parallel_degree: int = opt(1, "Context parallel degree: the sequence is sharded over these ranks.")
-    context_parallel_rotate_method: str = opt("allgather", "How K/V travel between CP ranks.",
-                                              ("allgather", "alltoall"))
+    context_parallel_rotate_method: str = opt("alltoall", "How K/V travel between CP ranks: alltoall passes them "
+                                              "around a ring, one piece in flight (attention memory O(S/cp)); "
+                                              "allgather gathers each layer's K/V at once.", ("allgather", "alltoall"))
 
 
 @dataclass

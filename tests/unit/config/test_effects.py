@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
      "training.dataset_path", "a text dataset"),
     (["--parallelism.pipeline_parallel_schedule", "GPipe"], "parallelism.pipeline_parallel_schedule",
      "pipeline_parallel_degree > 1"),
-    (["--parallelism.context_parallel_rotate_method", "alltoall"], "parallelism.context_parallel_rotate_method",
+    (["--parallelism.context_parallel_rotate_method", "allgather"], "parallelism.context_parallel_rotate_method",
      "context_parallel_degree > 1"),
     (["--parallelism.tensor_parallel_degree", "2", "--training.loss_chunk_size", "128"], "training.loss_chunk_size",
      "disable_loss_parallel = true"),
