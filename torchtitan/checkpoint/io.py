@@ -252,8 +252,25 @@ def model_from_marker(marker: dict, path: str) -> ModelInfo | None:
 
 
 def model_args_to_dict(args: Any) -> dict:
-    """JSON-able model args (nested dataclasses such as RopeScaling become dicts)."""
+    """JSON-able model args (nested dataclasses such as RopeScaling become dicts, with their `kind`)."""
     return dataclasses.asdict(args)
+
+
+def _nested_from_dict(name: str, hint: Any, value: dict) -> Any:
+    """A nested dataclass field from its dict. Of a union of dataclasses (RopeScaling | YarnScaling) the dict's
+    `kind` names the one; a dict without one (markers written before YaRN) is the first."""
+    classes = [c for c in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(c)]
+    if not classes:
+        return value
+    kinds = {f.default: c for c in classes for f in dataclasses.fields(c) if f.name == "kind"}
+    cls = kinds.get(value["kind"]) if "kind" in value else classes[0]
+    if cls is None:
+        raise CheckpointError(f"model args {name}: kind {value['kind']!r} is not one of {', '.join(map(repr, kinds))}")
+    init = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(value) - init - {"kind"})
+    if unknown:
+        raise CheckpointError(f"model args {name}: {', '.join(unknown)} are not fields of {cls.__name__}")
+    return cls(**{k: v for k, v in value.items() if k in init})
 
 
 def model_args_from_dict(args_cls: type, d: dict) -> Any:
@@ -263,11 +280,8 @@ def model_args_from_dict(args_cls: type, d: dict) -> Any:
     unknown = sorted(set(d) - known)
     if unknown:
         raise CheckpointError(f"model args {', '.join(unknown)} are not fields of {args_cls.__name__}")
-    values = dict(d)
-    for name, value in d.items():
-        if isinstance(value, dict):
-            nested = [c for c in (typing.get_args(hints[name]) or (hints[name],)) if dataclasses.is_dataclass(c)]
-            values[name] = nested[0](**value) if nested else value
+    values = {name: _nested_from_dict(name, hints[name], value) if isinstance(value, dict) else value
+              for name, value in d.items()}
     return args_cls(**values)
 
 

@@ -1,8 +1,11 @@
-"""OLMo 3: logits equal transformers' Olmo3ForCausalLM when the sliding window is shorter than the prompt; HF ->
-DCP -> HF is bitwise; our export loads in transformers; layer_types <-> attention_pattern, and what an import
-refuses; scripts/generate.py greedy-decodes an OLMo 3 HF folder as transformers does."""
+"""OLMo 3: logits equal transformers' Olmo3ForCausalLM when the sliding window is shorter than the prompt, with
+plain RoPE and with YaRN on the full-attention layers (the released 65K-context models); HF -> DCP -> HF is
+bitwise and keeps the RoPE config; our export loads in transformers; layer_types <-> attention_pattern, and what
+an import refuses; YaRN's frequencies and attention factor equal transformers'; model args survive a marker;
+scripts/generate.py greedy-decodes an OLMo 3 HF folder as transformers does."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -14,8 +17,11 @@ from safetensors.torch import load_file
 from tests.integration.checkpoint_helpers import script
 from torchtitan.checkpoint import CheckpointError, ModelWrapper
 from torchtitan.checkpoint.formats.hf import load_hf_into_model, model_from_hf_config, read_hf_config, write_hf_folder
-from torchtitan.checkpoint.io import MARKER
+from torchtitan.checkpoint.io import MARKER, model_args_from_dict, model_args_to_dict
+from torchtitan.distributed.pipeline import prune_to_stage
 from torchtitan.models import get_train_spec
+from torchtitan.models.common.rope import RopeScaling, YarnScaling, rope_cache, rope_frequencies
+from torchtitan.models.llama3 import LlamaModelArgs, llama3_flavors
 from torchtitan.models.olmo3 import Olmo3ModelArgs, Olmo3StateDictAdapter, olmo3_flavors
 
 transformers = pytest.importorskip("transformers")
@@ -89,13 +95,80 @@ def test_logits_equal_transformers_after_hf_import(tmp_path, case):
         assert (full.eval()(tokens) - ref).abs().max().item() > 1e-2
 
 
+# A tiny YaRN: 16 original positions, so a 48-token prompt runs three times past them.
+TINY_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+             "beta_slow": 1}
+# (Olmo3Config kwargs, the rope_scaling_layers we expect): the released models' form (transformers 4.x wrote a
+# top-level rope_scaling, applied to the full-attention layers); the 5.x form keyed by layer type, with an
+# explicit attention factor and a theta whose YaRN ramp has a partial step; YaRN on every layer.
+YARN_CASES = {
+    "legacy-rope-scaling": (dict(rope_scaling=TINY_YARN), "full"),
+    "keyed-attention-factor": (dict(rope_parameters={S: {"rope_type": "default", "rope_theta": 1000.0},
+                                                     F: {**TINY_YARN, "attention_factor": 1.25, "rope_theta": 1000.0}}),
+                               "full"),
+    "keyed-every-layer": (dict(rope_parameters={t: {**TINY_YARN, "rope_theta": 1000.0} for t in (S, F)}), "all"),
+}
+
+
+@pytest.mark.parametrize("case", list(YARN_CASES))
+def test_logits_equal_transformers_with_yarn(tmp_path, case):
+    config, layers = copy.deepcopy(YARN_CASES[case])  # Olmo3Config fills in the dicts it is given
+    hf = make_hf(tmp_path, None, **config)
+    info, ours = import_hf(tmp_path)
+    a = info.args
+    assert isinstance(a.rope_scaling, YarnScaling) and a.rope_scaling_layers == layers
+    assert (a.rope_scaling.factor, a.rope_scaling.original_max_position_embeddings) == (4.0, 16)
+    # Two RoPE tables exactly when some layers skip the scaling; neither is in the state dict.
+    assert hasattr(ours, "plain_rope_cache") == (layers == "full")
+    assert not any("rope" in k for k in ours.state_dict())
+    tokens = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        assert (ours(tokens) - ref).abs().max().item() < 1e-5
+        # The scaling matters, and so does which layers it applies to.
+        other = dataclasses.replace(a, rope_scaling_layers="all" if layers == "full" else "full")
+        for changed in (dataclasses.replace(a, rope_scaling=None), other):
+            model = info.spec.build_model(changed)
+            model.load_state_dict(ours.state_dict())
+            assert (model.eval()(tokens) - ref).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("params", [
+    dict(factor=8.0, original_max_position_embeddings=8192, attention_factor=1.2079441541679836),  # OLMo 3
+    dict(factor=4.0, original_max_position_embeddings=16),
+    dict(factor=32.0, original_max_position_embeddings=4096, beta_fast=16.0, beta_slow=2.0, mscale=1.0,
+         mscale_all_dim=0.5),
+    dict(factor=32.0, original_max_position_embeddings=4096, truncate=False),  # gpt-oss's untruncated ramp
+    dict(factor=1.0, original_max_position_embeddings=64),  # no attention factor; a factor-1 ramp changes nothing
+])
+@pytest.mark.parametrize("head_dim,theta", [(128, 500000.0), (16, 1000.0), (64, 150000.0)])
+def test_yarn_frequencies_and_attention_factor_equal_transformers(params, head_dim, theta):
+    from transformers.modeling_rope_utils import _compute_yarn_parameters
+
+    # A flat rope_parameters (Llama's) is where transformers 5.24 reads `truncate`; Olmo3's keyed one ignores it.
+    config = transformers.LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, max_position_embeddings=65536,
+                                      rope_parameters={"rope_type": "yarn", "rope_theta": theta, **params})
+    want_freqs, want_factor = _compute_yarn_parameters(config)
+    scaling = YarnScaling(**params)
+    freqs = rope_frequencies(head_dim, theta, scaling)
+    assert freqs.dtype == torch.float64
+    torch.testing.assert_close(freqs.float(), want_freqs, rtol=2e-6, atol=0)  # theirs is computed in float32
+    assert scaling.attention_scale == want_factor
+    table = rope_cache(head_dim, 64, theta, scaling)
+    angles = torch.outer(torch.arange(64, dtype=torch.float64), freqs)
+    want = torch.stack([angles.cos(), angles.sin()], dim=-1) * want_factor
+    assert table.dtype == torch.float32 and torch.equal(table, want.float())
+
+
 def test_hf_to_dcp_to_hf_is_bitwise(tmp_path):
     src, dcp_dir, back = tmp_path / "hf", tmp_path / "dcp", tmp_path / "back"
-    make_hf(src, None)
+    make_hf(src, None, rope_scaling={**TINY_YARN, "attention_factor": 1.2})
     p = script("convert_hf_to_dcp.py", src, dcp_dir)
     assert p.returncode == 0, p.stderr[-3000:]
     marker = json.loads((dcp_dir / MARKER).read_text())
     assert marker["model"] == "olmo3" and marker["model_args"]["attention_pattern"] == ["sliding"] * 3 + ["full"]
+    assert marker["model_args"]["rope_scaling"]["kind"] == "yarn"
+    assert marker["model_args"]["rope_scaling_layers"] == "full"
     p = script("convert_dcp_to_hf.py", dcp_dir, back)  # family and args from the marker
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = hf_tensors(src), hf_tensors(back)
@@ -121,7 +194,7 @@ def test_our_export_loads_in_transformers_with_our_logits(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()  # sdpa attention
     assert type(hf).__name__ == "Olmo3ForCausalLM" and hf.config.sliding_window == 64
     assert hf.config.layer_types == [S, S, S, F]
-    tokens = torch.randint(0, args.vocab_size, (2, 96))  # longer than the window (64)
+    tokens = torch.randint(0, args.vocab_size, (2, 96))  # past the window (64) and YaRN's original 64 positions
     with torch.no_grad():
         assert (ours.eval()(tokens) - hf(tokens).logits).abs().max().item() < 1e-5
     # The config comes back to the same args, also as transformers re-saves it (5.x: rope keyed by layer type).
@@ -160,10 +233,19 @@ BAD_CONFIGS = {
     "unknown-layer-type": (dict(layer_types=[S, "chunked_attention", S, F]), r"layer_types has 'chunked_attention'"),
     "layer-types-length": (dict(layer_types=[S, F]), r"layer_types must be a list of one entry per layer \(4\)"),
     "no-window": (dict(sliding_window=None), r"sliding_window None must be an integer >= 1"),
-    "legacy-yarn": (dict(rope_scaling=YARN), r"rope type 'yarn' on the full_attention layers"),
-    "keyed-yarn": (dict(rope_parameters={S: {"rope_type": "default", "rope_theta": 5e5},
-                                         F: {**YARN, "rope_theta": 5e5}}), r"rope_parameters\.full_attention\) is not"),
-    "flat-yarn": (dict(rope_parameters={**YARN, "rope_theta": 5e5}), r"rope type 'yarn' on the full_attention"),
+    "legacy-longrope": (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}),
+                        r"rope type 'longrope' on the full_attention layers \(rope_scaling / rope_parameters\."
+                        r"full_attention\) is not supported"),
+    "keyed-linear": (dict(rope_parameters={S: {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
+                                           F: {"rope_type": "default", "rope_theta": 5e5}}),
+                     r"rope type 'linear' on the sliding_attention layers"),
+    "yarn-on-sliding-only": (dict(rope_parameters={S: {**YARN, "rope_theta": 5e5},
+                                                   F: {"rope_type": "default", "rope_theta": 5e5}}),
+                             r"scale the sliding_attention layers \('yarn'\) unlike the full_attention ones"),
+    "two-yarns": (dict(rope_parameters={S: {**YARN, "factor": 4.0, "rope_theta": 5e5}, F: {**YARN, "rope_theta": 5e5}}),
+                  r"scale the sliding_attention layers"),
+    "yarn-untruncated": (dict(rope_scaling={**YARN, "truncate": False}), r"full_attention sets truncate: false"),
+    "yarn-partial-rotary": (dict(rope_scaling={**YARN, "partial_rotary_factor": 0.5}), r"partial_rotary_factor 0\.5"),
     "two-thetas": (dict(rope_parameters={S: {"rope_type": "default", "rope_theta": 1e4},
                                          F: {"rope_type": "default", "rope_theta": 5e5}}), r"different rope_theta"),
 }
@@ -172,11 +254,40 @@ BAD_CONFIGS = {
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
 def test_import_refuses_what_the_decoder_cannot_compute(case):
     changes, message = BAD_CONFIGS[case]
-    cfg = {**Olmo3StateDictAdapter(olmo3_flavors["debugmodel"]).hf_config(), **changes}
+    cfg = {**Olmo3StateDictAdapter(dataclasses.replace(olmo3_flavors["debugmodel"], rope_scaling=None)).hf_config(),
+           **changes}
     if "rope_parameters" not in changes:
         del cfg["rope_parameters"]  # the transformers 4.x form: rope_theta (+ rope_scaling)
     with pytest.raises(CheckpointError, match=message):
         Olmo3StateDictAdapter.args_from_hf_config(cfg, "ckpt/config.json")
+
+
+@pytest.mark.parametrize("form", ["legacy", "keyed", "flat"])
+def test_released_rope_config_imports_as_the_flavor(form):
+    """The 7B's config.json as released (4.x: top-level rope_scaling), as transformers 5.x re-saves it (keyed),
+    and as a flat rope_parameters: YaRN on the full-attention layers, equal to the 7B flavor."""
+    cfg = Olmo3StateDictAdapter(olmo3_flavors["7B"]).hf_config("bfloat16")
+    yarn = {**YARN, "attention_factor": 1.2079441541679836}
+    del cfg["rope_parameters"], cfg["rope_scaling"]
+    if form == "legacy":
+        cfg["rope_scaling"] = yarn
+    elif form == "keyed":
+        cfg["rope_parameters"] = {S: {"rope_type": "default", "rope_theta": 500000}, F: {**yarn, "rope_theta": 500000}}
+    else:
+        cfg["rope_parameters"] = {**yarn, "rope_theta": 500000}
+    args = Olmo3StateDictAdapter.args_from_hf_config(json.loads(json.dumps(cfg)))
+    assert args == olmo3_flavors["7B"] and get_train_spec("olmo3").matching_flavor(args) == "7B"
+
+
+@pytest.mark.parametrize("pattern,layers", [(("sliding",), "full"), (("sliding",), "all"), (("full",), "full"),
+                                            (("full",), "all")])
+def test_yarn_of_a_layer_type_no_layer_has_round_trips(pattern, layers):
+    """Only one layer type in use: the file's scaling of the other comes back on export all the same."""
+    args = dataclasses.replace(olmo3_flavors["debugmodel"], attention_pattern=pattern, rope_scaling_layers=layers,
+                               sliding_window=64 if pattern == ("sliding",) else None)
+    cfg = json.loads(json.dumps(Olmo3StateDictAdapter(args).hf_config()))
+    assert (cfg["rope_parameters"][S]["rope_type"] == "yarn") == (layers == "all")
+    assert Olmo3StateDictAdapter.args_from_hf_config(cfg) == args
 
 
 def test_yarn_on_full_layers_is_irrelevant_when_every_layer_slides():
@@ -184,7 +295,56 @@ def test_yarn_on_full_layers_is_irrelevant_when_every_layer_slides():
            "layer_types": [S] * 4}
     del cfg["rope_parameters"]
     args = Olmo3StateDictAdapter.args_from_hf_config(cfg)
-    assert isinstance(args, Olmo3ModelArgs) and args.attention_pattern == ("sliding",) and args.rope_scaling is None
+    assert isinstance(args, Olmo3ModelArgs) and args.attention_pattern == ("sliding",)
+    assert all(args.layer_rope_scaling(i) is None for i in range(args.n_layers))
+    # A type no layer has may carry a rope type we cannot compute: transformers never computes it either.
+    cfg["rope_scaling"] = {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}
+    assert Olmo3StateDictAdapter.args_from_hf_config(cfg).rope_scaling is None
+
+
+def test_export_refuses_what_transformers_olmo3_cannot_say():
+    base = olmo3_flavors["debugmodel"]
+    with pytest.raises(CheckpointError, match="rope_scaling is 'llama3'"):
+        Olmo3StateDictAdapter(dataclasses.replace(base, rope_scaling=RopeScaling())).hf_config()
+    untruncated = dataclasses.replace(base, rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=64,
+                                                                     truncate=False))
+    with pytest.raises(CheckpointError, match=r"truncate = False cannot be exported"):
+        Olmo3StateDictAdapter(untruncated).hf_config()
+
+
+@pytest.mark.parametrize("flavor", list(olmo3_flavors))
+def test_model_args_survive_the_marker_json(flavor):
+    args = olmo3_flavors[flavor]
+    d = json.loads(json.dumps(model_args_to_dict(args)))
+    assert d["rope_scaling"]["kind"] == "yarn"
+    assert model_args_from_dict(Olmo3ModelArgs, d) == args
+    with pytest.raises(CheckpointError, match=r"rope_scaling: kind 'ntk' is not one of 'llama3', 'yarn'"):
+        model_args_from_dict(Olmo3ModelArgs, {**d, "rope_scaling": {**d["rope_scaling"], "kind": "ntk"}})
+    with pytest.raises(CheckpointError, match=r"rope_scaling: low_freq_factor are not fields of YarnScaling"):
+        model_args_from_dict(Olmo3ModelArgs, {**d, "rope_scaling": {**d["rope_scaling"], "low_freq_factor": 1.0}})
+
+
+def test_markers_written_before_yarn_still_read_as_llama_scaling():
+    args = llama3_flavors["8B"]
+    d = json.loads(json.dumps(model_args_to_dict(args)))
+    assert d["rope_scaling"]["kind"] == "llama3"
+    del d["rope_scaling"]["kind"], d["rope_scaling_layers"]  # what older markers hold
+    back = model_args_from_dict(LlamaModelArgs, d)
+    assert back == args and isinstance(back.rope_scaling, RopeScaling)
+
+
+def test_each_layer_gets_its_rope_table_on_every_pipeline_stage():
+    args = dataclasses.replace(olmo3_flavors["debugmodel"], max_seq_len=256)
+    model = get_train_spec("olmo3").build_model(args)
+    model.init_weights(buffer_device="cpu", seed=0)
+    assert not torch.equal(model.rope_cache, model.plain_rope_cache)
+    assert [model.layer_rope(i) is model.rope_cache for i in range(4)] == [False, False, False, True]
+    tokens = torch.randint(0, args.vocab_size, (2, 160))  # past the window (64) and the original length (64)
+    with torch.no_grad():
+        want = model(tokens)
+        # Stage 0 holds only sliding layers, stage 1 a sliding and the full one.
+        first, last = prune_to_stage(model, ["0", "1"], True, False), prune_to_stage(model, ["2", "3"], False, True)
+        assert torch.equal(last(first(tokens)), want)
 
 
 def test_generate_script_matches_transformers_on_an_hf_folder(tmp_path):

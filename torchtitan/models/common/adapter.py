@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from torchtitan.models.common.args import DecoderArgs
+from torchtitan.models.common.rope import RopeScaling, YarnScaling
 from torchtitan.tools.errors import CheckpointError
 
 HF_DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)  # derived buffers some HF checkpoints carry
@@ -64,6 +65,46 @@ def hf_rope_params(config: dict[str, Any]) -> dict[str, Any]:
         params["rope_type"] = params["type"]
     params.setdefault("rope_type", "default")
     return params
+
+
+def hf_rope_scaling(scaling: RopeScaling | YarnScaling) -> dict[str, Any]:
+    """transformers' rope_scaling / rope_parameters entry for one of our scalings (rope_theta left to the caller)."""
+    if isinstance(scaling, RopeScaling):
+        return {"rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+                "high_freq_factor": scaling.high_freq_factor,
+                "original_max_position_embeddings": scaling.original_max_position_embeddings}
+    out = {"rope_type": "yarn", "factor": scaling.factor,
+           "original_max_position_embeddings": scaling.original_max_position_embeddings,
+           "beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow}
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if getattr(scaling, key) is not None:
+            out[key] = getattr(scaling, key)
+    if not scaling.truncate:
+        out["truncate"] = False
+    return out
+
+
+def yarn_from_hf(params: dict[str, Any], config: dict[str, Any], source: str, where: str) -> YarnScaling:
+    """YarnScaling from transformers' yarn parameters (`where` names them in errors), with the defaults
+    transformers 5.24 fills in: original_max_position_embeddings = max_position_embeddings, a null factor =
+    their ratio, beta_fast / beta_slow 32 / 1 when absent or zero."""
+    try:
+        original = int(params.get("original_max_position_embeddings") or config["max_position_embeddings"])
+        factor = params.get("factor")
+        factor = float(factor) if factor is not None else config["max_position_embeddings"] / original
+        optional = {k: float(params[k]) for k in ("attention_factor", "mscale", "mscale_all_dim")
+                    if params.get(k) is not None}
+        scaling = YarnScaling(factor=factor, original_max_position_embeddings=original,
+                              beta_fast=float(params.get("beta_fast") or 32),
+                              beta_slow=float(params.get("beta_slow") or 1),
+                              truncate=bool(params.get("truncate", True)), **optional)
+        partial = float(params.get("partial_rotary_factor", 1.0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"HF checkpoint {source}: {where} has a bad or missing yarn parameter ({e})") from None
+    if partial != 1.0:
+        raise CheckpointError(f"HF checkpoint {source}: {where} sets partial_rotary_factor {partial}; our RoPE "
+                              f"rotates the whole head (1.0)")
+    return scaling
 
 
 class StateDictAdapter(ABC):

@@ -11,7 +11,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from torchtitan.models.common.rope import RopeScaling
+from torchtitan.models.common.rope import RopeScaling, YarnScaling
 from torchtitan.ops.attention import CAUSAL, AttentionMask
 
 NORMS = ("rms", "layernorm")  # layernorm: OLMo 1's non-parametric LayerNorm
@@ -20,6 +20,7 @@ ROPE_LAYOUTS = ("interleaved", "half")  # Meta's adjacent pairs / GPT-NeoX and H
 FEED_FORWARDS = ("swiglu",)
 INITS = ("llama", "olmo", "olmo2")  # see models/common/init.py
 LAYER_ATTENTION = ("full", "sliding")  # entries of attention_pattern
+ROPE_SCALING_LAYERS = ("all", "full")  # which layers rope_scaling applies to (OLMo 3: full-attention ones only)
 # Fields that change how a run executes or starts, not the function the weights compute.
 RUN_SETTINGS = ("max_seq_len", "sdpa_backend", "init", "init_std", "depth_init")
 
@@ -33,7 +34,10 @@ class DecoderArgs(ABC):
     vocab_size: int = 128256
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: RopeScaling | None = None
+    rope_scaling: RopeScaling | YarnScaling | None = None
+    # "full": only the full-attention layers scale their RoPE, the sliding ones keep plain RoPE with the same
+    # theta (transformers' Olmo3 applies a config's rope_scaling that way).
+    rope_scaling_layers: str = "all"
     max_seq_len: int = 8192
     tie_word_embeddings: bool = False
     sdpa_backend: str = "default"
@@ -54,7 +58,8 @@ class DecoderArgs(ABC):
 
     def __post_init__(self) -> None:
         for name, valid in (("norm", NORMS), ("block", BLOCKS), ("rope_layout", ROPE_LAYOUTS),
-                            ("feed_forward", FEED_FORWARDS), ("init", INITS)):
+                            ("feed_forward", FEED_FORWARDS), ("init", INITS),
+                            ("rope_scaling_layers", ROPE_SCALING_LAYERS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"model args {name} = {getattr(self, name)!r} is not one of {', '.join(valid)}")
         self.attention_pattern = tuple(self.attention_pattern)  # a list after a JSON round trip
@@ -86,6 +91,12 @@ class DecoderArgs(ABC):
         if not self.attention_pattern:
             return "sliding"
         return self.attention_pattern[layer_id % len(self.attention_pattern)]
+
+    def layer_rope_scaling(self, layer_id: int) -> RopeScaling | YarnScaling | None:
+        """The RoPE scaling of layer `layer_id`: rope_scaling, or None where rope_scaling_layers leaves it out."""
+        if self.rope_scaling_layers == "full" and self.layer_attention(layer_id) != "full":
+            return None
+        return self.rope_scaling
 
     def attention_mask(self, layer_id: int) -> AttentionMask:
         """Which keys layer `layer_id` attends to: causal, or causal within the sliding window."""

@@ -73,7 +73,7 @@ class Decoder(nn.Module):
         self.norm = build_norm(args)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.tie_weights()
-        self.register_buffer("rope_cache", self._rope(device=None), persistent=False)
+        self._build_rope_tables(device=None)
 
     def tie_weights(self) -> None:
         """Output and embedding share one parameter when the args say so (and this part holds both).
@@ -90,16 +90,28 @@ class Decoder(nn.Module):
     def is_tied(self) -> bool:
         return self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None
 
-    def _rope(self, device) -> torch.Tensor:
+    def _build_rope_tables(self, device) -> None:
+        """rope_cache, RoPE as the args scale it, and plain_rope_cache where some layers skip the scaling
+        (OLMo 3: YaRN on the full-attention layers only). Non-persistent: never in a checkpoint."""
         a = self.args
-        return rope_cache(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=device)
+        tables = {"rope_cache": a.rope_scaling}
+        if a.rope_scaling is not None and any(a.layer_rope_scaling(i) is None for i in range(a.n_layers)):
+            tables["plain_rope_cache"] = None
+        for name, scaling in tables.items():
+            table = rope_cache(a.head_dim, a.max_seq_len, a.rope_theta, scaling, device=device)
+            self.register_buffer(name, table, persistent=False)
+
+    def layer_rope(self, layer_id: int) -> torch.Tensor:
+        """The RoPE table of layer `layer_id` (the keys of `layers` are global layer indices, on every stage)."""
+        a = self.args
+        return self.rope_cache if a.layer_rope_scaling(layer_id) is a.rope_scaling else self.plain_rope_cache
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | str | None = None, seed: int | None = None) -> None:
-        """The weights a seed gives, on any layout (models/common/init.py); also rebuilds the RoPE table and the
+        """The weights a seed gives, on any layout (models/common/init.py); also rebuilds the RoPE tables and the
         tie after to_empty. seed None: torch's current seed (torch.initial_seed())."""
         device = buffer_device if buffer_device is not None else self.rope_cache.device
-        self.rope_cache = self._rope(device=device)
+        self._build_rope_tables(device)
         self.tie_weights()
         seed = torch.initial_seed() if seed is None else seed
         INIT_SCHEMES[self.args.init](self, ParameterInit(self, seed))
@@ -110,8 +122,8 @@ class Decoder(nn.Module):
         positions (None: 0..S-1). documents: (B, S_global) document ids; attention then stays inside
         documents (trainer/documents.py)."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cache, positions, documents)
+        for layer_id, layer in self.layers.items():
+            h = layer(h, self.layer_rope(int(layer_id)), positions, documents)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

@@ -9,6 +9,7 @@ from torchtitan.models.common.adapter import (
     HF_DECODER_TABLE,
     StateDictAdapter,
     hf_rope_params,
+    hf_rope_scaling,
     permute_to_interleaved,
     permute_to_rotate_half,
 )
@@ -48,10 +49,7 @@ class Llama3StateDictAdapter(StateDictAdapter):
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": a.rope_theta}
         scaling = None
         if a.rope_scaling is not None:
-            s = a.rope_scaling
-            scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                       "high_freq_factor": s.high_freq_factor,
-                       "original_max_position_embeddings": s.original_max_position_embeddings}
+            scaling = hf_rope_scaling(a.rope_scaling)
             rope = {**scaling, "rope_theta": a.rope_theta}
         return {"head_dim": a.head_dim, "rms_norm_eps": a.norm_eps, "mlp_bias": False, "rope_scaling": scaling,
                 "rope_parameters": rope, "dtype": dtype}
