@@ -284,11 +284,13 @@ def _run_layout(ngpu: int, seq: int, steps: int, skip: int, extra: list[str]) ->
 def cmd_cp(args) -> None:
     """Context parallel against one process on the same cores: per-rank peak memory and tokens/s, with ratios.
 
-    tokens/s is the job's (tokens of the global batch per second); memory is the peak RSS of rank 0 (CPU) or
-    its peak allocated device memory (GPU)."""
+    job tok/s: tokens of the global batch per second (the trainer logs tokens/s per device; a CP=C job's
+    throughput is C times that). Memory: rank 0's peak RSS (CPU) or peak allocated device memory (GPU).
+    Ratios are against CP=1 in the same invocation."""
     degrees = [int(d) for d in args.degrees.split(",")]
     print(f"debug model, batch 1, {args.steps} steps (mean after step {args.skip}), rotate {args.rotate}")
-    print(f"{'seq':>7s} {'layout':>8s} {'peak GiB':>9s} {'tokens/s':>9s} {'mem ratio':>10s} {'tps ratio':>10s}")
+    print(f"{'seq':>7s} {'layout':>7s} {'peak GiB':>9s} {'job tok/s':>10s} {'per device':>11s} {'mem ratio':>10s} "
+          f"{'tok/s ratio':>12s}")
     for seq in (int(x) for x in args.seq_lens.split(",")):
         base = None
         for cp in degrees:
@@ -297,12 +299,14 @@ def cmd_cp(args) -> None:
                                         "--parallelism.context_parallel_rotate_method", args.rotate]
             r = _run_layout(cp, seq, args.steps, args.skip, extra)
             if "error" in r:
-                print(f"{seq:7d} {'cp' + str(cp):>8s} FAILED: {r['error'][-300:]}")
+                print(f"{seq:7d} {'cp' + str(cp):>7s} FAILED: {r['error'][-300:]}", flush=True)
                 continue
-            base = base or (r if cp == 1 else None)
-            ratios = (f"{r['memory_gib'] / base['memory_gib']:10.2f} {r['tps'] / base['tps']:10.2f}"
-                      if base else f"{'-':>10s} {'-':>10s}")
-            print(f"{seq:7d} {'cp' + str(cp):>8s} {r['memory_gib']:9.2f} {r['tps']:9.0f} {ratios}", flush=True)
+            r["job_tps"] = r["tps"] * cp
+            base = r if cp == 1 else base
+            ratios = (f"{r['memory_gib'] / base['memory_gib']:10.2f} {r['job_tps'] / base['job_tps']:12.2f}"
+                      if base else f"{'-':>10s} {'-':>12s}")
+            print(f"{seq:7d} {'cp' + str(cp):>7s} {r['memory_gib']:9.2f} {r['job_tps']:10.0f} {r['tps']:11.0f} "
+                  f"{ratios}", flush=True)
 
 
 def main() -> None:

@@ -47,9 +47,6 @@ def build_model_args(spec: TrainSpec, cfg: JobConfig, device_type: str) -> Decod
         args.vocab_size = cfg.model.vocab_size
     args.max_seq_len = cfg.training.seq_len
     args.sdpa_backend = resolve_sdpa_backend(cfg.model.sdpa_backend, device_type)
-    if args.sdpa_backend == "flash" and device_type == "cuda" and cfg.parallelism.context_parallel_degree > 1:
-        # auto picked flash (pre-Hopper); context-parallel attention needs a mask, which CUDA flash takes not.
-        args.sdpa_backend = "efficient"
     return args
 
 
@@ -68,6 +65,10 @@ def layout_notes(cfg: JobConfig, dims: ParallelDims, device_type: str) -> list[s
     if "training.mixed_precision_param" in set_by and t.mixed_precision_param != "float32" and device_type != "cuda":
         notes.append(f"training.mixed_precision_param = {t.mixed_precision_param} has no effect on {device_type}: "
                      f"training runs in float32 there")
+    blockwise = "context parallel" if dims.cp > 1 else "document masking" if t.document_masking else None
+    if "model.sdpa_backend" in set_by and cfg.model.sdpa_backend not in ("auto", "default") and blockwise:
+        notes.append(f"model.sdpa_backend = {cfg.model.sdpa_backend} has no effect with {blockwise}: attention runs "
+                     f"blockwise (ops/blockwise.py picks its kernels)")
     return notes
 
 
@@ -151,9 +152,6 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
                           f"data-parallel degree = {t.local_batch_size} x {dims.dp} = {per_micro}")
     if p.enable_async_tensor_parallel and not (cfg.compile.enable and on_cuda):
         raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and compile.enable")
-    if dims.cp > 1 and cfg.model.sdpa_backend == "flash" and on_cuda:
-        raise ConfigError("model.sdpa_backend = flash cannot run context parallel attention (it masks by global "
-                          "position and CUDA flash attention takes no mask); use auto, cudnn, efficient or math")
     if cfg.model.tokenizer_path and not dry_run and not os.path.exists(cfg.model.tokenizer_path):
         raise ConfigError(f"model.tokenizer_path {cfg.model.tokenizer_path}: no such file or folder")
     if t.dataset_path and not dry_run and not os.path.exists(t.dataset_path):
