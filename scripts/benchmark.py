@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -267,16 +268,28 @@ def cmd_loss(args) -> None:
 DEBUG_CONFIG = os.path.join(ROOT, "train_configs", "debug_model.toml")
 
 
-def _run_layout(ngpu: int, seq: int, steps: int, skip: int, extra: list[str]) -> dict:
+def _cap_address_space(gib: float):
+    """A preexec_fn giving the launcher, and so every rank it starts, at most `gib` GiB of address space: each
+    rank behaves like a device of that size (an allocation beyond it fails with an out-of-memory error)."""
+    def cap() -> None:
+        limit = int(gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return cap
+
+
+def _run_layout(ngpu: int, seq: int, steps: int, skip: int, extra: list[str], rank_gib: float = 0.0) -> dict:
     """The debug model at batch 1 and sequence `seq` on `ngpu` processes; mean tokens/s after `skip` steps."""
     with tempfile.TemporaryDirectory() as dump:
         cmd = ["./run_train.sh", "--job.dump_folder", dump, "--training.steps", str(steps), "--metrics.log_freq", "1",
                "--training.seq_len", str(seq), "--training.local_batch_size", "1", "--training.dataset", "pydoc",
                "--validation.no-enable", *extra]
         proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, NGPU=str(ngpu), CONFIG=DEBUG_CONFIG),
-                              capture_output=True, text=True)
+                              capture_output=True, text=True,
+                              preexec_fn=_cap_address_space(rank_gib) if rank_gib > 0 else None)
         if proc.returncode != 0:
-            return {"error": (proc.stdout + proc.stderr)[-800:]}
+            text = proc.stdout + proc.stderr
+            oom = any(m in text for m in ("can't allocate memory", "MemoryError", "out of memory", "std::bad_alloc"))
+            return {"error": "out of memory" if oom else text[-800:]}
         with open(os.path.join(dump, "metrics.jsonl")) as f:
             return summarize([json.loads(line) for line in f], skip)
 
@@ -288,7 +301,8 @@ def cmd_cp(args) -> None:
     throughput is C times that). Memory: rank 0's peak RSS (CPU) or peak allocated device memory (GPU).
     Ratios are against CP=1 in the same invocation."""
     degrees = [int(d) for d in args.degrees.split(",")]
-    print(f"debug model, batch 1, {args.steps} steps (mean after step {args.skip}), rotate {args.rotate}")
+    cap = f", each rank capped at {args.rank_memory_gib:g} GiB of address space" if args.rank_memory_gib else ""
+    print(f"debug model, batch 1, {args.steps} steps (mean after step {args.skip}), rotate {args.rotate}{cap}")
     print(f"{'seq':>7s} {'layout':>7s} {'peak GiB':>9s} {'job tok/s':>10s} {'per device':>11s} {'mem ratio':>10s} "
           f"{'tok/s ratio':>12s}")
     for seq in (int(x) for x in args.seq_lens.split(",")):
@@ -297,7 +311,7 @@ def cmd_cp(args) -> None:
             extra = [] if cp == 1 else ["--parallelism.context_parallel_degree", str(cp),
                                         "--parallelism.data_parallel_shard_degree", "1",
                                         "--parallelism.context_parallel_rotate_method", args.rotate]
-            r = _run_layout(cp, seq, args.steps, args.skip, extra)
+            r = _run_layout(cp, seq, args.steps, args.skip, extra, args.rank_memory_gib)
             if "error" in r:
                 print(f"{seq:7d} {'cp' + str(cp):>7s} FAILED: {r['error'][-300:]}", flush=True)
                 continue
@@ -346,6 +360,8 @@ def main() -> None:
     c.add_argument("--rotate", default="alltoall", choices=["alltoall", "allgather"])
     c.add_argument("--steps", type=int, default=4)
     c.add_argument("--skip", type=int, default=1)
+    c.add_argument("--rank-memory-gib", type=float, default=0.0,
+                   help="cap every rank's address space (RLIMIT_AS), as if each rank were a device of this size")
     args = ap.parse_args()
     {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "loss": cmd_loss, "cp": cmd_cp}[args.cmd](args)
 

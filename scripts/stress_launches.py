@@ -20,8 +20,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "cp2": (2, ["--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]),
-    "cp2_alltoall": (2, ["--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree",
-                         "1", "--parallelism.context_parallel_rotate_method", "alltoall"]),
+    "cp2_allgather": (2, ["--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree",
+                          "1", "--parallelism.context_parallel_rotate_method", "allgather"]),
     "pp2_cp2": (4, ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.context_parallel_degree", "2",
                     "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
                     "--parallelism.data_parallel_shard_degree", "1"]),

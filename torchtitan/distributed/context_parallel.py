@@ -117,14 +117,15 @@ class P2PRing:
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
-    def start(self, tensors: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
-        received = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, tag=i) for i, t in enumerate(tensors)]
+    def start(self, tensors: list[torch.Tensor]) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
+        sent = [t.contiguous() for t in tensors]  # kept alive until the sends complete
+        received = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag=i) for i, t in enumerate(sent)]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag=i) for i, r in enumerate(received)]
-        return dist.batch_isend_irecv(ops), received
+        return dist.batch_isend_irecv(ops), sent, received
 
-    def finish(self, pending: tuple[list, list[torch.Tensor]]) -> list[torch.Tensor]:
-        works, received = pending
+    def finish(self, pending: tuple[list, list[torch.Tensor], list[torch.Tensor]]) -> list[torch.Tensor]:
+        works, _, received = pending
         for work in works:
             work.wait()
         return received

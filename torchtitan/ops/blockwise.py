@@ -297,7 +297,9 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     """Attention of (B, H, Sq, D) queries over (B, Hkv, Sk, D) keys/values (grouped heads allowed) by `plan`."""
     if plan.kernel is None:
         plan = BlockPlan(plan.mask, plan.q_spans, plan.kv_spans, plan.ring, kernel_for(q))
-    return BlockwiseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), documents, plan)
+    # No .contiguous() here: the inputs are views of RoPE's outputs (heads transposed), which autograd keeps
+    # anyway; a copy would be saved a second time. Kernels take strided inputs; sends copy what they send.
+    return BlockwiseAttention.apply(q, k, v, documents, plan)
 
 
 def tiles(seq_len: int, tile: int) -> tuple[Span, ...]:

@@ -65,7 +65,8 @@ def _worker(rank: int, world: int, port: int) -> None:
             mask = CAUSAL if window is None else AttentionMask("sliding_window", window)
             core = ContextParallelAttention(group, method, mask)
             lq, lk, lv = (_local(t, world, rank).detach().requires_grad_() for t in (q, k, v))
-            out = core(lq, lk, lv, documents)
+            # The model hands the core heads-transposed views of (B, S, H, D) tensors: strided, not contiguous.
+            out = core(*(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (lq, lk, lv)), documents)
             grads = torch.autograd.grad((out * _local(g, world, rank)).sum(), (lq, lk, lv))
             case = f"cp{world} {method} window={window} documents={docs}"
             for what, got, want in zip(("output", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
