@@ -269,11 +269,12 @@ DEBUG_CONFIG = os.path.join(ROOT, "train_configs", "debug_model.toml")
 
 
 def _cap_address_space(gib: float):
-    """A preexec_fn giving the launcher, and so every rank it starts, at most `gib` GiB of address space: each
-    rank behaves like a device of that size (an allocation beyond it fails with an out-of-memory error)."""
+    """A preexec_fn giving the launcher, and so every rank it starts, at most `gib` GiB of private writable
+    memory (RLIMIT_DATA: heap and anonymous mappings, not shared libraries): each rank behaves like a device of
+    that size, and an allocation beyond it fails with an out-of-memory error."""
     def cap() -> None:
         limit = int(gib * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     return cap
 
 
@@ -301,7 +302,7 @@ def cmd_cp(args) -> None:
     throughput is C times that). Memory: rank 0's peak RSS (CPU) or peak allocated device memory (GPU).
     Ratios are against CP=1 in the same invocation."""
     degrees = [int(d) for d in args.degrees.split(",")]
-    cap = f", each rank capped at {args.rank_memory_gib:g} GiB of address space" if args.rank_memory_gib else ""
+    cap = f", each rank capped at {args.rank_memory_gib:g} GiB (RLIMIT_DATA)" if args.rank_memory_gib else ""
     print(f"debug model, batch 1, {args.steps} steps (mean after step {args.skip}), rotate {args.rotate}{cap}")
     print(f"{'seq':>7s} {'layout':>7s} {'peak GiB':>9s} {'job tok/s':>10s} {'per device':>11s} {'mem ratio':>10s} "
           f"{'tok/s ratio':>12s}")
@@ -361,7 +362,7 @@ def main() -> None:
     c.add_argument("--steps", type=int, default=4)
     c.add_argument("--skip", type=int, default=1)
     c.add_argument("--rank-memory-gib", type=float, default=0.0,
-                   help="cap every rank's address space (RLIMIT_AS), as if each rank were a device of this size")
+                   help="cap every rank's private memory (RLIMIT_DATA), as if each rank were a device of this size")
     args = ap.parse_args()
     {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "loss": cmd_loss, "cp": cmd_cp}[args.cmd](args)
 
