@@ -165,7 +165,9 @@ def kernel_for(q: torch.Tensor) -> Kernel:
     """torch's CPU flash kernel on CPU; flash (16-bit) or math on CUDA; math elsewhere."""
     if q.device.type == "cpu":
         return Kernel("cpu")
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0:
+    head_dim = q.shape[-1]
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 \
+            and head_dim <= 256:  # what the flash kernel takes
         return Kernel("flash")
     return Kernel("math")
 
