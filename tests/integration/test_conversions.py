@@ -10,11 +10,12 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.integration.checkpoint_helpers import CONFIG, make_tiny_hf, run_layouts, script
 from tests.launch import TINY
+from tests.reference import hf_tensors
 from torchtitan.checkpoint.io import MARKER, load_model_from_dcp
 from torchtitan.models.common.decoder import Decoder as Transformer
 from torchtitan.models.llama3 import LlamaModelArgs, llama3_flavors
@@ -40,14 +41,6 @@ def our_model(args: LlamaModelArgs) -> Transformer:
     m = Transformer(args)
     m.init_weights(buffer_device="cpu")
     return m.eval()
-
-
-def hf_tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,9 @@ def test_bad_degree_fails_before_launch(tmp_path):
     (1, ["--model.flavor", "9T"], "model.flavor '9T' is not a llama3 flavor"),
     (1, ["--checkpoint.enable", "--checkpoint.initial_load_path", "/nonexistent/step-3"],
      "checkpoint.initial_load_path /nonexistent/step-3: no such folder"),
+    (1, ["--training.document_rope_restart"], "needs training.document_masking = true"),
+    (2, ["--training.dataset", "memmap", "--training.memmap_paths", __file__, "--training.document_masking"],
+     "training.document_masking on memmap data needs model.tokenizer_path"),
 ])
 def test_config_errors_are_one_line_before_torchrun(tmp_path, ngpu, args, fragment):
     """The launcher validates in one process: no worker, no process group, no torchrun traceback."""

@@ -152,6 +152,9 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
                           f"data-parallel degree = {t.local_batch_size} x {dims.dp} = {per_micro}")
     if p.enable_async_tensor_parallel and not (cfg.compile.enable and on_cuda):
         raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and compile.enable")
+    if t.document_masking and t.dataset == "memmap" and not cfg.model.tokenizer_path:
+        raise ConfigError("training.document_masking on memmap data needs model.tokenizer_path: documents end at the "
+                          "EOS id of the tokenizer that wrote the token files, not the bundled debug tokenizer's")
     if cfg.model.tokenizer_path and not dry_run and not os.path.exists(cfg.model.tokenizer_path):
         raise ConfigError(f"model.tokenizer_path {cfg.model.tokenizer_path}: no such file or folder")
     if t.dataset_path and not dry_run and not os.path.exists(t.dataset_path):

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.reference import dense_attention
 from torchtitan.distributed.context_parallel import ContextParallelAttention, chunk_ids, shard_sequence
 from torchtitan.ops.masks import CAUSAL, AttentionMask
 
@@ -23,20 +24,6 @@ CASES = [  # (rotate method, window, documents)
     ("alltoall", 5, False), ("alltoall", 24, False), ("allgather", 11, False),
     ("alltoall", None, True), ("allgather", None, True), ("alltoall", 9, True),
 ]
-
-
-def dense(q, k, v, window, documents):
-    """Attention written out in full: (B, H, S, D), grouped K/V heads repeated."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    s = q.shape[2]
-    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
-    ok = (j <= i) if window is None else (j <= i) & (i - j < window)
-    ok = ok[None, None]
-    if documents is not None:
-        ok = ok & (documents[:, None, :, None] == documents[:, None, None, :])
-    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-    return scores.masked_fill(~ok, float("-inf")).softmax(-1) @ v
 
 
 def _local(t: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
@@ -60,7 +47,7 @@ def _worker(rank: int, world: int, port: int) -> None:
                 documents = torch.stack([torch.tensor([0] * 7 + [1] * 20 + [2] * 21),
                                          torch.zeros(48, dtype=torch.long)])
             g = torch.randn(2, 4, 48, 8, dtype=torch.float64)
-            ref = dense(q, k, v, window, documents)
+            ref = dense_attention(q, k, v, window, documents)
             ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
             mask = CAUSAL if window is None else AttentionMask("sliding_window", window)
             core = ContextParallelAttention(group, method, mask)

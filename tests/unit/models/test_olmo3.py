@@ -8,13 +8,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.integration.checkpoint_helpers import script
+from tests.reference import hf_tensors
 from torchtitan.checkpoint import CheckpointError, ModelWrapper
 from torchtitan.checkpoint.formats.hf import load_hf_into_model, model_from_hf_config, read_hf_config, write_hf_folder
 from torchtitan.checkpoint.io import MARKER, model_args_from_dict, model_args_to_dict
@@ -57,14 +56,6 @@ def import_hf(folder):
     model.init_weights(buffer_device="cpu")
     load_hf_into_model(ModelWrapper([model]), info.spec.adapter(info.args), str(folder))
     return info, model.eval()
-
-
-def hf_tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
 
 
 # (layer_types, extra Olmo3Config kwargs, the attention_pattern we expect): transformers' default pattern with

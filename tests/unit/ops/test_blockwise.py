@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.reference import dense_attention
 from torchtitan.ops.attention import CAUSAL, AttentionMask
 from torchtitan.ops.blockwise import (
     CAUSAL_PAIR,
@@ -17,20 +18,6 @@ from torchtitan.ops.blockwise import (
     pair_kind,
     tiles,
 )
-
-
-def reference(q, k, v, window=None, documents=None):
-    """Dense softmax attention over (B, H, S, D), grouped K/V heads repeated."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    s = q.shape[2]
-    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
-    allowed = (j <= i) if window is None else (j <= i) & (i - j < window)
-    allowed = allowed[None, None]
-    if documents is not None:
-        allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])
-    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
 def documents_of(lengths: list[list[int]]) -> torch.Tensor:
@@ -61,7 +48,7 @@ def test_local_blockwise_matches_dense(kernel, window, tile, docs):
     spans = tiles(40, tile)
     plan = BlockPlan(mask, spans, (spans,), None, Kernel(kernel))
     out = blockwise_attention(q, k, v, plan, documents)
-    ref = reference(q, k, v, window, documents)
+    ref = dense_attention(q, k, v, window, documents)
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(ref)
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
@@ -77,7 +64,7 @@ def test_bfloat16_close_to_float32():
     plan = BlockPlan(AttentionMask("sliding_window", 24), spans, (spans,))
     out = blockwise_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), reference(q, k, v, 24), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), dense_attention(q, k, v, 24), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
