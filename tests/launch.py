@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG_CONFIG = os.path.join(ROOT, "train_configs", "debug_model.toml")
@@ -33,6 +37,53 @@ def run_train(dump_folder: str, args: list[str], nproc: int = 1, timeout: int = 
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_train_sh(ngpu: int, dump_folder: str, args: list[str], extra_env: dict | None = None,
+                 timeout: int = 300) -> subprocess.CompletedProcess:
+    """./run_train.sh as users run it, with NGPU processes; dump_folder is forced."""
+    env = _env({"NGPU": str(ngpu), **(extra_env or {})})
+    return subprocess.run(["./run_train.sh", "--job.dump_folder", dump_folder, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_together(cmd: list[str], envs: list[dict], timeout: int = 300,
+                 grace: float = 30.0) -> list[subprocess.CompletedProcess]:
+    """Run cmd once per env, all at once, from the repo root: the nodes of one job on this machine.
+
+    A node whose peer failed would wait out its rendezvous, so `grace` seconds after the first failure (or at
+    the timeout) every launch still running is killed with its workers; its returncode is then negative."""
+    procs, outs = [], []
+    for extra in envs:
+        out = tempfile.TemporaryFile("w+")  # files, not pipes: nobody reads a pipe while the others run
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(extra), stdout=out, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+        outs.append(out)
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.returncode for p in procs):
+                deadline = min(deadline, time.monotonic() + grace)
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # its session: the agent and the workers it started
+            except ProcessLookupError:
+                pass
+            p.wait()
+    results = []
+    for p, out in zip(procs, outs):
+        out.seek(0)
+        results.append(subprocess.CompletedProcess(cmd, p.returncode, out.read(), ""))
+        out.close()
+    return results
 
 
 PARITY_DRIVER = os.path.join(ROOT, "tests", "integration", "parity_driver.py")

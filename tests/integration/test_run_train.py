@@ -1,26 +1,19 @@
 """run_train.sh end to end, as users launch it, with 1 and 2 CPU processes."""
 import os
-import subprocess
 
 import pytest
 
-from tests.launch import ROOT, _env, read_metrics
+from tests.launch import read_metrics, run_train_sh
 
 KEYS = {"step", "loss", "grad_norm", "lr", "tps", "tflops", "mfu", "memory_gib"}
-
-
-def run_sh(ngpu, dump, args, extra_env=None, timeout=300):
-    env = _env({"NGPU": str(ngpu), **(extra_env or {})})
-    return subprocess.run(["./run_train.sh", "--job.dump_folder", dump, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ngpu", [1, 2])
 def test_run_train_sh(tmp_path, ngpu):
     dump = str(tmp_path / "run")
-    proc = run_sh(ngpu, dump, ["--training.steps", "4", "--metrics.log_freq", "2", "--training.seq_len", "64",
-                               "--training.local_batch_size", str(4 // ngpu), "--metrics.enable_tensorboard"])
+    proc = run_train_sh(ngpu, dump, ["--training.steps", "4", "--metrics.log_freq", "2", "--training.seq_len", "64",
+                                     "--training.local_batch_size", str(4 // ngpu), "--metrics.enable_tensorboard"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = read_metrics(dump)
     assert [r["step"] for r in recs] == [1, 2, 4]
@@ -37,21 +30,22 @@ def test_one_and_two_processes_same_losses(tmp_path):
     """From one seed checkpoint (made with the documented command), FSDP over 2 CPU processes trains
     what 1 process trains: the same global batches, the same losses."""
     seed_dump = str(tmp_path / "seed")
-    proc = run_sh(1, seed_dump, ["--checkpoint.enable_checkpoint", "--checkpoint.create_seed_checkpoint",
-                                 "--training.data_parallel_replicate_degree", "1",
-                                 "--training.data_parallel_shard_degree", "1",
-                                 "--training.tensor_parallel_degree", "1",
-                                 "--experimental.pipeline_parallel_degree", "1",
-                                 "--experimental.context_parallel_degree", "1"])
+    proc = run_train_sh(1, seed_dump, ["--checkpoint.enable_checkpoint", "--checkpoint.create_seed_checkpoint",
+                                       "--training.data_parallel_replicate_degree", "1",
+                                       "--training.data_parallel_shard_degree", "1",
+                                       "--training.tensor_parallel_degree", "1",
+                                       "--experimental.pipeline_parallel_degree", "1",
+                                       "--experimental.context_parallel_degree", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     seed = os.path.join(seed_dump, "checkpoint", "step-0")
     assert os.path.isfile(os.path.join(seed, ".metadata"))
     out = {}
     for ngpu in (1, 2):
         dump = str(tmp_path / f"n{ngpu}")
-        proc = run_sh(ngpu, dump, ["--training.steps", "3", "--metrics.log_freq", "1", "--training.seq_len", "64",
-                                   "--training.local_batch_size", str(4 // ngpu), "--checkpoint.enable_checkpoint",
-                                   "--checkpoint.initial_load_path", seed, "--checkpoint.interval", "100"])
+        proc = run_train_sh(ngpu, dump, ["--training.steps", "3", "--metrics.log_freq", "1",
+                                         "--training.seq_len", "64", "--training.local_batch_size", str(4 // ngpu),
+                                         "--checkpoint.enable_checkpoint", "--checkpoint.initial_load_path", seed,
+                                         "--checkpoint.interval", "100"])
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[ngpu] = [r["loss"] for r in read_metrics(dump)]
     assert out[1] == pytest.approx(out[2], abs=1e-5)
@@ -59,15 +53,15 @@ def test_one_and_two_processes_same_losses(tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_step(tmp_path):
-    proc = run_sh(1, str(tmp_path / "nan"), ["--training.steps", "6", "--training.seq_len", "32",
-                                             "--optimizer.lr", "1e30", "--training.max_norm", "0",
-                                             "--lr_scheduler.warmup_steps", "0", "--metrics.log_freq", "3"])
+    proc = run_train_sh(1, str(tmp_path / "nan"), ["--training.steps", "6", "--training.seq_len", "32",
+                                                   "--optimizer.lr", "1e30", "--training.max_norm", "0",
+                                                   "--lr_scheduler.warmup_steps", "0", "--metrics.log_freq", "3"])
     assert proc.returncode != 0
     assert "nan/inf at step" in proc.stdout + proc.stderr
 
 
 def test_bad_degree_fails_before_launch(tmp_path):
-    proc = run_sh(2, str(tmp_path / "bad"), ["--parallelism.tensor_parallel_degree", "4"], timeout=120)
+    proc = run_train_sh(2, str(tmp_path / "bad"), ["--parallelism.tensor_parallel_degree", "4"], timeout=120)
     assert proc.returncode != 0
     assert "world size 2 is not divisible" in proc.stdout + proc.stderr
 
@@ -86,7 +80,7 @@ def test_bad_degree_fails_before_launch(tmp_path):
 ])
 def test_config_errors_are_one_line_before_torchrun(tmp_path, ngpu, args, fragment):
     """The launcher validates in one process: no worker, no process group, no torchrun traceback."""
-    proc = run_sh(ngpu, str(tmp_path / "bad"), args, timeout=120)
+    proc = run_train_sh(ngpu, str(tmp_path / "bad"), args, timeout=120)
     assert proc.returncode == 2
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert lines == [f"error: {lines[0][7:]}"] and fragment in lines[0], lines
@@ -97,8 +91,8 @@ def test_config_errors_are_one_line_before_torchrun(tmp_path, ngpu, args, fragme
 def test_runtime_user_error_is_one_line(tmp_path):
     """An error only a worker can find (this folder is no checkpoint) is still one line, and exit code 3."""
     (tmp_path / "empty").mkdir()
-    proc = run_sh(2, str(tmp_path / "run"), ["--checkpoint.enable", "--checkpoint.initial_load_path",
-                                              str(tmp_path / "empty"), "--training.seq_len", "64"])
+    proc = run_train_sh(2, str(tmp_path / "run"), ["--checkpoint.enable", "--checkpoint.initial_load_path",
+                                                    str(tmp_path / "empty"), "--training.seq_len", "64"])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-3000:]
     assert "Traceback" not in out and "ChildFailedError" not in out
