@@ -3,9 +3,9 @@
 
     python scripts/convert_hf_to_dcp.py HF_DIR OUT_DIR [--dtype keep|float32|bfloat16|float16] [--model NAME]
 
-Llama (model_type llama), OLMo, OLMo 2 and OLMo 3: the family comes from config.json's
-model_type, the model args from the rest of it, names and the q/k rotary
-permutation from the family's adapter. OUT_DIR holds {"model": ...} in plain DCP
+Llama (model_type llama), OLMo, OLMo 2, OLMo 3 and OLMoE: the family comes from
+config.json's model_type, the model args from the rest of it, names, the q/k rotary
+permutation and the stacking of per-expert tensors from the family's adapter. OUT_DIR holds {"model": ...} in plain DCP
 plus a .complete marker (family, flavor, model args), usable as
 checkpoint.initial_load_path or as step-0 of a run. (The trainer can also read HF
 folders directly: checkpoint.initial_load_path = HF_DIR.)

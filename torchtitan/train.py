@@ -33,6 +33,7 @@ from torchtitan.models.common.parallelize import parallelize_decoder
 from torchtitan.tools.device import detect_device_type, local_device
 from torchtitan.tools.errors import EXIT_USER_ERROR, UserError
 from torchtitan.tools.logging import init_logging
+from torchtitan.trainer.balance import ExpertBalance
 from torchtitan.trainer.dry_run import dry_run, rank_memory_line
 from torchtitan.trainer.guards import NonFiniteGuard, SpikeGuard
 from torchtitan.trainer.preflight import autocast_dtype, build_model_args, check_job, compile_loss_enabled, layout_notes
@@ -71,6 +72,7 @@ def train(cfg: JobConfig) -> list[dict]:
     set_determinism(seed, t.deterministic)
     model = spec.build_meta_model(model_args)
     num_params, flops_per_token = model.num_params(), model.flops_per_token(t.seq_len)
+    active_params = model.num_params(active=True)
     compile_loss = compile_loss_enabled(cfg, dims.tp)
     if cfg.compile.enable and "loss" in cfg.compile.components and not compile_loss:
         logger.info("compile: the loss stays eager under tensor-parallel loss_parallel (see trainer/preflight.py)")
@@ -114,9 +116,11 @@ def train(cfg: JobConfig) -> list[dict]:
     after_update = functools.partial(precompute_float8_scales, parts, cfg.float8) if float8 else None
     accumulation = 1 if t.global_batch_size <= 0 else t.global_batch_size // (t.local_batch_size * dims.dp)
     global_tokens = t.local_batch_size * dims.dp * accumulation * t.seq_len
+    balance = ExpertBalance(parts, cfg.moe, dims, global_tokens, device, pipeline) if model_args.moe else None
     metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, rank, device_type, flops_per_token, world,
                             t.steps, write_files=(rank == 0))
-    logger.info(f"{cfg.model.name} {cfg.model.flavor}: {num_params:,} params, {dims.describe()}, "
+    active = f" ({active_params:,} active per token)" if active_params != num_params else ""
+    logger.info(f"{cfg.model.name} {cfg.model.flavor}: {num_params:,} params{active}, {dims.describe()}, "
                 f"device {device_type}, steps {state.step + 1}..{t.steps}")
     for note in effect_notes(cfg) + layout_notes(cfg, dims, device_type):
         logger.warning(note)
@@ -136,15 +140,16 @@ def train(cfg: JobConfig) -> list[dict]:
         metrics.add_data_time(time.perf_counter() - t0)
         out = train_step(runner, batches, dims=dims, optimizers=optimizers, lr_schedulers=lr_schedulers,
                          guard=guard, step=state.step, max_norm=t.max_norm, after_update=after_update,
-                         spike_guard=spike_guard)
+                         spike_guard=spike_guard, balance=balance)
         metrics.add_step(global_tokens)
         state.tokens_seen += global_tokens
         profiler.step(state.step)
         if metrics.should_log(state.step):
             loss = global_mean_loss(out, dims)
             guard.check()
-            skipped = {"skipped_steps": int(spike_guard.skipped)} if spike_guard else None
-            records.append(metrics.log(state.step, loss, float(out.grad_norm), lr_schedulers.get_last_lr(), skipped))
+            extra = {"skipped_steps": int(spike_guard.skipped)} if spike_guard else {}
+            extra.update(balance.metrics() if balance is not None else {})
+            records.append(metrics.log(state.step, loss, float(out.grad_norm), lr_schedulers.get_last_lr(), extra))
         if validator is not None and validator.due(state.step):
             guard.check()
             v = validator.run(runner)

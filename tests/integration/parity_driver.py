@@ -46,6 +46,9 @@ def main(spec_path: str, out_path: str) -> None:
                              "grad_norm": [r["grad_norm"] for r in train_records],
                              "validation_loss": [r["validation_loss"] for r in records if "validation_loss" in r],
                              "seconds": time.perf_counter() - t0}
+            for key in ("load_balance_loss", "router_z_loss"):  # MoE models
+                if any(key in r for r in train_records):
+                    results[name][key] = [r[key] for r in train_records]
             if int(os.environ.get("RANK", "0")) == 0:
                 # Written after every layout, so a later failure still leaves the earlier results to read.
                 with open(out_path, "w") as f:

@@ -86,9 +86,10 @@ def test_hf_to_dcp_matches_transformers_and_round_trips_bitwise(tmp_path, hf_sha
     assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("family", ["olmo", "olmo2"])
+@pytest.mark.parametrize("family", ["olmo", "olmo2", "olmoe"])
 def test_other_families_round_trip_through_their_adapters(tmp_path, family):
-    """The scripts are not Llama-only: OLMo's adapter brings its names and config.json."""
+    """The scripts are not Llama-only: OLMo's adapter brings its names and config.json (OLMoE's also splits
+    each expert stack into one HF tensor per expert, and joins them back)."""
     from torchtitan.models import get_train_spec
 
     spec = get_train_spec(family)
@@ -194,6 +195,30 @@ def test_trainer_starts_from_hf_folder_and_converted_dcp_alike(tmp_path, hf_shar
     assert out["hf"]["loss"] != out["fresh"]["loss"]  # the weights were loaded, not initialized
 
 
+@pytest.mark.slow
+def test_trainer_starts_olmoe_from_hf_folder_with_experts_sharded(tmp_path):
+    """checkpoint.initial_load_path = an OLMoE HF folder (one tensor per expert) on 2 ranks, experts sharded by
+    expert parallel and FSDP: the same first step as from the converted DCP folder."""
+    from torchtitan.checkpoint.formats.hf import write_hf_folder
+    from torchtitan.models import get_train_spec
+
+    spec = get_train_spec("olmoe")
+    args = spec.model_args("debugmodel")
+    model = spec.build_model(args)
+    model.init_weights(buffer_device="cpu", seed=3)
+    src, dcp_dir = tmp_path / "hf", tmp_path / "dcp"
+    write_hf_folder(model.state_dict(), spec.adapter(args), str(src))
+    ok(script("convert_hf_to_dcp.py", src, dcp_dir))
+    common = [*TINY, "--model.name", "olmoe", "--training.steps", "1", "--training.local_batch_size", "2",
+              "--parallelism.data_parallel_shard_degree", "-1", "--parallelism.expert_parallel_degree", "2",
+              "--checkpoint.enable_checkpoint", "--checkpoint.interval", "100", "--metrics.enable_jsonl=false"]
+    out = run_layouts(str(tmp_path), 2, common, {"hf": ["--checkpoint.initial_load_path", str(src)],
+                                                 "dcp": ["--checkpoint.initial_load_path", str(dcp_dir)],
+                                                 "fresh": []}, "initial_load")
+    assert out["hf"]["loss"] == out["dcp"]["loss"]
+    assert out["hf"]["loss"] != out["fresh"]["loss"]  # the weights were loaded, not initialized
+
+
 # ------------------------------------------------------------------------ bad input
 def test_conversion_errors_are_clear_and_write_nothing(tmp_path, hf_sharded):
     src, _ = hf_sharded
@@ -244,10 +269,11 @@ def test_conversion_errors_are_clear_and_write_nothing(tmp_path, hf_sharded):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,nproc", [("llama3", 2), ("olmo", 1)])
+@pytest.mark.parametrize("family,nproc", [("llama3", 2), ("olmo", 1), ("olmoe", 1)])
 def test_last_save_in_hf_loads_in_transformers_with_our_logits(tmp_path, family, nproc):
     """checkpoint.last_save_in_hf: the final save also lands as an HF folder (FSDP-sharded weights for Llama,
-    a tied embedding for OLMo) that transformers loads with the logits of our model on the same weights."""
+    a tied embedding for OLMo, one tensor per expert for OLMoE) that transformers loads with the logits of our
+    model on the same weights."""
     import transformers
 
     from tests.launch import run_train
@@ -257,9 +283,9 @@ def test_last_save_in_hf_loads_in_transformers_with_our_logits(tmp_path, family,
     run_train(dump, [*TINY, "--model.name", family, "--training.steps", "2", "--training.local_batch_size",
                      str(4 // nproc), "--checkpoint.enable", "--checkpoint.last_save_in_hf"], nproc=nproc)
     step, hf_dir = os.path.join(dump, "checkpoint", "step-2"), os.path.join(dump, "checkpoint", "step-2-hf")
-    assert json.loads(open(os.path.join(hf_dir, "config.json")).read())["model_type"] == (
-        "llama" if family == "llama3" else "olmo")
     spec = get_train_spec(family)
+    assert json.loads(open(os.path.join(hf_dir, "config.json")).read())["model_type"] == (
+        spec.state_dict_adapter.hf_model_type)
     args = spec.model_args("debugmodel")
     args.max_seq_len = 64
     ours = spec.build_model(args)

@@ -61,3 +61,23 @@ def test_sampling_filters():
     assert all(sample_next(logits, 1.0, 1, 1.0, g) == 1 for _ in range(20))  # top-k 1
     assert all(sample_next(logits, 1.0, 0, 0.01, g) == 1 for _ in range(20))  # tiny nucleus
     assert {sample_next(logits, 1.0, 2, 1.0, g) for _ in range(200)} == {1, 2}  # only the top two
+
+
+def test_greedy_matches_transformers_on_an_olmoe_hf_folder_and_its_step_folder(tmp_path):
+    """Experts stacked on import (HF folder) and read as stored (the converted step folder): transformers' greedy
+    OlmoeForCausalLM tokens both ways."""
+    transformers = pytest.importorskip("transformers")
+    hf_dir, dcp_dir = tmp_path / "hf", tmp_path / "dcp"
+    cfg = transformers.OlmoeConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_experts=8, num_experts_per_tok=2, vocab_size=2048, max_position_embeddings=128,
+                                   pad_token_id=None, eos_token_id=None, bos_token_id=None, initializer_range=0.1)
+    torch.manual_seed(0)
+    hf = transformers.OlmoeForCausalLM(cfg).eval()
+    hf.save_pretrained(str(hf_dir))
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW,
+                           do_sample=False)[0, len(PROMPT):].tolist()
+    assert script("convert_hf_to_dcp.py", hf_dir, dcp_dir).returncode == 0
+    common = ["--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", NEW, "--ignore-eos"]
+    assert generate("--checkpoint", hf_dir, *common)["generated_ids"] == want  # model args from config.json
+    assert generate("--checkpoint", dcp_dir, *common)["generated_ids"] == want  # from the .complete marker

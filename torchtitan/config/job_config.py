@@ -47,7 +47,7 @@ class Metrics:
 
 @dataclass
 class Model:
-    name: str = opt("llama3", "Model family, a key of the train-spec table (llama3, olmo, olmo2, olmo3).")
+    name: str = opt("llama3", "Model family, a key of the train-spec table (llama3, olmo, olmo2, olmo3, olmoe).")
     flavor: str = opt("debugmodel", "Size preset of the model family.")
     tokenizer_path: str = opt("", "Tokenizer file or folder (tiktoken tokenizer.model, sentencepiece .model, HF "
                                   "tokenizer.json). Empty: the bundled debug tokenizer.")
@@ -150,9 +150,29 @@ class Parallelism:
     pipeline_parallel_schedule_csv: str = opt("", "CSV schedule file (with schedule = CSV).")
     pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline micro-batch.")
     context_parallel_degree: int = opt(1, "Context parallel degree: the sequence is sharded over these ranks.")
+    expert_parallel_degree: int = opt(1, "Expert parallel degree (MoE models): the experts are split over this many "
+                                         "ranks borrowed from data_parallel_shard x context_parallel, and tokens "
+                                         "travel to them by all-to-all. Must divide data_parallel_shard_degree x "
+                                         "context_parallel_degree and be a multiple of context_parallel_degree.")
     context_parallel_rotate_method: str = opt("alltoall", "How K/V travel between CP ranks: alltoall passes them "
                                               "around a ring, one piece in flight (attention memory O(S/cp)); "
                                               "allgather gathers each layer's K/V at once.", ("allgather", "alltoall"))
+
+
+@dataclass
+class MoETraining:
+    load_balance_loss_weight: float = opt(0.01, "Weight of the load-balancing loss (Switch Transformer's "
+                                                "E x sum f_e P_e per MoE layer, summed over layers); 0 turns it off.")
+    router_z_loss_weight: float = opt(0.001, "Weight of the router z-loss (mean squared log-sum-exp of the router "
+                                             "logits per MoE layer, summed over layers); 0 turns it off.")
+    load_balance_scope: str = opt("global_batch", "Tokens whose expert counts the load-balancing loss uses: "
+                                                  "global_batch counts the whole step (every data, context, tensor "
+                                                  "and expert rank and every micro-batch; with more than one "
+                                                  "micro-batch per rank this costs one forward-only routing pass), "
+                                                  "micro_batch counts each micro-batch over all ranks.",
+                                  ("global_batch", "micro_batch"))
+    expert_bias_update_rate: float = opt(0.001, "Step of the aux-loss-free expert bias (routers with expert_bias): "
+                                                "after each step bias_e += rate x sign(mean load - load_e).")
 
 
 @dataclass
@@ -245,6 +265,7 @@ class JobConfig:
     training: Training = field(default_factory=Training)
     validation: Validation = field(default_factory=Validation)
     parallelism: Parallelism = field(default_factory=Parallelism)
+    moe: MoETraining = field(default_factory=MoETraining)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)

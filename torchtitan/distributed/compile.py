@@ -9,5 +9,6 @@ def apply_compile(model: nn.Module) -> None:
     """Whole-graph compile of every block, except around an attention core that must run eagerly (context
     parallel's ring sends messages from inside its autograd.Function): one graph break there."""
     for name, block in list(model.layers.items()):
-        eager_core = not getattr(block.attention.sdpa, "traceable", True)
+        # Eager pieces: a context-parallel ring (messages inside an autograd.Function), MoE dispatch (host sync).
+        eager_core = not getattr(block.attention.sdpa, "traceable", True) or hasattr(block.feed_forward, "experts")
         model.layers[name] = torch.compile(block, fullgraph=not eager_core)

@@ -17,13 +17,18 @@ def reshard_policy(setting: str, pp_enabled: bool) -> bool:
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
-               reshard_after_forward: bool, cpu_offload: bool = False, tied: bool = False) -> None:
+               reshard_after_forward: bool, cpu_offload: bool = False, tied: bool = False,
+               expert_mesh: DeviceMesh | None = None) -> None:
     """Shard a decoder (tok_embeddings, layers, norm, output; None where a pipeline stage lacks them).
 
     Units: the embedding, each block, norm + output, then the root for what is left. A tied
     embedding is the output's weight, and a parameter must live in exactly one FSDP group, so it
     joins the norm + output unit, which stays gathered from the embedding lookup until backward is
     done with the output.
+
+    expert_mesh: under expert parallel, each MoE layer's experts are their own unit over this mesh (the
+    data ranks outside the expert group); the experts scale their own gradients for the rest of the
+    average (distributed/expert_parallel.py).
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kw = dict(mesh=dp_mesh, mp_policy=mp)
@@ -35,6 +40,10 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         last = i == len(blocks) - 1
+        if expert_mesh is not None and hasattr(block.feed_forward, "experts"):
+            experts = block.feed_forward.experts
+            fully_shard(experts, **{**kw, "mesh": expert_mesh},
+                        reshard_after_forward=reshard_after_forward and not last)
         fully_shard(block, reshard_after_forward=reshard_after_forward and not last, **kw)
     ends = (model.tok_embeddings,) if tied else ()
     tail = [m for m in (*ends, model.norm, model.output) if m is not None]

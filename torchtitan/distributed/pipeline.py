@@ -16,6 +16,7 @@ Why it is built this way:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import inspect
@@ -287,10 +288,23 @@ class Pipeline:
     has_first: bool
     has_last: bool
     loss: PipelineLoss
+    stages: list = field(default_factory=list)
+    # Entered around every micro-batch forward the schedule runs (PipelineStage.forward_one_chunk), and
+    # around nothing else: torch also runs stage forwards to infer shapes (on meta tensors, or on real ones
+    # whenever the schedule switches between eval and training), which statistics must not count.
+    microbatch_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     _loss_kwargs: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self._loss_kwargs = "loss_kwargs" in inspect.signature(self.schedule.step).parameters
+        for stage in self.stages:
+            stage.forward_one_chunk = self._in_microbatch_context(stage.forward_one_chunk)
+
+    def _in_microbatch_context(self, forward: Callable) -> Callable:
+        def forward_one_chunk(*args, **kwargs):
+            with self.microbatch_context():
+                return forward(*args, **kwargs)
+        return forward_one_chunk
 
     def _run(self, run: Callable, inputs: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | float,
              model_kwargs: dict | None) -> torch.Tensor | None:
@@ -343,4 +357,4 @@ def build_pipeline(model: nn.Module, *, dims: ParallelDims, parallelism: Paralle
         logger.info(f"pipeline rank {pp_rank}: stage {s}/{plan.num_stages} holds layers "
                     f"{plan.layers[s][0]}..{plan.layers[s][-1]}{extra}")
     return Pipeline(schedule, [part for _, part in parts], has_first=any(s == 0 for s, _ in parts),
-                    has_last=any(s == plan.num_stages - 1 for s, _ in parts), loss=loss)
+                    has_last=any(s == plan.num_stages - 1 for s, _ in parts), loss=loss, stages=stages)

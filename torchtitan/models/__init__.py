@@ -11,6 +11,7 @@ _TRAIN_SPEC_MODULES = {
     "olmo": "torchtitan.models.olmo",
     "olmo2": "torchtitan.models.olmo2",
     "olmo3": "torchtitan.models.olmo3",
+    "olmoe": "torchtitan.models.olmoe",
 }
 
 

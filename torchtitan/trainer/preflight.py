@@ -130,6 +130,15 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
     if args.n_heads % dims.tp or args.kv_heads % dims.tp:
         raise ConfigError(f"parallelism.tensor_parallel_degree = {dims.tp} must divide the model's {args.n_heads} "
                           f"attention heads and {args.kv_heads} KV heads ({label})")
+    if dims.ep > 1 and args.moe is None:
+        raise ConfigError(f"parallelism.expert_parallel_degree = {dims.ep} needs a mixture-of-experts model; {label} "
+                          f"is dense (olmoe is a MoE family)")
+    if args.moe is not None and args.moe.num_experts % dims.ep:
+        raise ConfigError(f"parallelism.expert_parallel_degree = {dims.ep} must divide the {args.moe.num_experts} "
+                          f"experts of {label}")
+    if args.moe is not None and args.moe.shared_expert_hidden_dim and dims.tp > 1:
+        raise ConfigError(f"{label} has a shared expert, which tensor parallel does not support yet; set "
+                          f"parallelism.tensor_parallel_degree = 1")
     if dims.pp > args.n_layers:
         raise ConfigError(f"parallelism.pipeline_parallel_degree = {dims.pp} exceeds the {args.n_layers} layers of "
                           f"{label}")

@@ -29,9 +29,11 @@ from torchtitan.components.lr_scheduler import LRSchedulersContainer
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.datasets import IGNORE_INDEX
 from torchtitan.distributed.context_parallel import shard_sequence
+from torchtitan.distributed.expert_parallel import reduce_partial_grads
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import Pipeline
 from torchtitan.distributed.utils import all_reduce_sum, clip_grad_norm_
+from torchtitan.trainer.balance import ExpertBalance
 from torchtitan.trainer.documents import document_ids, document_positions
 from torchtitan.trainer.guards import NonFiniteGuard, SpikeGuard
 
@@ -117,8 +119,11 @@ class ModelRunner:
 def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tensor]], *, dims: ParallelDims,
                optimizers: OptimizersContainer, lr_schedulers: LRSchedulersContainer, guard: NonFiniteGuard,
                step: int, max_norm: float, after_update: Callable[[], None] | None = None,
-               spike_guard: SpikeGuard | None = None) -> StepOutput:
+               spike_guard: SpikeGuard | None = None, balance: ExpertBalance | None = None) -> StepOutput:
     """One optimizer step over `batches` (the step's micro-batches of (inputs, labels), local to this dp rank)."""
+    if balance is not None:
+        routing_pass = balance.routing_pass_needed(len(batches), runner.pipeline is not None)
+        balance.begin_step((lambda: [runner.forward_eval(i, lb) for i, lb in batches]) if routing_pass else None)
     n_local = sum((labels != IGNORE_INDEX).sum() for _, labels in batches)
     # Labels are counted before context-parallel sharding, so cp ranks hold the same count: sum over dp only.
     n_global = all_reduce_sum(n_local.to(runner.device), dims.group("dp"))
@@ -134,6 +139,7 @@ def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tens
         if loss is not None:
             loss_sum = loss_sum + loss
     params = [p for part in runner.parts for p in part.parameters()]
+    reduce_partial_grads(params)
     grad_norm = clip_grad_norm_(params, max_norm, pp_group=dims.group("pp"))
     skip = guard.skip(step, grad_norm)
     if spike_guard is not None:
@@ -143,6 +149,8 @@ def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tens
     optimizers.step(skip=skip)
     if after_update is not None:
         after_update()
+    if balance is not None:
+        balance.end_step(skip)
     lr_schedulers.step()
     optimizers.zero_grad()
     return StepOutput(loss_sum, n_global, grad_norm)

@@ -5,8 +5,8 @@ Reading and writing go through DCP's HuggingFaceStorageReader/Writer
 straight from safetensors files and write `model-0000i-of-0000N.safetensors`
 plus `model.safetensors.index.json`.
 
-Names, the q/k rotary permutation and config.json <-> model args are the
-family's adapter's job (models/common/adapter.py); this module moves tensors and
+Names, the q/k rotary permutation, MoE expert stacking and config.json <->
+model args are the family's adapter's job (models/common/adapter.py); this module moves tensors and
 finds the family from config.json's model_type.
 """
 from __future__ import annotations
@@ -184,11 +184,23 @@ def model_from_hf_config(config: dict, folder: str, name: str | None = None) -> 
 
 # --------------------------------------------------------------------- HF <-> native
 def hf_native_shapes(folder: str, adapter: StateDictAdapter) -> dict[str, tuple]:
-    """Native name -> (shape,) of an HF folder, from the headers; unmappable names kept as reported extras."""
+    """Native name -> (shape,) of an HF folder, from the headers; unmappable names kept as reported extras.
+    Where the adapter names several HF tensors into one native tensor (MoE experts, one HF tensor each),
+    its from_hf joins their meta tensors: the shape is whatever it makes of them, at no memory cost."""
+    shapes = {hk: shape for hk, (shape, _) in read_hf_shapes(folder).items() if not hk.endswith(HF_DERIVED_SUFFIXES)}
+    sources: dict[str, list[str]] = {}
+    for hk in shapes:
+        sources.setdefault(adapter.native_key(hk) or hk, []).append(hk)
     out = {}
-    for hk, (shape, _) in read_hf_shapes(folder).items():
-        if not hk.endswith(HF_DERIVED_SUFFIXES):
-            out[adapter.native_key(hk) or hk] = (shape,)
+    for key, hks in sources.items():
+        if len(hks) == 1:
+            out[key] = (shapes[hks[0]],)
+            continue
+        try:
+            joined = adapter.from_hf({hk: torch.empty(shapes[hk], device="meta") for hk in hks})
+        except CheckpointError as e:
+            raise CheckpointError(f"HF checkpoint {folder}: {e}") from None
+        out[key] = (joined[key].shape,)
     if hf_tied(folder) and "output.weight" not in out and "tok_embeddings.weight" in out:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out
@@ -239,7 +251,8 @@ def _write_config(folder: str, adapter: StateDictAdapter, dtype: torch.dtype) ->
 
 
 def _layer_groups(keys: list[str]) -> list[list[str]]:
-    """Consecutive keys grouped by block (layers.N.*); the embedding and the head form their own groups."""
+    """Consecutive keys grouped by block (layers.N.*); the embedding and the head form their own groups. The
+    adapter's to_hf sees a whole block, so it may split a tensor of the block into several HF ones."""
     groups: list[list[str]] = []
     last = None
     for k in keys:
@@ -262,9 +275,10 @@ def export_dcp_to_hf(dcp_dir: str, out_dir: str, model: ModelInfo, dtype: torch.
     adapter = model.spec.adapter(model.args)
     keys = [k for k in want if k in stored]
     out_dtype = dtype or stored[keys[0]][1]
-    tied_output = model.args.tie_word_embeddings
-    sizes = [(adapter.hf_key(k), stored[k][0].numel() * out_dtype.itemsize) for k in keys
-             if not (tied_output and k == "output.weight")]
+    # HF names and sizes from the adapter's to_hf on the meta device: one native tensor may be several HF ones
+    # (MoE experts), and a tied output none.
+    meta = adapter.to_hf({k: torch.empty(stored[k][0], dtype=out_dtype, device="meta") for k in keys})
+    sizes = [(hk, v.numel() * out_dtype.itemsize) for hk, v in meta.items()]
 
     def groups():
         for group in _layer_groups(keys):

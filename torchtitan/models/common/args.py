@@ -11,6 +11,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from torchtitan.models.common.moe import MoEArgs
 from torchtitan.models.common.rope import RopeScaling, YarnScaling
 from torchtitan.ops.attention import CAUSAL, AttentionMask
 
@@ -55,6 +56,8 @@ class DecoderArgs(ABC):
     # sliding, sliding, sliding, full); empty means every layer is sliding when a window is set.
     sliding_window: int | None = None
     attention_pattern: tuple[str, ...] = ()
+    # Mixture of experts in the feed-forward slot (models/common/moe.py); None: every layer dense.
+    moe: MoEArgs | None = None
 
     def __post_init__(self) -> None:
         for name, valid in (("norm", NORMS), ("block", BLOCKS), ("rope_layout", ROPE_LAYOUTS),
@@ -97,6 +100,9 @@ class DecoderArgs(ABC):
         if self.rope_scaling_layers == "full" and self.layer_attention(layer_id) != "full":
             return None
         return self.rope_scaling
+
+    def layer_is_moe(self, layer_id: int) -> bool:
+        return self.moe is not None and layer_id >= self.moe.n_dense_layers
 
     def attention_mask(self, layer_id: int) -> AttentionMask:
         """Which keys layer `layer_id` attends to: causal, or causal within the sliding window."""

@@ -115,6 +115,10 @@ class Decoder(nn.Module):
         self.tie_weights()
         seed = torch.initial_seed() if seed is None else seed
         INIT_SCHEMES[self.args.init](self, ParameterInit(self, seed))
+        for block in self.layers.values():
+            router = getattr(block.feed_forward, "router", None)
+            if router is not None and router.expert_bias is not None:
+                router.expert_bias.zero_()  # to_empty left it uninitialized
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,9 +131,11 @@ class Decoder(nn.Module):
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
-    def num_params(self, exclude_embedding: bool = False) -> int:
-        """Distinct parameters (a tied output counts once); without the embedding if asked."""
-        total = sum(p.numel() for p in self.parameters())
+    def num_params(self, exclude_embedding: bool = False, active: bool = False) -> int:
+        """Distinct parameters (a tied output counts once); without the embedding if asked; with `active`,
+        experts count top_k of num_experts (what one token uses)."""
+        share = self.args.moe.top_k / self.args.moe.num_experts if active and self.args.moe is not None else 1.0
+        total = sum(round(p.numel() * (share if ".experts." in name else 1.0)) for name, p in self.named_parameters())
         if exclude_embedding and self.tok_embeddings is not None:
             total -= self.tok_embeddings.weight.numel()
         return total
@@ -139,9 +145,12 @@ class Decoder(nn.Module):
         embedding, the output counted even when tied) plus attention's 12 L H Dh S (causality halves
         nothing here, matching torchtitan's accounting so MFU numbers are comparable; a sliding-window
         layer counts min(S, window) keys instead of S)."""
-        weights = sum(p.numel() for name, p in self.named_parameters(remove_duplicate=False)
-                      if not name.startswith("tok_embeddings."))
         a = self.args
+        # A token passes through top_k of the num_experts experts: charge their share of the expert weights.
+        active = a.moe.top_k / a.moe.num_experts if a.moe is not None else 1.0
+        weights = sum(p.numel() * (active if ".experts." in name else 1.0)
+                      for name, p in self.named_parameters(remove_duplicate=False)
+                      if not name.startswith("tok_embeddings."))
         # A sliding-window layer's query sees at most `window` keys: charge it min(S, window) keys.
         keys = sum(min(seq_len, a.sliding_window) if a.layer_attention(i) == "sliding" else seq_len
                    for i in range(a.n_layers))

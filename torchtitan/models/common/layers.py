@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchtitan.models.common.args import DecoderArgs
+from torchtitan.models.common.moe import MoE
 from torchtitan.models.common.rope import apply_rope_half, apply_rope_interleaved
 from torchtitan.ops.attention import AttentionCore
 
@@ -91,7 +92,15 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def projections(self) -> dict[str, list[torch.Tensor]]:
+        """The weights by role, for init schemes: w1 (gate), w3 (up), w2 (down) as (out, in) matrices."""
+        return {"w1": [self.w1.weight], "w3": [self.w3.weight], "w2": [self.w2.weight], "router": []}
+
 
 def build_feed_forward(args: DecoderArgs, layer_id: int) -> nn.Module:
-    """The block's feed-forward slot (a mixture-of-experts layer would be another kind here)."""
+    """The block's feed-forward slot: a SwiGLU, or a mixture of experts in the layers args.moe covers."""
+    if args.layer_is_moe(layer_id):
+        m = args.moe
+        shared = FeedForward(args.dim, m.shared_expert_hidden_dim) if m.shared_expert_hidden_dim else None
+        return MoE(args.dim, m, shared)
     return FeedForward(args.dim, args.ffn_hidden_dim)

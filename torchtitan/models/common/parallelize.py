@@ -1,4 +1,4 @@
-"""The decoder's parallelize sequence: TP -> CP -> converters (float8) -> AC -> compile -> FSDP/HSDP (or DDP).
+"""The decoder's parallelize sequence: TP -> CP -> EP -> converters (float8) -> AC -> compile -> FSDP/HSDP (or DDP).
 
 The order is the design: TP rewrites the linears into DTensors first, CP swaps
 the attention core, converters swap the remaining linears, AC wraps blocks that
@@ -28,6 +28,7 @@ from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.context_parallel import apply_cp
 from torchtitan.distributed.data_parallel import apply_ddp, apply_fsdp, reshard_policy
+from torchtitan.distributed.expert_parallel import apply_moe_parallel, moe_layers, moe_tp_input
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.tensor_parallel import EmbeddingParallel, HeadShardedRMSNorm, enable_async_tp
 from torchtitan.models.common.decoder import ReorderedNormBlock
@@ -49,11 +50,16 @@ def block_tp_plan(block: nn.Module) -> dict:
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
         "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        "feed_forward.w3": ColwiseParallel(),
     }
+    if hasattr(block.feed_forward, "experts"):
+        plan["feed_forward"] = moe_tp_input()  # the MoE's weights: distributed/expert_parallel.py
+    else:
+        plan.update({
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        })
     if isinstance(block, ReorderedNormBlock):
         plan["post_attention_norm"] = SequenceParallel(use_local_output=True)
         plan["post_ffn_norm"] = SequenceParallel(use_local_output=True)
@@ -107,6 +113,9 @@ def parallelize_decoder(model: nn.Module, *, dims: ParallelDims, parallelism: Pa
                  async_tp=p.enable_async_tensor_parallel)
     if dims.cp_enabled:
         apply_cp(model, dims.mesh["cp"], p.context_parallel_rotate_method)
+    moe_dims = tuple(d for d, on in (("ep", dims.ep_enabled), ("tp", dims.tp_enabled)) if on)
+    if moe_dims and moe_layers(model):
+        apply_moe_parallel(model, dims.mesh[moe_dims])
     if convert is not None:
         convert(model)
     apply_ac(model, activation_checkpoint)
@@ -115,10 +124,12 @@ def parallelize_decoder(model: nn.Module, *, dims: ParallelDims, parallelism: Pa
     if dims.fsdp_enabled:
         # CPU has no bf16 fast path worth the precision loss: train in float32 there.
         param_dtype = DTYPES[training.mixed_precision_param] if device_type == "cuda" else torch.float32
-        mesh = dims.mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else dims.mesh["dp_shard_cp"]
-        apply_fsdp(model, mesh, param_dtype, DTYPES[training.mixed_precision_reduce],
+        rep = ("dp_replicate",) if dims.dp_replicate > 1 else ()
+        # Experts under EP are sharded by FSDP over the data ranks outside their expert group.
+        expert_mesh = dims.mesh[(*rep, "efsdp")] if dims.ep_enabled else None
+        apply_fsdp(model, dims.mesh[(*rep, "dp_shard_cp")], param_dtype, DTYPES[training.mixed_precision_reduce],
                    reshard_policy(p.fsdp_reshard_after_forward, dims.pp_enabled), training.enable_cpu_offload,
-                   tied=model.is_tied)
+                   tied=model.is_tied, expert_mesh=expert_mesh)
     elif dims.dp_replicate > 1:
         apply_ddp(model, dims.mesh["dp_replicate"])
     return model

@@ -1,0 +1,215 @@
+"""Mixture of experts in the decoder's feed-forward slot: token-choice top-k routing, dropless grouped experts.
+
+The router scores every expert per token (softmax as OLMoE and Mixtral, or sigmoid as DeepSeek-V3) and
+sends the token to its top_k experts, weighted by their scores (renormalized over the chosen ones with
+norm_topk_prob). An expert bias (aux-loss-free balancing, sigmoid routers) shifts which experts are chosen,
+never the weights; the trainer moves it between steps (trainer/balance.py). No token is dropped: experts
+take whatever they are sent, through a grouped matmul (ops/grouped_mm.py).
+
+The balance losses (load balancing, router z-loss) enter the gradient where they arise (AuxLoss), so
+pipeline stages need no extra outputs, with statistics the trainer defines over the whole global batch
+(BalanceState). Tokens reach the experts through `dispatcher`: in-process here, an all-to-all over the
+expert-parallel group once distributed/expert_parallel.py swaps it. Nothing else here knows about parallelism.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from torchtitan.ops.grouped_mm import grouped_mm
+from torchtitan.ops.moe import LocalDispatch, ScaleGrad, local_weight
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class MoEArgs:
+    num_experts: int = 8
+    top_k: int = 2
+    hidden_dim: int = 1024  # width of each expert's SwiGLU
+    score_func: str = "softmax"
+    norm_topk_prob: bool = False  # renormalize the chosen experts' scores to sum to one
+    expert_bias: bool = False  # aux-loss-free balancing: a per-expert bias added to the scores for the choice
+    shared_expert_hidden_dim: int = 0  # > 0: a dense SwiGLU every token also goes through
+    n_dense_layers: int = 0  # the first layers keep a dense feed-forward (DeepSeek-V3 style)
+
+    def __post_init__(self) -> None:
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"model args moe.score_func = {self.score_func!r} is not one of {', '.join(SCORE_FUNCS)}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"model args moe.top_k = {self.top_k} must be in 1..num_experts ({self.num_experts})")
+
+
+@dataclass
+class BalanceState:
+    """What the trainer tells a MoE layer about the step (set by trainer/balance.py), and what the layer
+    accumulates for it. Defaults: no aux losses, statistics of this rank's micro-batch alone."""
+
+    load_balance_weight: float = 0.0
+    z_loss_weight: float = 0.0
+    n_tokens: float = 0.0  # tokens routed in the whole global batch: the losses' normalizer (0: this micro-batch)
+    grad_scale: float = 1.0  # undoes data/context-parallel gradient averaging, as the LM loss's scale does
+    group: dist.ProcessGroup | None = None  # the ranks whose tokens share a micro-batch's expert counts
+    fixed_counts: torch.Tensor | None = None  # expert counts of the whole global batch (the routing pass)
+    recording: bool = False  # routing pass: only count
+    # Off while a forward is not one of the step's micro-batches (pipeline shape inference): nothing counts.
+    counting: bool = True
+    counts: torch.Tensor | None = None  # tokens per expert this step, this rank (accumulated)
+    load_balance_sum: torch.Tensor | None = None  # this rank's share of the step's loss values (detached)
+    z_loss_sum: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.counts = self.load_balance_sum = self.z_loss_sum = self.fixed_counts = None
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        old = getattr(self, name)
+        setattr(self, name, value if old is None else old + value)
+
+
+class AuxLoss(torch.autograd.Function):
+    """Identity on the layer output; backward also feeds `scale` as the gradient of the auxiliary loss, so
+    the loss joins the objective without being returned up the model."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.full((), ctx.scale, dtype=torch.float32, device=grad.device), None
+
+
+class GroupedExperts(nn.Module):
+    """num_experts SwiGLUs as three (E, out, in) weights: w1 (gate), w3 (up), w2 (down)."""
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        # Expert parallel sets 1/ep: the experts' gradients sum over the expert group's tokens, and data
+        # parallel averages them over the other data ranks only (distributed/expert_parallel.py).
+        self.grad_scale = 1.0
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: (T, dim) rows sorted by (local) expert; counts: rows per local expert."""
+        w1, w2, w3 = (local_weight(w) for w in (self.w1, self.w2, self.w3))
+        if self.grad_scale != 1.0:
+            w1, w2, w3 = (ScaleGrad.apply(w, self.grad_scale) for w in (w1, w2, w3))
+        h = F.silu(grouped_mm(x, w1, counts)) * grouped_mm(x, w3, counts)
+        return grouped_mm(h, w2, counts)
+
+
+class Router(nn.Module):
+    """The gate: a linear map to one score per expert (HF's mlp.gate)."""
+
+    def __init__(self, dim: int, args: MoEArgs):
+        super().__init__()
+        self.gate = nn.Linear(dim, args.num_experts, bias=False)
+        self.score_func, self.top_k, self.norm_topk_prob = args.score_func, args.top_k, args.norm_topk_prob
+        if args.expert_bias:
+            # Learned outside autograd, between steps: state of the run, saved in checkpoints.
+            self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (T, dim) -> logits (T, E) float32, scores (T, E), chosen experts (T, k), their weights (T, k)."""
+        logits = F.linear(x, local_weight(self.gate.weight)).float()
+        scores = torch.softmax(logits, dim=-1) if self.score_func == "softmax" else torch.sigmoid(logits)
+        if self.expert_bias is not None:
+            indices = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
+            weights = scores.gather(1, indices)
+        else:
+            weights, indices = torch.topk(scores, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, scores, indices, weights
+
+
+class MoE(nn.Module):
+    """Router + grouped experts (+ an optional shared expert) in place of a block's SwiGLU."""
+
+    def __init__(self, dim: int, args: MoEArgs, shared_expert: nn.Module | None = None):
+        super().__init__()
+        self.num_experts, self.top_k = args.num_experts, args.top_k
+        self.router = Router(dim, args)
+        self.experts = GroupedExperts(dim, args.hidden_dim, args.num_experts)
+        self.shared_expert = shared_expert
+        self.dispatcher = LocalDispatch()
+        self.balance = BalanceState()
+
+    def projections(self) -> dict[str, list[torch.Tensor]]:
+        """The weights by role, for init schemes (the dense SwiGLU's roles, plus the router): expert weights
+        are (E, out, in), each expert initialized as a dense SwiGLU of its width would be."""
+        e = self.experts
+        out = {"w1": [e.w1], "w3": [e.w3], "w2": [e.w2], "router": [self.router.gate.weight]}
+        if self.shared_expert is not None:
+            for role, ws in self.shared_expert.projections().items():
+                out[role] += ws
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if x.is_meta:  # shape inference (pipeline stages): routing needs values
+            return torch.empty_like(x)
+        x = x.reshape(-1, shape[-1])
+        logits, scores, indices, weights = self.router(x)
+        out = self.dispatcher(x, indices, weights, self.experts)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        aux = self._aux_loss(logits, scores, indices)
+        if aux is not None:
+            out = AuxLoss.apply(out, aux, self.balance.grad_scale)
+        return out.view(shape)
+
+    def _aux_loss(self, logits: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+        """This rank's share of load-balancing + z-loss: shares summed over ranks and micro-batches give the
+        global batch's losses. None where no gradient is taken (evaluation) or while recording counts."""
+        st = self.balance
+        counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts).float()
+        # Activation checkpointing runs forward again in backward: count once.
+        counting = st.counting and not _recomputing()
+        if st.recording:
+            if counting:
+                st.add("counts", counts)
+            return None
+        if not torch.is_grad_enabled():
+            return None
+        if counting:
+            st.add("counts", counts)
+        n_tokens = st.n_tokens or float(scores.shape[0])
+        aux = None
+        if st.load_balance_weight > 0:
+            if st.fixed_counts is not None:
+                total = st.fixed_counts
+            else:
+                total = counts.clone()
+                if st.group is not None:
+                    dist.all_reduce(total, group=st.group)
+            # Switch Transformer's loss, E * sum_e f_e P_e: f_e the share of assignments expert e got (over the
+            # counted batch), P_e its mean router probability over the global batch. 1 when balanced.
+            f = total / total.sum().clamp(min=1)
+            # (sigmoid scores are normalized per token into probabilities first, as DeepSeek-V3 does)
+            probs = scores if self.router.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+            lb = self.num_experts * (f * probs.sum(0)).sum() / n_tokens
+            if counting:
+                st.add("load_balance_sum", lb)
+            aux = st.load_balance_weight * lb
+        if st.z_loss_weight > 0:
+            z = torch.logsumexp(logits, dim=-1).square().sum() / n_tokens
+            if counting:
+                st.add("z_loss_sum", z)
+            aux = st.z_loss_weight * z if aux is None else aux + st.z_loss_weight * z
+        return aux
+
+
+def _recomputing() -> bool:
+    """Inside backward: activation checkpointing recomputing this forward."""
+    return torch._C._current_graph_task_id() != -1
