@@ -77,12 +77,12 @@ class AuxLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
+        ctx.scale, ctx.aux_dtype = scale, aux.dtype
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, torch.full((), ctx.scale, dtype=torch.float32, device=grad.device), None
+        return grad, torch.full((), ctx.scale, dtype=ctx.aux_dtype, device=grad.device), None
 
 
 class GroupedExperts(nn.Module):
@@ -120,8 +120,10 @@ class Router(nn.Module):
             self.expert_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (T, dim) -> logits (T, E) float32, scores (T, E), chosen experts (T, k), their weights (T, k)."""
-        logits = F.linear(x, local_weight(self.gate.weight)).float()
+        """x: (T, dim) -> logits (T, E) in float32 or wider, scores (T, E), chosen experts (T, k), their
+        weights (T, k)."""
+        logits = F.linear(x, local_weight(self.gate.weight))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         scores = torch.softmax(logits, dim=-1) if self.score_func == "softmax" else torch.sigmoid(logits)
         if self.expert_bias is not None:
             indices = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
@@ -155,7 +157,10 @@ class MoE(nn.Module):
                 out[role] += ws
         return out
 
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eager under torch.compile: token counts per expert change every step and reach the host, and the
+        balance statistics are Python-side state."""
         shape = x.shape
         if x.is_meta:  # shape inference (pipeline stages): routing needs values
             return torch.empty_like(x)
@@ -173,7 +178,7 @@ class MoE(nn.Module):
         """This rank's share of load-balancing + z-loss: shares summed over ranks and micro-batches give the
         global batch's losses. None where no gradient is taken (evaluation) or while recording counts."""
         st = self.balance
-        counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts).float()
+        counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts).to(scores.dtype)
         # Activation checkpointing runs forward again in backward: count once.
         counting = st.counting and not _recomputing()
         if st.recording:

@@ -32,4 +32,9 @@ olmoe_flavors: dict[str, OlmoeModelArgs] = {
     # allenai/OLMoE-1B-7B-0924: 1.3B active of 6.9B parameters.
     "1B-7B": OlmoeModelArgs(dim=2048, n_layers=16, n_heads=16, ffn_hidden_dim=1024,
                             moe=MoEArgs(num_experts=64, top_k=8, hidden_dim=1024)),
+    # A large MoE in OLMoE's architecture, for planning layouts (dry runs): 232B parameters, 19B active per
+    # token; 94 layers of 128 experts (width 1536, top-8), d 4096, 32 heads with 4 KV heads, the Qwen vocabulary
+    # size. No released checkpoint has this shape.
+    "232B-A19B": OlmoeModelArgs(dim=4096, n_layers=94, n_heads=32, n_kv_heads=4, ffn_hidden_dim=1536,
+                                vocab_size=151936, moe=MoEArgs(num_experts=128, top_k=8, hidden_dim=1536)),
 }
