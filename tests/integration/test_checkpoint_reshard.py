@@ -13,10 +13,18 @@ parity_driver launch per world size that trains every layout of that size):
 
 The global batch stays 4 sequences (local_batch_size 1/2/4), so the saved data
 position (global windows consumed) is valid at every size.
+
+The MoE fixture reshards expert parallel (OLMoE's debug model, experts (E, out, in) sharded on E over `ep`):
+  ep2  FSDP + EP2 on 2 processes, steps 1-3, full checkpoints at 2 and 3
+  ep1  one process loads ep2's step-2 with every state and saves it again at step 2, then trains step 3
+  ep4  FSDP + EP4 on 4 processes does the same from ep1's step-2
+  ep2_efsdp2  EP2 on 4 processes (each expert also FSDP-sharded over 2 ranks) does the same from ep4's
+The four step-2 folders must hold bitwise the same tensors, model and optimizer alike.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -24,7 +32,15 @@ import sys
 import pytest
 
 from tests import launch
-from tests.integration.checkpoint_helpers import make_tiny_hf, run_layouts
+from tests.integration.checkpoint_helpers import (
+    MOE_CONFIG,
+    bitwise_differences,
+    make_tiny_hf,
+    read_dcp,
+    resave_in_layout,
+    run_layouts,
+)
+from torchtitan.checkpoint.io import read_marker
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
@@ -101,3 +117,71 @@ def test_resume_on_fewer_processes_continues_the_same_run(runs):
 def test_hf_initial_load_under_fsdp_matches_one_process(runs):
     l1, l2 = runs["hf1"]["loss"][0], runs["hf2"]["loss"][0]
     assert abs(l1 - l2) <= 1e-6 and abs(l1 - runs["seed1"]["loss"][0]) > 1e-3  # HF weights, not the seed's
+
+
+# ------------------------------------------------------------------ expert parallel: EP2 -> EP1 -> EP4
+MOE_COMMON = [*launch.TINY, "--training.steps", "3", "--checkpoint.keep_latest_k", "0",
+              "--checkpoint.last_save_model_only", "false", "--comm.train_timeout_seconds", "60"]
+# name -> (processes, expert parallel degree); dp_shard takes every process
+MOE_LAYOUTS = {"ep2": (2, 2), "ep1": (1, 1), "ep4": (4, 4), "ep2_efsdp2": (4, 2)}
+
+
+def _ep(name: str) -> list[str]:
+    world, ep = MOE_LAYOUTS[name]
+    return ["--parallelism.expert_parallel_degree", str(ep), "--training.local_batch_size", str(4 // world)]
+
+
+def _comparable(state: dict) -> dict:
+    """The data position without the dp degree that wrote it (recorded for information, rightly different)."""
+    loader = pickle.loads(state["dataloader"]["state"])
+    return {**state, "dataloader": {"loader": pickle.dumps(loader["loader"])}}
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> dict:
+    tmp = str(tmp_path_factory.mktemp("moe_reshard"))
+    dumps = {name: os.path.join(tmp, name) for name in MOE_LAYOUTS}
+    launch.run_train(dumps["ep2"], [*MOE_COMMON, "--checkpoint.enable_checkpoint", "--checkpoint.interval", "2",
+                                    *_ep("ep2")], nproc=2, config=MOE_CONFIG)
+    steps = {"ep2": os.path.join(dumps["ep2"], "checkpoint", "step-2")}
+    for src, name in (("ep2", "ep1"), ("ep1", "ep4"), ("ep4", "ep2_efsdp2")):
+        steps[name] = resave_in_layout(steps[src], dumps[name], [*MOE_COMMON, *_ep(name)], MOE_LAYOUTS[name][0],
+                                       MOE_CONFIG)
+    steps["ep2 step-3"] = os.path.join(dumps["ep2"], "checkpoint", "step-3")
+    return {"states": {name: read_dcp(path, os.path.join(tmp, f"{name}.pt")) for name, path in steps.items()},
+            "markers": {name: read_marker(path) for name, path in steps.items()},
+            "metrics": {name: {r["step"]: r for r in launch.read_metrics(dump)} for name, dump in dumps.items()}}
+
+
+def test_moe_checkpoint_reshards_ep2_to_ep1_to_ep4_bitwise(moe):
+    states = {name: _comparable(state) for name, state in moe["states"].items()}
+    assert {name: moe["markers"][name]["world_size"] for name in MOE_LAYOUTS} == {
+        name: world for name, (world, _) in MOE_LAYOUTS.items()}
+    assert {int(s["train_state"]["step"]) for s in states.values()} == {2, 3}
+    model, optim = states["ep2"]["model"], states["ep2"]["optimizer"]
+    assert model["layers.0.feed_forward.experts.w1"].shape[0] == 8  # (E, out, in), whole
+    assert optim["state.layers.0.feed_forward.experts.w1.exp_avg"].abs().sum() > 0  # trained, not init
+    assert set(states["ep2"]) == {"model", "optimizer", "lr_scheduler", "dataloader", "train_state"}
+    n = len(model) + sum(1 for k in optim if k.startswith("state."))
+    ep1 = bitwise_differences(states["ep2"], states["ep1"])
+    ep4 = bitwise_differences(states["ep1"], states["ep4"])
+    efsdp = bitwise_differences(states["ep4"], states["ep2_efsdp2"])
+    print(f"EP2 -> EP1 -> EP4 -> EP2 x efsdp 2: {n} model and optimizer tensors; differences {len(ep1)}, "
+          f"{len(ep4)}, {len(efsdp)}")
+    assert ep1 == [] and ep4 == [] and efsdp == [], (ep1[:5], ep4[:5], efsdp[:5])
+    # The comparison sees a wrong step: the next step's save differs in weights, moments and step counts.
+    wrong = bitwise_differences(states["ep2"], states["ep2 step-3"])
+    for key in ("model.layers.0.feed_forward.experts.w2", "train_state.step",
+                "optimizer.state.layers.0.feed_forward.experts.w2.exp_avg_sq"):
+        assert any(d.startswith(key + ":") for d in wrong), (key, wrong[:5])
+
+
+def test_moe_step_after_reshard_matches_the_uninterrupted_run(moe):
+    metrics = moe["metrics"]
+    assert metrics["ep2"].keys() == {1, 2, 3}
+    assert metrics["ep1"].keys() == metrics["ep4"].keys() == metrics["ep2_efsdp2"].keys() == {3}
+    keys = ("loss", "grad_norm", "load_balance_loss", "router_z_loss")
+    diffs = {name: max(abs(metrics[name][3][k] - metrics["ep2"][3][k]) for k in keys)
+             for name in ("ep1", "ep4", "ep2_efsdp2")}
+    print(f"step 3 after EP2 -> EP1 -> EP4: max |{', '.join(keys)} - EP2's| = {diffs}")
+    assert max(diffs.values()) <= 1e-5, {name: [m[3][k] for k in keys] for name, m in metrics.items()}

@@ -1,6 +1,7 @@
-"""Exact resume after SIGKILL, weights-only export read by stock DCP tools, and data-state errors.
+"""Exact resume after SIGKILL (the dense debug model on one process; OLMoE's under FSDP + expert parallel 2),
+weights-only export read by stock DCP tools, and data-state errors.
 
-Everything here runs the real trainer in subprocesses (torchrun, one process, CPU).
+Everything here runs the real trainer in subprocesses (torchrun, CPU).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from tests.integration.checkpoint_helpers import MOE_CONFIG, train_argv
 from tests.launch import DEBUG_CONFIG, ROOT, TINY, _env, losses, read_metrics, run_python, run_train
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -26,11 +28,13 @@ CKPT = ["--training.steps", str(STEPS), "--checkpoint.enable_checkpoint", "--che
 # (and so the losses) to stay the same.
 GUARD = ["--training.spike_guard_sigma", "0.5", "--training.spike_guard_window", "4"]
 
-
-def _train_cmd(dump: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", "localhost:0", "-m", "torchtitan.train", "--job.config_file", DEBUG_CONFIG,
-            "--job.dump_folder", dump, "--comm.init_timeout_seconds", "120", *args]
+# Expert parallel: OLMoE's debug model (balance losses on) under FSDP + EP2 on 2 processes, global batch 4 x 64.
+MOE_STEPS = 8
+MOE_EP2 = [*TINY, "--training.steps", str(MOE_STEPS), "--parallelism.expert_parallel_degree", "2",
+           "--training.local_batch_size", "2"]
+MOE_CKPT = ["--checkpoint.enable_checkpoint", "--checkpoint.interval", "2", "--checkpoint.async_mode", "async",
+            "--checkpoint.keep_latest_k", "0"]
+MOE_METRICS = ("loss", "grad_norm", "load_balance_loss", "router_z_loss", "expert_imbalance")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -76,10 +80,12 @@ def _wait_gone(pids: list[int], timeout: float = 30) -> None:
             raise AssertionError(f"process {pid} survived SIGKILL for {timeout}s")
 
 
-def _kill_after_step(dump: str, args: list[str], kill_step: int, timeout: float = 240) -> int:
+def _kill_after_step(dump: str, args: list[str], kill_step: int, timeout: float = 240, nproc: int = 1,
+                     config: str = DEBUG_CONFIG) -> int:
     """Start training, SIGKILL the whole process group once metrics.jsonl shows kill_step; return the last step seen."""
     log = open(os.path.join(dump, "killed_run.log"), "w")
-    proc = subprocess.Popen(_train_cmd(dump, args), cwd=ROOT, env=_env(None), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, *train_argv(dump, args, nproc, config)], cwd=ROOT, env=_env(None),
+                            stdout=log, stderr=subprocess.STDOUT)
     path, deadline, seen = os.path.join(dump, "metrics.jsonl"), time.monotonic() + timeout, 0
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -91,7 +97,7 @@ def _kill_after_step(dump: str, args: list[str], kill_step: int, timeout: float 
             time.sleep(0.02)
         assert proc.poll() is None, f"the run ended before step {kill_step}: see {log.name}"
         workers = _descendants(proc.pid)
-        _sigkill_tree(proc.pid)  # like kill -9 of the job: torchrun and its worker, no clean-up
+        _sigkill_tree(proc.pid)  # like kill -9 of the job: torchrun and its workers, no clean-up
         proc.wait(30)
         _wait_gone(workers)
     finally:
@@ -106,23 +112,29 @@ def _complete_steps(dump: str) -> list[int]:
     return sorted(int(n.split("-")[1]) for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, ".complete")))
 
 
+def _kill_and_resume(run: str, args: list[str], kill_step: int, steps: int, **launch_kw) -> tuple[int, list[dict]]:
+    """SIGKILL a training after kill_step, run the same command again; returns the step it resumed from and the
+    metrics records logged after the restart (which must be steps resumed_from + 1 .. steps)."""
+    os.makedirs(run)
+    seen = _kill_after_step(run, args, kill_step, **launch_kw)
+    assert seen < steps
+    resumed_from = max(_complete_steps(run))
+    proc = run_train(run, args, **launch_kw)  # the same command again
+    assert f"loading checkpoint {os.path.join(run, 'checkpoint', f'step-{resumed_from}')}" in proc.stdout + proc.stderr
+    records = read_metrics(run)
+    after_restart = records[[i for i, r in enumerate(records) if r["step"] == resumed_from + 1][-1]:]
+    assert [r["step"] for r in after_restart] == list(range(resumed_from + 1, steps + 1))
+    return resumed_from, after_restart
+
+
 def test_sigkill_between_checkpoints_then_resume_is_bitwise(tmp_path):
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-    os.makedirs(run)
     run_train(ref, [*TINY, *GUARD, "--training.steps", str(STEPS)])  # uninterrupted, no checkpointing at all
     reference = {r["step"]: (r["loss"], r["grad_norm"], r["skipped_steps"]) for r in read_metrics(ref)}
     assert 0 < reference[STEPS][2] < STEPS - 2, reference  # the guard skips some steps, not all
 
-    seen = _kill_after_step(run, [*TINY, *GUARD, *CKPT], kill_step=6)
-    assert seen < STEPS
-    resumed_from = max(_complete_steps(run))
+    resumed_from, after_restart = _kill_and_resume(run, [*TINY, *GUARD, *CKPT], kill_step=6, steps=STEPS)
     assert resumed_from in (4, 8), _complete_steps(run)
-
-    proc = run_train(run, [*TINY, *GUARD, *CKPT])  # the same command again
-    assert f"loading checkpoint {os.path.join(run, 'checkpoint', f'step-{resumed_from}')}" in proc.stdout + proc.stderr
-    records = read_metrics(run)
-    after_restart = records[[i for i, r in enumerate(records) if r["step"] == resumed_from + 1][-1]:]
-    assert [r["step"] for r in after_restart] == list(range(resumed_from + 1, STEPS + 1))
     for r in after_restart:
         # Bitwise, data order and the spike guard's skips included.
         assert (r["loss"], r["grad_norm"], r["skipped_steps"]) == reference[r["step"]], r["step"]
@@ -157,6 +169,23 @@ def test_sigkill_between_checkpoints_then_resume_is_bitwise(tmp_path):
     x = torch.randint(0, 2048, (2, 16))
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.slow
+def test_sigkill_under_expert_parallel_then_resume_is_bitwise(tmp_path):
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    moe = dict(nproc=2, config=MOE_CONFIG)
+    run_train(ref, MOE_EP2, **moe)  # uninterrupted, no checkpointing at all
+    reference = {r["step"]: [r[k] for k in MOE_METRICS] for r in read_metrics(ref)}
+    assert len(reference) == MOE_STEPS and all(v[2] > 0 and v[3] > 0 for v in reference.values()), reference
+
+    # Killed after step 5, step-2 is surely complete: save(4) waited for its async write before starting.
+    resumed_from, after_restart = _kill_and_resume(run, [*MOE_EP2, *MOE_CKPT], kill_step=5, steps=MOE_STEPS, **moe)
+    assert resumed_from in (2, 4, 6), _complete_steps(run)
+    print(f"EP2 SIGKILL after step 5, resumed from step {resumed_from}: steps {resumed_from + 1}-{MOE_STEPS}")
+    for r in after_restart:
+        # Bitwise: data order, routing, the experts' all-to-all and the balance losses over the global batch.
+        assert [r[k] for k in MOE_METRICS] == reference[r["step"]], (r["step"], MOE_METRICS)
 
 
 def test_resume_errors_are_one_clear_line_and_touch_nothing(tmp_path):
