@@ -6,6 +6,7 @@
     python scripts/benchmark.py data                # tokenizer + packing tokens/s on one core
     python scripts/benchmark.py loss                # peak memory and time of plain / chunked / fused loss (CPU)
     python scripts/benchmark.py cp --seq-lens 16384   # context parallel vs one process: memory and tokens/s
+    python scripts/benchmark.py moe                 # MoE vs dense of the same active size; EP2 all-to-all share
 
 `rows` runs the real trainer (run_train.sh) per row, averages the logged steps after `--skip`, and prints
 tokens/s, TFLOP/s, MFU and peak memory. With `--baseline`, torchtitan's anchor recipe
@@ -324,6 +325,54 @@ def cmd_cp(args) -> None:
                   f"{ratios}", flush=True)
 
 
+MOE_CONFIG = os.path.join(ROOT, "train_configs", "olmoe_debug.toml")
+
+
+def _all_to_all_share(trace_path: str) -> tuple[float, float]:
+    """(all-to-all ms, step ms) of the profiled step of a chrome trace: gloo/NCCL all-to-all kernels, which
+    include waiting for the slower rank (that wait is part of what expert parallel costs)."""
+    with open(trace_path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    step = sum(e["dur"] for e in events if e["name"].startswith("ProfilerStep#"))
+    a2a = sum(e["dur"] for e in events if re.match(r"(gloo|nccl):all_?to_?all", e["name"], re.I)
+              or e["name"].startswith("ncclDevKernel_SendRecv"))
+    return a2a / 1e3, step / 1e3
+
+
+def cmd_moe(args) -> None:
+    """OLMoE's debug model against the same decoder with one dense SwiGLU of the active width (same parameters per
+    token), on one process; then expert parallel over 2 processes with the same global batch, and the share of
+    its step the all-to-alls take (from a torch.profiler trace of one step on rank 0)."""
+    layouts = [("dense (active width)", 1, ["--model.flavor", "debugmodel-dense"]),
+               ("moe", 1, []),
+               ("moe ep2", 2, ["--parallelism.expert_parallel_degree", "2"])]
+    print(f"olmoe debug, global batch {args.batch} x {args.seq_len}, {args.steps} steps (mean after step {args.skip})")
+    print(f"{'layout':>22s} {'ranks':>5s} {'step s':>7s} {'job tok/s':>10s} {'vs dense':>9s} {'all-to-all':>11s}")
+    base = None
+    for name, ngpu, extra in layouts:
+        with tempfile.TemporaryDirectory() as dump:
+            profile = ["--profiling.enable_profiling", "--profiling.profile_freq", str(args.steps)] if ngpu > 1 else []
+            cmd = ["./run_train.sh", "--job.dump_folder", dump, "--training.steps", str(args.steps),
+                   "--metrics.log_freq", "1", "--training.seq_len", str(args.seq_len),
+                   "--training.local_batch_size", str(args.batch // ngpu), "--validation.no-enable", *profile, *extra]
+            proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, NGPU=str(ngpu), CONFIG=MOE_CONFIG),
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name:>22s} FAILED: {(proc.stdout + proc.stderr)[-600:]}", flush=True)
+                continue
+            with open(os.path.join(dump, "metrics.jsonl")) as f:
+                r = summarize([json.loads(line) for line in f], args.skip)
+            share = ""
+            if profile:
+                a2a, step = _all_to_all_share(os.path.join(dump, "profile_traces", f"iteration_{args.steps}",
+                                                           "rank0_trace.json"))
+                share = f"{100 * a2a / step:10.1f}%"
+        job_tps = r["tps"] * ngpu
+        step_s = args.batch * args.seq_len / job_tps
+        base = base or job_tps
+        print(f"{name:>22s} {ngpu:5d} {step_s:7.3f} {job_tps:10.0f} {job_tps / base:9.2f} {share:>11s}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -363,8 +412,14 @@ def main() -> None:
     c.add_argument("--skip", type=int, default=1)
     c.add_argument("--rank-memory-gib", type=float, default=0.0,
                    help="cap every rank's private memory (RLIMIT_DATA), as if each rank were a device of this size")
+    m = sub.add_parser("moe")
+    m.add_argument("--seq-len", type=int, default=256)
+    m.add_argument("--batch", type=int, default=8, help="global batch (sequences), split over the EP2 ranks")
+    m.add_argument("--steps", type=int, default=12)
+    m.add_argument("--skip", type=int, default=4)
     args = ap.parse_args()
-    {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "loss": cmd_loss, "cp": cmd_cp}[args.cmd](args)
+    {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "loss": cmd_loss, "cp": cmd_cp,
+     "moe": cmd_moe}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 
 def reshard_policy(setting: str, pp_enabled: bool) -> bool:
@@ -41,10 +42,11 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
         # The last block's parameters are needed again at once by backward: keep them gathered.
         last = i == len(blocks) - 1
         if expert_mesh is not None and hasattr(block.feed_forward, "experts"):
-            experts = block.feed_forward.experts
-            fully_shard(experts, **{**kw, "mesh": expert_mesh},
+            fully_shard(block.feed_forward.experts, **{**kw, "mesh": expert_mesh},
+                        shard_placement_fn=_even_expert_shards(expert_mesh),
                         reshard_after_forward=reshard_after_forward and not last)
-        fully_shard(block, reshard_after_forward=reshard_after_forward and not last, **kw)
+        fully_shard(block, reshard_after_forward=reshard_after_forward and not last,
+                    shard_placement_fn=_even_expert_shards(dp_mesh), **kw)
     ends = (model.tok_embeddings,) if tied else ()
     tail = [m for m in (*ends, model.norm, model.output) if m is not None]
     if tail:
@@ -54,6 +56,19 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
     for prev, nxt in zip(blocks[:-1], blocks[1:]):
         prev.set_modules_to_forward_prefetch([nxt])
         nxt.set_modules_to_backward_prefetch([prev])
+
+
+def _even_expert_shards(mesh: DeviceMesh):
+    """FSDP shards dim 0; stacked expert weights (E, out, in) whose (local) E does not split over the FSDP ranks
+    would be padded to whole experts per rank: those are sharded on their rows (dim 1) instead."""
+    size = mesh[mesh.mesh_dim_names[-1]].size()
+
+    def placement(p: nn.Parameter) -> Shard | None:
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if local.ndim == 3 and local.shape[0] % size and local.shape[1] % size == 0:
+            return Shard(1)
+        return None
+    return placement
 
 
 def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> None:

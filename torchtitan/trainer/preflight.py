@@ -173,7 +173,7 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
         raise ConfigError(f"checkpoint.initial_load_path {load}: no such folder")
     if cfg.validation.enable:
         _check_validation(cfg, dims, dry_run)
-    if t.dataset == "memmap" and not t.memmap_paths:
+    if t.dataset == "memmap" and not t.memmap_paths and not dry_run:
         raise ConfigError("training.dataset = memmap needs training.memmap_paths")
     if cfg.float8.recipe_name and "float8" in cfg.model.converters and not on_cuda:
         raise ConfigError("model.converters float8 needs a CUDA GPU with float8 support (torchao)")

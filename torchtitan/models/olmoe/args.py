@@ -29,6 +29,9 @@ olmoe_flavors: dict[str, OlmoeModelArgs] = {
     # Tiny, for CPU tests: 8 experts, top-2, vocab of the bundled 2048-id tokenizer.
     "debugmodel": OlmoeModelArgs(dim=128, n_layers=4, n_heads=4, ffn_hidden_dim=256, vocab_size=2048,
                                  moe=MoEArgs(num_experts=8, top_k=2, hidden_dim=256)),
+    # The debug model with one dense SwiGLU of the active width (top_k x expert width) in place of the experts:
+    # the same parameters per token, what scripts/benchmark.py moe compares against.
+    "debugmodel-dense": OlmoeModelArgs(dim=128, n_layers=4, n_heads=4, ffn_hidden_dim=512, vocab_size=2048, moe=None),
     # allenai/OLMoE-1B-7B-0924: 1.3B active of 6.9B parameters.
     "1B-7B": OlmoeModelArgs(dim=2048, n_layers=16, n_heads=16, ffn_hidden_dim=1024,
                             moe=MoEArgs(num_experts=64, top_k=8, hidden_dim=1024)),
