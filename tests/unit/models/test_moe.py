@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from torchtitan.config.job_config import MoETraining, Parallelism
 from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.models.common.layers import FeedForward
 from torchtitan.models.common.moe import MoE, MoEArgs
 from torchtitan.tools.errors import ConfigError
 from torchtitan.trainer.balance import ExpertBalance
@@ -52,6 +53,20 @@ def test_output_equals_token_by_token_reference(score_func, norm_topk_prob, expe
     with torch.no_grad():
         got = moe(x)
     torch.testing.assert_close(got, _reference(moe, x.reshape(-1, DIM)).view_as(x), rtol=0, atol=1e-12)
+
+
+def test_shared_expert_adds_a_dense_swiglu_for_every_token():
+    torch.manual_seed(0)
+    args = MoEArgs(num_experts=E, top_k=K, hidden_dim=HIDDEN, shared_expert_hidden_dim=7)
+    moe = MoE(DIM, args, FeedForward(DIM, 7)).double()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    x = torch.randn(11, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        got = moe(x)
+        want = _reference(moe, x) + moe.shared_expert(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert len(moe.projections()["w1"]) == 2  # init draws the shared expert with the experts
 
 
 def test_expert_bias_moves_the_choice_not_the_weights():
