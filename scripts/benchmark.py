@@ -46,6 +46,8 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
                                                   "2048"], ""),
     "8b8l_compile_noac_fused_loss": (BENCH_8B, ["--activation_checkpoint.mode", "none", "--training.loss_chunk_size",
                                                 "2048", "--training.fused_output_loss"], ""),
+    # Mixture of experts (no torchtitan anchor row): grouped experts in bf16, the MoE layers eager under compile.
+    "olmoe_1b_7b_compile_fullac": (os.path.join(ROOT, "train_configs", "bench_olmoe_1b_7b.toml"), [], ""),
     # CPU rows: the harness itself, runnable anywhere.
     "cpu_debug": (os.path.join(ROOT, "train_configs", "debug_model.toml"), ["--training.seq_len", "256",
                                                                           "--training.local_batch_size", "4"], ""),
