@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# Pin torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q torch==2.13.0 -e ".[dev]"
+	# The ft extra (torchft) too, so the fault-tolerance tests run; torch stays pinned.
+	$(BIN)/python -m pip install -q torch==2.13.0 -e ".[dev,ft]"
 	touch $(STAMP)
 
 install: $(STAMP)

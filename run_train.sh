@@ -10,6 +10,11 @@
 #   RDZV_ID=<job id>       c10d rendezvous: nodes join in any order; it numbers them (ranks node by node).
 # Without NNODES (or NNODES=1) the job is one node on a free local port, as without these variables (but a
 # NODE_RANK above 0 is an error: NNODES was forgotten, and the node would train alone).
+#
+# Fault tolerance (torchft, docs/fault_tolerance.md): each replica group is its own run_train.sh job with
+# REPLICA_ID=0..NUM_REPLICAS-1 and TORCHFT_LIGHTHOUSE=http://host:29510, the address of one lighthouse started with
+# `torchft_lighthouse --min_replicas 1`. A group that dies is dropped from the quorum; restarted with the same
+# command, it rejoins from a live group.
 set -euo pipefail
 cd "$(dirname "$0")"
 NGPU=${NGPU:-1}
@@ -50,8 +55,16 @@ if (( NNODES > 1 )); then
   fi
 fi
 
+ft=()
+if [ -n "${REPLICA_ID:-}" ] || [ -n "${NUM_REPLICAS:-}" ]; then
+  { [[ ${REPLICA_ID:-} =~ ^(0|[1-9][0-9]*)$ ]] && [[ ${NUM_REPLICAS:-} =~ ^[1-9][0-9]*$ ]] \
+    && (( REPLICA_ID < NUM_REPLICAS )); } \
+    || die "REPLICA_ID=${REPLICA_ID:-} NUM_REPLICAS=${NUM_REPLICAS:-}: set both, REPLICA_ID in 0..NUM_REPLICAS-1"
+  ft=(--fault_tolerance.enable --fault_tolerance.replica_id "$REPLICA_ID" --fault_tolerance.group_size "$NUM_REPLICAS")
+fi
+
 # The launcher validates the config in one process first, against the whole world of NNODES x NGPU ranks (a typo
 # costs one line per node, no process group), then runs torchrun; a failed worker ends in one line too.
 exec "$PYTHON" -m torchtitan.launch --nproc_per_node="$NGPU" "${rdzv[@]}" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-  -m torchtitan.train --job.config_file "$CONFIG" "$@"
+  -m torchtitan.train --job.config_file "$CONFIG" ${ft[@]+"${ft[@]}"} "$@"

@@ -25,6 +25,7 @@ from torchtitan.components.profiling import Profiler
 from torchtitan.components.tokenizer import build_tokenizer, check_vocab_fits
 from torchtitan.config import JobConfig
 from torchtitan.config.effects import effect_notes
+from torchtitan.distributed.fault_tolerance import ReplicaGroups
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import build_pipeline
 from torchtitan.distributed.utils import init_distributed, set_determinism, set_pg_timeout
@@ -66,7 +67,14 @@ def train(cfg: JobConfig) -> list[dict]:
     tokenizer_path = cfg.model.tokenizer_path or DEFAULT_TOKENIZER
     tokenizer = build_tokenizer(tokenizer_path, cfg.model.tokenizer_backend)
     check_vocab_fits(tokenizer, model_args.vocab_size, tokenizer_path)
-    dataloader = build_dataloader(t, tokenizer, dims.local_rank("dp"), dims.dp, cfg.job.dump_folder)
+    # Fault tolerance: this job is one replica group of several (docs/fault_tolerance.md); each logs to its folder.
+    ft = cfg.fault_tolerance
+    log_folder = os.path.join(cfg.job.dump_folder, f"replica_{ft.replica_id}") if ft.enable else cfg.job.dump_folder
+    replicas = ReplicaGroups(ft, dims, device, log_folder) if ft.enable else None
+    groups = ft.group_size if ft.enable else 1
+    accumulation = 1 if t.global_batch_size <= 0 else t.global_batch_size // (t.local_batch_size * dims.dp * groups)
+    dataloader = build_dataloader(t, tokenizer, dims.local_rank("dp"), dims.dp, cfg.job.dump_folder,
+                                  replicas=replicas, accumulation=accumulation)
 
     seed = t.seed if t.seed is not None else 0
     set_determinism(seed, t.deterministic)
@@ -106,7 +114,12 @@ def train(cfg: JobConfig) -> list[dict]:
     if cfg.checkpoint.create_seed_checkpoint:
         checkpoint.save_seed()
         return []
-    state.step = checkpoint.load()
+    if replicas is not None:
+        replicas.register_state(checkpoint.states)  # what a group (re)joining live ones receives from them
+    if replicas is None or not replicas.join():  # joined live groups: their state, no checkpoint read
+        state.step = checkpoint.load()
+        if replicas is not None:
+            replicas.set_step(state.step)
 
     runner = ModelRunner(parts, loss_fn, device, pipeline, cp_mesh=dims.mesh["cp"] if dims.cp_enabled else None,
                          loss_parallel=dims.tp_enabled and not cfg.parallelism.disable_loss_parallel,
@@ -114,10 +127,9 @@ def train(cfg: JobConfig) -> list[dict]:
                          document_eos_id=tokenizer.eos_id if t.document_masking else None,
                          document_rope_restart=t.document_rope_restart)
     after_update = functools.partial(precompute_float8_scales, parts, cfg.float8) if float8 else None
-    accumulation = 1 if t.global_batch_size <= 0 else t.global_batch_size // (t.local_batch_size * dims.dp)
-    global_tokens = t.local_batch_size * dims.dp * accumulation * t.seq_len
+    global_tokens = t.local_batch_size * dims.dp * accumulation * t.seq_len  # per replica group present
     balance = ExpertBalance(parts, cfg.moe, dims, global_tokens, device, pipeline) if model_args.moe else None
-    metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, rank, device_type, flops_per_token, world,
+    metrics = MetricsLogger(cfg.metrics, log_folder, rank, device_type, flops_per_token, world,
                             t.steps, write_files=(rank == 0))
     active = f" ({active_params:,} active per token)" if active_params != num_params else ""
     logger.info(f"{cfg.model.name} {cfg.model.flavor}: {num_params:,} params{active}, {dims.describe()}, "
@@ -132,6 +144,8 @@ def train(cfg: JobConfig) -> list[dict]:
     data_iter = iter(dataloader)
     records = []
     while state.step < t.steps:
+        if replicas is not None:
+            replicas.start_step()  # this step's quorum; a group that rejoins loads the live state here
         state.step += 1
         if state.step % t.gc_freq == 0:
             gc.collect(1)
@@ -140,14 +154,19 @@ def train(cfg: JobConfig) -> list[dict]:
         metrics.add_data_time(time.perf_counter() - t0)
         out = train_step(runner, batches, dims=dims, optimizers=optimizers, lr_schedulers=lr_schedulers,
                          guard=guard, step=state.step, max_norm=t.max_norm, after_update=after_update,
-                         spike_guard=spike_guard, balance=balance)
-        metrics.add_step(global_tokens)
-        state.tokens_seen += global_tokens
+                         spike_guard=spike_guard, balance=balance, replicas=replicas)
+        if not out.committed:  # a replica group failed mid-step: nothing was updated; redo it with the next quorum
+            state.step -= 1
+            continue
+        step_tokens = global_tokens * (replicas.present if replicas is not None else 1)
+        metrics.add_step(step_tokens)
+        state.tokens_seen += step_tokens
         profiler.step(state.step)
         if metrics.should_log(state.step):
             loss = global_mean_loss(out, dims)
             guard.check()
             extra = {"skipped_steps": int(spike_guard.skipped)} if spike_guard else {}
+            extra.update({"replicas": replicas.present} if replicas is not None else {})
             extra.update(balance.metrics() if balance is not None else {})
             records.append(metrics.log(state.step, loss, float(out.grad_norm), lr_schedulers.get_last_lr(), extra))
         if validator is not None and validator.due(state.step):
@@ -155,12 +174,14 @@ def train(cfg: JobConfig) -> list[dict]:
             v = validator.run(runner)
             records.append(metrics.log_validation(state.step, v.loss, v.perplexity, v.tokens, v.seconds))
         last = state.step == t.steps
-        if checkpoint.should_save(state.step, last):
+        if checkpoint.should_save(state.step, last) and (replicas is None or replicas.saves_checkpoints):
             guard.check()  # never write a checkpoint of weights that a non-finite step reached
             checkpoint.save(state.step, last=last)
         if state.step == 1:
             set_pg_timeout(cfg.comm.train_timeout_seconds)
     checkpoint.close()
+    if replicas is not None:
+        replicas.close()
     metrics.close()
     profiler.close()
     gc.enable()  # train() may be called again in this process (tests/integration/parity_driver.py)

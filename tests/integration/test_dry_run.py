@@ -237,7 +237,8 @@ def test_moe_dry_run_counts_experts_by_hand(name):
 def test_moe_dry_run_experts_even_share_when_ep_rank_has_fewer_experts_than_efsdp():
     # FSDP 512 with EP 64: efsdp 8, 64 / 64 = 1 expert per ep rank; the even share is
     # 16 x 64 x 6,291,456 / 512 = 12,582,912 expert elements per rank.
-    proc = _dry_run("olmoe_1b_7b.toml", 512,                     "--parallelism.expert_parallel_degree", "64", "--training.local_batch_size", "2")
+    proc = _dry_run("olmoe_1b_7b.toml", 512, "--parallelism.expert_parallel_degree", "64",
+                    "--training.local_batch_size", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = _table(proc.stdout)
     assert _int(row["expert params"]) == M.layers * M.experts * M.expert // 512
@@ -251,7 +252,8 @@ def test_moe_dry_run_experts_even_share_when_ep_rank_has_fewer_experts_than_efsd
 ])
 def test_moe_dry_run_rejects_a_bad_expert_parallel_degree(ngpu, ep, message):
     """Through run_train.sh: one line on stderr and exit code 2, before any process group."""
-    proc = _dry_run("olmoe_1b_7b.toml", ngpu,                     "--parallelism.expert_parallel_degree", ep, "--training.local_batch_size", "1")
+    proc = _dry_run("olmoe_1b_7b.toml", ngpu, "--parallelism.expert_parallel_degree", ep,
+                    "--training.local_batch_size", "1")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -250,6 +250,26 @@ class MemoryEstimation:
 
 
 @dataclass
+class FaultTolerance:
+    enable: bool = opt(False, "Train as one of several replica groups under torchft (docs/fault_tolerance.md): a group "
+                              "that dies is dropped from the next step's quorum and rejoins from a live peer, "
+                              "without stopping the others. Needs the `ft` extra and a running torchft_lighthouse.")
+    replica_id: int = opt(0, "This replica group's id, 0..group_size-1 (run_train.sh: REPLICA_ID).")
+    group_size: int = opt(1, "Replica groups in the full job (run_train.sh: NUM_REPLICAS): the data-parallel replicate "
+                             "dimension across groups. training.global_batch_size counts all of them; with fewer "
+                             "present a step's global batch shrinks to the groups present.")
+    min_replica_size: int = opt(1, "Replica groups that must be present for a step to commit; with fewer the step "
+                                   "waits and retries.")
+    lighthouse: str = opt("", "Lighthouse address, e.g. http://host:29510. Empty: the TORCHFT_LIGHTHOUSE environment "
+                              "variable.")
+    timeout_seconds: int = opt(60, "Timeout of cross-replica collectives, commits and live recovery.")
+    quorum_timeout_seconds: int = opt(120, "How long a step waits for a quorum of replica groups.")
+    log_weight_digest: bool = opt(False, "Add a sha256 of each rank's weight shards to every step's record in "
+                                         "{dump_folder}/replica_{id}/steps_rank{rank}.jsonl (tests, debugging: it "
+                                         "reads all weights each step).")
+
+
+@dataclass
 class Experimental:
     """Home of the classic parallel-degree keys; they alias the [parallelism] ones."""
 
@@ -272,6 +292,7 @@ class JobConfig:
     float8: Float8 = field(default_factory=Float8)
     comm: Comm = field(default_factory=Comm)
     memory_estimation: MemoryEstimation = field(default_factory=MemoryEstimation)
+    fault_tolerance: FaultTolerance = field(default_factory=FaultTolerance)
     experimental: Experimental = field(default_factory=Experimental)
 
     # Where each key the user set came from: "file" or "cli" (load_config fills it; not a config key). An option

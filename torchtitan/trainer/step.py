@@ -30,6 +30,7 @@ from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.datasets import IGNORE_INDEX
 from torchtitan.distributed.context_parallel import shard_sequence
 from torchtitan.distributed.expert_parallel import reduce_partial_grads
+from torchtitan.distributed.fault_tolerance import ReplicaGroups
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import Pipeline
 from torchtitan.distributed.utils import all_reduce_sum, clip_grad_norm_
@@ -42,6 +43,7 @@ class StepOutput(NamedTuple):
     loss_sum: torch.Tensor  # this rank's summed token loss (zero on ranks without the last pipeline stage)
     n_tokens: torch.Tensor  # labelled tokens in the global batch
     grad_norm: torch.Tensor  # global gradient norm, before clipping
+    committed: bool = True  # fault tolerance: False when a replica group failed mid-step (nothing was updated)
 
 
 def global_mean_loss(out: StepOutput, dims: ParallelDims) -> float:
@@ -119,14 +121,20 @@ class ModelRunner:
 def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tensor]], *, dims: ParallelDims,
                optimizers: OptimizersContainer, lr_schedulers: LRSchedulersContainer, guard: NonFiniteGuard,
                step: int, max_norm: float, after_update: Callable[[], None] | None = None,
-               spike_guard: SpikeGuard | None = None, balance: ExpertBalance | None = None) -> StepOutput:
-    """One optimizer step over `batches` (the step's micro-batches of (inputs, labels), local to this dp rank)."""
+               spike_guard: SpikeGuard | None = None, balance: ExpertBalance | None = None,
+               replicas: ReplicaGroups | None = None) -> StepOutput:
+    """One optimizer step over `batches` (the step's micro-batches of (inputs, labels), local to this dp rank).
+
+    With fault tolerance (`replicas`), tokens, loss and gradients are also summed over the replica groups present,
+    and the update happens only if the step commits (torchft: no cross-group collective failed)."""
     if balance is not None:
         routing_pass = balance.routing_pass_needed(len(batches), runner.pipeline is not None)
         balance.begin_step((lambda: [runner.forward_eval(i, lb) for i, lb in batches]) if routing_pass else None)
     n_local = sum((labels != IGNORE_INDEX).sum() for _, labels in batches)
     # Labels are counted before context-parallel sharding, so cp ranks hold the same count: sum over dp only.
     n_global = all_reduce_sum(n_local.to(runner.device), dims.group("dp"))
+    if replicas is not None:
+        n_global = replicas.sum(n_global)  # the normalizer of the groups present: their global batch
     # Gradient reduction averages over dp x cp; undo that so gradients are of the global mean.
     scale = dims.dp * dims.cp / n_global.clamp(min=1).float()
     loss_sum = torch.zeros((), device=runner.device)
@@ -140,6 +148,12 @@ def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tens
             loss_sum = loss_sum + loss
     params = [p for part in runner.parts for p in part.parameters()]
     reduce_partial_grads(params)
+    if replicas is not None:
+        replicas.reduce_grads(params)
+        loss_sum = replicas.sum(loss_sum)  # rank r of each group: global_mean_loss then sums inside the group
+        if not replicas.should_commit():
+            optimizers.zero_grad()
+            return StepOutput(loss_sum, n_global, torch.zeros((), device=runner.device), committed=False)
     grad_norm = clip_grad_norm_(params, max_norm, pp_group=dims.group("pp"))
     skip = guard.skip(step, grad_norm)
     if spike_guard is not None:
