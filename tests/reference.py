@@ -1,4 +1,5 @@
-"""Independent references the tests compare against: dense attention written out, HF shards read whole."""
+"""Independent references the tests compare against: dense attention written out, HF shards read whole, random
+transformers models saved as HF folders, and those folders imported the way our tools import them."""
 from __future__ import annotations
 
 import os
@@ -30,3 +31,30 @@ def hf_tensors(folder) -> dict[str, torch.Tensor]:
         if f.endswith(".safetensors"):
             out.update(load_file(os.path.join(folder, f)))
     return out
+
+
+def save_random_hf(model_cls, cfg, folder, seed: int):
+    """A transformers model of `cfg` with random weights (norm weights random around one too, so they matter),
+    in eval mode, saved to folder."""
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+    model.save_pretrained(str(folder))
+    return model
+
+
+def import_hf(folder):
+    """(ModelInfo, our model with the folder's weights) as checkpoint.initial_load_path, the converters and
+    generate.py see them."""
+    from torchtitan.checkpoint import ModelWrapper
+    from torchtitan.checkpoint.formats.hf import load_hf_into_model, model_from_hf_config, read_hf_config
+
+    info = model_from_hf_config(read_hf_config(str(folder)), str(folder))
+    model = info.spec.build_model(info.args)
+    model.init_weights(buffer_device="cpu")
+    load_hf_into_model(ModelWrapper([model]), info.spec.adapter(info.args), str(folder))
+    return info, model.eval()

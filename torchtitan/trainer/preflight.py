@@ -21,7 +21,7 @@ from torchtitan.models.common.spec import TrainSpec
 from torchtitan.ops.attention import resolve_sdpa_backend
 from torchtitan.tools.device import detect_device_type
 from torchtitan.tools.dtypes import DTYPES
-from torchtitan.tools.errors import EXIT_CONFIG_ERROR, ConfigError, UserError
+from torchtitan.tools.errors import EXIT_CONFIG_ERROR, CheckpointError, ConfigError, UserError
 
 
 def check_job(argv: list[str] | None, world_size: int | None, env=None) -> JobConfig | int:
@@ -139,6 +139,11 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
     if args.moe is not None and args.moe.shared_expert_hidden_dim and dims.tp > 1:
         raise ConfigError(f"{label} has a shared expert, which tensor parallel does not support yet; set "
                           f"parallelism.tensor_parallel_degree = 1")
+    if cfg.checkpoint.last_save_in_hf:
+        try:
+            spec.adapter(args).check_expressible()
+        except CheckpointError as e:
+            raise ConfigError(f"checkpoint.last_save_in_hf: {e}") from None
     if dims.pp > args.n_layers:
         raise ConfigError(f"parallelism.pipeline_parallel_degree = {dims.pp} exceeds the {args.n_layers} layers of "
                           f"{label}")

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tests.integration.checkpoint_helpers import script
-from tests.reference import hf_tensors
-from torchtitan.checkpoint import CheckpointError, ModelWrapper
-from torchtitan.checkpoint.formats.hf import load_hf_into_model, model_from_hf_config, read_hf_config, write_hf_folder
+from tests.reference import hf_tensors, import_hf, save_random_hf
+from torchtitan.checkpoint import CheckpointError
+from torchtitan.checkpoint.formats.hf import read_hf_config, write_hf_folder
 from torchtitan.checkpoint.io import MARKER, model_args_from_dict, model_args_to_dict
 from torchtitan.distributed.pipeline import prune_to_stage
 from torchtitan.models import get_train_spec
@@ -38,24 +38,7 @@ def make_hf(folder, layer_types: list[str] | None, n_layers: int = 6, kv_heads: 
         layer_types=layer_types, rms_norm_eps=1e-6, pad_token_id=None, eos_token_id=None, bos_token_id=None,
         # Larger than HF's 0.02 so logits are well separated and greedy choices are robust.
         initializer_range=0.1, **config)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.Olmo3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-    model.save_pretrained(str(folder))
-    return model
-
-
-def import_hf(folder):
-    """(ModelInfo, our model with the folder's weights) as the converters and generate.py see them."""
-    info = model_from_hf_config(read_hf_config(str(folder)), str(folder))
-    model = info.spec.build_model(info.args)
-    model.init_weights(buffer_device="cpu")
-    load_hf_into_model(ModelWrapper([model]), info.spec.adapter(info.args), str(folder))
-    return info, model.eval()
+    return save_random_hf(transformers.Olmo3ForCausalLM, cfg, folder, seed)
 
 
 # (layer_types, extra Olmo3Config kwargs, the attention_pattern we expect): transformers' default pattern with

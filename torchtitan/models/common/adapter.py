@@ -119,6 +119,11 @@ class StateDictAdapter(ABC):
         self._to_hf = _compile(self.to_hf_table, reverse=False)
         self._from_hf = _compile(self.to_hf_table, reverse=True)
 
+    def check_expressible(self) -> None:
+        """CheckpointError if transformers' model class of this family cannot express these args (a family
+        whose HF format covers fewer options than our args overrides this)."""
+        return None
+
     # ------------------------------------------------------------------ names
     @staticmethod
     def _rename(key: str, table) -> str | None:
