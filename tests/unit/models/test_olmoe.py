@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -246,3 +247,16 @@ def test_missing_or_extra_experts_are_named(tmp_path):
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
         assert f"'layers.1.feed_forward.experts.w2' but the model has 8 experts (0..7): {want}" in p.stderr
         assert not (tmp_path / f"out-{name}").exists()
+
+
+def test_an_hf_export_transformers_cannot_express_fails_at_start_up():
+    """debugmodel-dense has no OLMoE HF form: asking for the final HF export is a one-line error before training."""
+    from torchtitan.config import load_config
+    from torchtitan.tools.errors import ConfigError
+    from torchtitan.trainer.preflight import preflight
+
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "..", "train_configs", "olmoe_debug.toml")
+    argv = ["--job.config_file", config, "--checkpoint.enable", "--checkpoint.last_save_in_hf"]
+    preflight(load_config(argv, env={}), 1)
+    with pytest.raises(ConfigError, match="last_save_in_hf.*cannot express"):
+        preflight(load_config([*argv, "--model.flavor", "debugmodel-dense"], env={}), 1)
