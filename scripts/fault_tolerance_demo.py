@@ -92,6 +92,9 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before everything is stopped")
     p.add_argument("--heartbeat-timeout-ms", type=int, default=1000,
                    help="the lighthouse drops a group silent for this long")
+    p.add_argument("--join-timeout-ms", type=int, default=1000,
+                   help="the lighthouse waits this long for live groups to join a quorum; with DiLoCo, more than a "
+                        "sync interval, so a restarted group waits for the live ones' next sync")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then trainer options for every group")
     args = p.parse_args()
     if args.train_args[:1] == ["--"]:
@@ -100,7 +103,7 @@ def main() -> int:
     port = free_port()
     lighthouse = subprocess.Popen(
         [lighthouse_binary(), "--min_replicas", "1", "--bind", f"[::]:{port}", "--quorum_tick_ms", "50",
-         "--join_timeout_ms", "1000", "--heartbeat_timeout_ms", str(args.heartbeat_timeout_ms)],
+         "--join_timeout_ms", str(args.join_timeout_ms), "--heartbeat_timeout_ms", str(args.heartbeat_timeout_ms)],
         stdout=open(os.path.join(args.dump_folder, "lighthouse.log"), "w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     address = f"http://localhost:{port}"

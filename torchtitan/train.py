@@ -115,7 +115,8 @@ def train(cfg: JobConfig) -> list[dict]:
         checkpoint.save_seed()
         return []
     if replicas is not None:
-        replicas.register_state(checkpoint.states)  # what a group (re)joining live ones receives from them
+        # What a group (re)joining live ones receives from them; DiLoCo (semi-synchronous) wraps the parts here.
+        replicas.register_state(checkpoint.states, model_parts=parts, optimizers=optimizers)
     if replicas is None or not replicas.join():  # joined live groups: their state, no checkpoint read
         state.step = checkpoint.load()
         if replicas is not None:
@@ -145,7 +146,7 @@ def train(cfg: JobConfig) -> list[dict]:
     records = []
     while state.step < t.steps:
         if replicas is not None:
-            replicas.start_step()  # this step's quorum; a group that rejoins loads the live state here
+            replicas.start_step()  # this step's quorum (DiLoCo: at syncs); a group that rejoins is healed there
         state.step += 1
         if state.step % t.gc_freq == 0:
             gc.collect(1)

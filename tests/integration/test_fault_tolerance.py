@@ -51,7 +51,8 @@ def _run_kill_scenario(dump: str, nproc: int, steps: int, extra: list[str] = ())
     assert "killed replica group 1" in proc.stdout
 
     survivor, restarted = _records(dump, 0, nproc), _records(dump, 1, nproc)
-    # The survivor committed every step exactly once, on every rank, and logged each one.
+    # The survivor committed every step exactly once, on every rank, and logged each one (a starting job's first
+    # step commits only with every group, so neither group trains alone before the other arrives).
     for rank in range(nproc):
         assert sorted(r["step"] for r in survivor if r["grank"] == rank) == list(range(1, steps + 1))
     logged = read_metrics(os.path.join(dump, "replica_0"))
@@ -124,3 +125,94 @@ def test_kill_and_rejoin_fsdp_groups(tmp_path):
     run_train(fresh, [*TINY, "--checkpoint.enable", "--checkpoint.initial_load_path",
                       os.path.join(dump, "checkpoint", f"step-{steps}"), "--training.steps", "1"], nproc=2)
     assert losses(fresh)[1] < losses(os.path.join(dump, "replica_0"))[1] - 1.0
+
+
+SYNC_STEPS = 5
+
+
+def _diloco_intervals(records: list[dict]) -> list[dict]:
+    """One group's syncs, in file order, each with the inner steps since the one before (that group's training)."""
+    out, inner = [], []
+    for r in records:
+        if "block" in r:
+            inner.append(r)
+        if r.get("sync"):
+            out.append(dict(r, inner=inner))
+            inner = []
+    return out
+
+
+def test_kill_and_rejoin_diloco(tmp_path):
+    """DiLoCo (semi-synchronous): each group trains SYNC_STEPS steps on its own block of the global order, then
+    the groups average pseudo-gradients. Group 1 dies mid-interval: its block goes back to the queue and the
+    survivor trains it; the restarted group waits for the survivor's next sync, is healed there and syncs with it."""
+    dump = str(tmp_path / "ft")
+    steps, h = 100, SYNC_STEPS
+    proc = run_python([DEMO, "--replicas", "2", "--nproc", "1", "--dump-folder", dump, "--kill", f"1:{KILL_AT}",
+                       "--restart-after", "0.5", "--timeout", "200", "--join-timeout-ms", "3000", "--",
+                       *_args(steps, ["--fault_tolerance.semi_sync_method", "diloco",
+                                      "--fault_tolerance.sync_steps", str(h),
+                                      "--checkpoint.enable", "--checkpoint.interval", "50"])], timeout=240)
+    logs = {name: open(os.path.join(dump, name)).read()[-3000:] for name in sorted(os.listdir(dump))
+            if name.endswith(".log")}
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-3000:]}\n" + "\n".join(
+        f"--- {k}\n{v}" for k, v in logs.items())
+    assert "killed replica group 1" in proc.stdout
+    survivor, restarted = _records(dump, 0, 1), _records(dump, 1, 1)
+
+    # The survivor trained every step once from its first (a group started late joins at the other's first sync)
+    # and logged each; every one of its syncs committed.
+    inner0 = [r["step"] for r in survivor if "block" in r]
+    first = inner0[0]
+    assert first <= h + 1 and inner0 == list(range(first, steps + 1)), inner0
+    assert [r["step"] for r in read_metrics(os.path.join(dump, "replica_0"))] == list(range(first, steps + 1))
+    syncs0 = {r["step"]: r for r in survivor if r.get("sync")}
+    assert all(r["committed"] for r in syncs0.values())
+    assert sorted(s for s in syncs0 if s >= first) == list(range(-(-first // h) * h, steps + 1, h))
+
+    # The restarted group joined at a sync of the survivor's, healed there (no checkpoint read), then trained every
+    # step to the last; at that sync and every one after, both groups hold bitwise the same weights.
+    rejoin_rec = [r for r in restarted if r.get("sync") and r["healed"] and r["step"] > KILL_AT]
+    assert len(rejoin_rec) == 1, restarted
+    rejoin = rejoin_rec[0]["step"]
+    assert rejoin % h == 0 and rejoin < steps
+    inner1 = [r["step"] for r in restarted if "block" in r and r["step"] > rejoin]
+    assert inner1 == list(range(rejoin + 1, steps + 1))
+    restart_log = open(os.path.join(dump, "replica_1.restart.log")).read()
+    assert "healing is required" in restart_log and "loading checkpoint" not in restart_log
+    syncs1 = {r["step"]: r for r in restarted if r.get("sync") and r["step"] >= rejoin}
+    assert sorted(syncs1) == list(range(rejoin, steps + 1, h))
+    for s in range(rejoin, steps + 1, h):
+        assert syncs0[s]["weights"] == syncs1[s]["weights"], f"weights differ after the sync at step {s}"
+        assert syncs0[s]["blocks"] == syncs1[s]["blocks"] and syncs0[s]["sync_present"] == 2
+    assert min(r["sync_present"] for r in syncs0.values()) == 1  # the survivor synced alone for a while
+
+    # Samples: each committed sync took the blocks of the groups that trained in its interval; a group's interval
+    # is H steps on one block, the block's samples in order. Every block up to the last is committed exactly once
+    # (the killed group's unfinished one was queued again and trained by the survivor), none is left over.
+    block_size = h * LOCAL_BATCH
+    committed = []
+    for recs in (survivor, restarted):
+        for sync in _diloco_intervals(recs):
+            if not sync["committed"] or sync["healed"] or sync.get("block") not in sync["blocks"]:
+                continue
+            b = sync["block"]
+            assert [r["step"] for r in sync["inner"]] == list(range(sync["step"] - h + 1, sync["step"] + 1))
+            assert all(r["block"] == b for r in sync["inner"])
+            samples = [i for r in sync["inner"] for i in r["samples"]]
+            assert samples == list(range(b * block_size, (b + 1) * block_size)), (sync["step"], b, samples)
+            committed.append(b)
+    from_syncs = sorted(b for r in syncs0.values() for b in r["blocks"])
+    assert sorted(committed) == from_syncs == list(range(len(committed))), (committed, from_syncs)
+    assert any(r["pending"] for r in syncs0.values()), "the killed group's block was not queued again"
+    assert syncs0[steps]["pending"] == []
+
+    # The final (weights-only) checkpoint is the last sync's weights and loads in a run without fault tolerance.
+    ckpt = os.path.join(dump, "checkpoint")
+    assert sorted(os.listdir(ckpt)) == [f"step-{steps}", "step-50"]
+    fresh = str(tmp_path / "fresh")
+    run_train(fresh, [*TINY, "--checkpoint.enable", "--checkpoint.initial_load_path",
+                      os.path.join(ckpt, f"step-{steps}"), "--training.steps", "1"])
+    # The loss of the untrained model: step 1 of whichever group trained it (one of them started first).
+    untrained = [losses(os.path.join(dump, f"replica_{g}")).get(1) for g in (0, 1)]
+    assert losses(fresh)[1] < min(v for v in untrained if v is not None) - 0.5, (losses(fresh), untrained)

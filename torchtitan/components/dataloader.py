@@ -88,12 +88,18 @@ class ReplicaDataloader(Stateful):
                 yield collate([self._sample(i) for i in range(lo, lo + self.local_batch_size)])
 
     def _commit(self, step: int, present: int, rank: int) -> dict:
-        advance = present * self.per_replica
-        self._sample(self.position + advance - 1)  # read up to the new position, so its state is known
+        self._advance_to(self.position + present * self.per_replica)
+        return {"samples": self._used}
+
+    def _advance_to(self, position: int) -> None:
+        """Samples before `position` are done: drop them, keep the dataset's state there."""
+        advance = position - self.position
+        if advance <= 0:
+            return
+        self._sample(position - 1)  # read up to the new position, so its state is known
         self._base_state = self._buffer[advance - 1][1]
         del self._buffer[:advance]
-        self.position += advance
-        return {"samples": self._used}
+        self.position = position
 
     def state_dict(self) -> dict:
         return {"state": pickle.dumps({"position": self.position, "dataset": self._base_state})}
@@ -108,6 +114,77 @@ class ReplicaDataloader(Stateful):
         self._buffer, self._stream = [], None
 
 
+class BlockDataloader(ReplicaDataloader):
+    """Fault tolerance, semi-synchronous (DiLoCo): each replica group trains a block of the global order per sync.
+
+    The global order is cut into blocks of H*k samples (H = fault_tolerance.sync_steps, k = samples per group per
+    step); block b is samples b*H*k .. (b+1)*H*k - 1, and inner step j of an interval reads its j-th k. The
+    open blocks are, in order, `pending` (blocks handed out earlier whose sync did not include them) then fresh
+    ones from `next_block`; with R groups in the last sync's quorum, group rank r trains the r-th open block. At
+    the next sync, the blocks of the groups whose pseudo-gradients were averaged are done (ReplicaGroups gathers
+    them before the commit); the others handed out (a group that died in the interval, or every block if the sync
+    did not commit) go back to `pending` and are the first handed out next. So each sample is in exactly one
+    committed sync; a block lost with a group is trained later, by another group or the same one.
+    """
+
+    def __init__(self, dataset, *, sync_steps: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.block_size = self.per_replica * sync_steps
+        self.next_block = 0  # first block never handed out
+        self.pending: list[int] = []
+        self.assigned: list[int] | None = None  # the blocks of this interval, by quorum rank (None: not yet)
+        self._mine: int | None = None  # the block this group trains in this interval
+        self._inner = 0  # steps of this interval read so far
+        self.replicas.on_sync(lambda: -1 if self._mine is None else self._mine, self._settle)
+
+    def __iter__(self):
+        while True:
+            if self.assigned is None:
+                present = self.replicas.present
+                self.assigned = (self.pending + list(range(self.next_block, self.next_block + present)))[:present]
+            self._mine = self.assigned[self.replicas.rank]
+            start = self._mine * self.block_size + self._inner * self.per_replica
+            self._inner += 1
+            self._used = []
+            for m in range(self.accumulation):
+                lo = start + m * self.micro + self.dp_rank * self.local_batch_size
+                self._used.extend(range(lo, lo + self.local_batch_size))
+                yield collate([self._sample(i) for i in range(lo, lo + self.local_batch_size)])
+
+    def _commit(self, step: int, present: int, rank: int) -> dict:
+        return {"samples": self._used, "block": self._mine}
+
+    def _settle(self, committed: bool, blocks: list[int]) -> dict:
+        assigned = self.assigned or []
+        opened = set(self.pending) | set(assigned)
+        self.next_block = max([self.next_block, *(b + 1 for b in assigned)])
+        self.pending = sorted(opened - set(blocks))
+        self.assigned, self._mine, self._inner = None, None, 0
+        self._advance_to((self.pending[0] if self.pending else self.next_block) * self.block_size)
+        return {"blocks": blocks, "pending": self.pending}
+
+    def state_dict(self) -> dict:
+        return {"state": pickle.dumps({"position": self.position, "dataset": self._base_state,
+                                       "next_block": self.next_block, "pending": self.pending,
+                                       "assigned": self.assigned, "block_size": self.block_size})}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        blob = pickle.loads(state["state"])
+        if blob.get("block_size", self.block_size) != self.block_size:
+            raise DataError(f"the dataloader state has blocks of {blob['block_size']} samples, this run "
+                            f"{self.block_size} (fault_tolerance.sync_steps x samples per group per step): keep them "
+                            "equal across replica groups and restarts")
+        if "next_block" not in blob:  # saved in synchronous mode
+            if self.position % self.block_size:
+                raise DataError(f"data position {self.position} is not a multiple of the DiLoCo block "
+                                f"({self.block_size} samples): resume with checkpoint.exclude_from_loading = "
+                                "[\"dataloader\"]")
+            blob.update(next_block=self.position // self.block_size, pending=[], assigned=None)
+        self.next_block, self.pending, self.assigned = int(blob["next_block"]), list(blob["pending"]), blob["assigned"]
+        self._mine, self._inner = None, 0  # healed: what this group trained since the last sync is not counted
+
+
 def build_dataloader(cfg: Training, tokenizer, dp_rank: int, dp_degree: int, dump_folder: str,
                      infinite: bool = True, replicas: ReplicaGroups | None = None,
                      accumulation: int = 1) -> ParallelAwareDataloader | ReplicaDataloader:
@@ -115,8 +192,11 @@ def build_dataloader(cfg: Training, tokenizer, dp_rank: int, dp_degree: int, dum
         # The global stream, one sample at a time: its state is valid after every sample.
         stream = build_dataloader(dataclasses.replace(cfg, local_batch_size=1, global_batch_size=-1), tokenizer,
                                   0, 1, dump_folder, infinite).dataset
-        return ReplicaDataloader(stream, local_batch_size=cfg.local_batch_size, dp_rank=dp_rank,
-                                 dp_degree=dp_degree, accumulation=accumulation, replicas=replicas)
+        kwargs = dict(local_batch_size=cfg.local_batch_size, dp_rank=dp_rank, dp_degree=dp_degree,
+                      accumulation=accumulation, replicas=replicas)
+        if replicas.synchronous:
+            return ReplicaDataloader(stream, **kwargs)
+        return BlockDataloader(stream, sync_steps=replicas.sync_steps, **kwargs)
     if cfg.dataset == "memmap":
         dataset = build_memmap_dataset(cfg, dp_rank, dp_degree, dump_folder)
     else:

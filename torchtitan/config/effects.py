@@ -39,11 +39,15 @@ _PIPELINE_OPTIONS = ("pipeline_parallel_schedule", "pipeline_parallel_schedule_c
 _VALIDATION_OPTIONS = ("freq", "steps", "dataset", "dataset_path", "seq_len", "local_batch_size")
 
 _FT_OPTIONS = ("replica_id", "group_size", "min_replica_size", "lighthouse", "timeout_seconds",
-               "quorum_timeout_seconds", "log_weight_digest")
+               "quorum_timeout_seconds", "log_weight_digest", "semi_sync_method")
+_DILOCO_OPTIONS = ("sync_steps", "outer_lr", "outer_momentum")
 
 REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(tuple(f"fault_tolerance.{k}" for k in _FT_OPTIONS), "fault_tolerance.enable",
                 lambda c: c.fault_tolerance.enable, "fault_tolerance.enable = true"),
+    Requirement(tuple(f"fault_tolerance.{k}" for k in _DILOCO_OPTIONS), "fault_tolerance.semi_sync_method",
+                lambda c: c.fault_tolerance.enable and c.fault_tolerance.semi_sync_method == "diloco",
+                "fault_tolerance.enable = true and fault_tolerance.semi_sync_method = \"diloco\""),
     Requirement(tuple(f"validation.{k}" for k in _VALIDATION_OPTIONS), "validation.enable",
                 lambda c: c.validation.enable, "validation.enable = true"),
     Requirement(tuple(f"checkpoint.{k}" for k in _CHECKPOINT_OPTIONS), "checkpoint.enable",

@@ -267,6 +267,17 @@ class FaultTolerance:
     log_weight_digest: bool = opt(False, "Add a sha256 of each rank's weight shards to every step's record in "
                                          "{dump_folder}/replica_{id}/steps_rank{rank}.jsonl (tests, debugging: it "
                                          "reads all weights each step).")
+    semi_sync_method: str = opt("sync", "sync: gradients summed across replica groups at every step. "
+                                    "diloco: each group takes fault_tolerance.sync_steps optimizer steps on its own "
+                                    "data, then the groups average the change of their weights (pseudo-gradient) "
+                                    "and apply it with an outer SGD (torchft's DiLoCo; docs/fault_tolerance.md).",
+                                ("sync", "diloco"))
+    sync_steps: int = opt(20, "DiLoCo: inner steps between syncs (H); training.steps and checkpoint.interval must be "
+                              "multiples of it.")
+    outer_lr: float = opt(0.7, "DiLoCo: learning rate of the outer SGD (0.7 in the DiLoCo paper). 1.0 with "
+                               "outer_momentum 0 is local SGD: the groups' weights averaged.")
+    outer_momentum: float = opt(0.9, "DiLoCo: Nesterov momentum of the outer SGD (0.9 in the DiLoCo paper); 0 turns "
+                                     "momentum off.")
 
 
 @dataclass

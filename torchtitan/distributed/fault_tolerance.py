@@ -17,6 +17,15 @@ One step, synchronous mode (docs/fault_tolerance.md):
 The quorum is synchronous (torchft's use_async_quorum=False): a rejoining group is healed before its forward,
 so it trains on the step it joins and from then on holds bitwise the same weights as the others (the same
 gradients, summed by one all-reduce, applied to the same state).
+
+Semi-synchronous mode, fault_tolerance.semi_sync_method = "diloco" (torchft's DiLoCo, one fragment): no
+cross-group collective in a step; each group takes sync_steps (H) optimizer steps on its own block of the global
+sample order, then sync(): quorum (a group behind is healed here), pseudo-gradients (weights at the last sync minus
+this group's weights) averaged over the groups present, the block ids they trained summed into one list, commit,
+outer SGD step from the last sync's weights. Every quorum is a sync, the first (join()) included: a restarted group
+waits in it for the next sync of the live ones, is healed from one of them (its weights, inner optimizer, DiLoCo's
+last-sync weights and outer momentum, data state) and takes part in that sync with the copied pseudo-gradient, so
+both leave the sync with bitwise the same weights. A sync that does not commit leaves the weights of the last one.
 """
 from __future__ import annotations
 
@@ -118,6 +127,12 @@ class ReplicaGroups:
         self._last_quorum: tuple[int, int] | None = None
         self._model: Stateful | None = None
         self._joined = False
+        self.synchronous = cfg.semi_sync_method == "sync"
+        self.sync_steps = 1 if self.synchronous else cfg.sync_steps
+        self._diloco_fragment = None  # torchft's DiLoCo fragment (semi-synchronous mode), set by register_state
+        self._train_state: Stateful | None = None
+        self._block: Callable[[], int] | None = None  # the data block this group trained since the last sync
+        self._settle: Callable[[bool, list[int]], dict] | None = None
         os.makedirs(log_folder, exist_ok=True)
         self._log_path = os.path.join(log_folder, f"steps_rank{rank}.jsonl")
 
@@ -125,12 +140,41 @@ class ReplicaGroups:
     def replica_id(self) -> int:
         return self.cfg.replica_id
 
-    def register_state(self, states: dict[str, Stateful]) -> None:
-        """What a recovering peer receives from this group (the checkpointed state, shard by shard)."""
+    def register_state(self, states: dict[str, Stateful], model_parts: list[torch.nn.Module] | None = None,
+                       optimizers=None) -> None:
+        """What a recovering peer receives from this group (the checkpointed state, shard by shard); in
+        semi-synchronous mode also DiLoCo's state, over `model_parts` trained by `optimizers` (the inner ones)."""
         for key, obj in states.items():
             live = _LiveState(obj)
             self.manager.register_state_dict_fn(key, live.load, live.save)
         self._model = states.get("model")
+        self._train_state = states.get("train_state")
+        if not self.synchronous:
+            self._diloco_fragment = self._build_diloco(model_parts, optimizers)
+
+    def _build_diloco(self, model_parts: list[torch.nn.Module], optimizers):
+        from torchft.local_sgd import DiLoCo
+
+        if model_parts is None or len(model_parts) != 1 or len(optimizers.optimizers) != 1:
+            raise ConfigError("fault_tolerance.semi_sync_method = diloco needs one model part per rank (no pipeline "
+                              "parallelism)")
+        params = list(model_parts[0].parameters())
+        outer = torch.optim.SGD(params, lr=self.cfg.outer_lr, momentum=self.cfg.outer_momentum,
+                                nesterov=self.cfg.outer_momentum > 0)
+        # DiLoCo registers its state (weights at the last sync, outer optimizer) for healing and keeps that copy on
+        # the CPU. It is not entered as a context manager: its optimizer hooks would sync on the H-th call of
+        # optimizer.step(), which a step skipped by the non-finite or spike guard does not make, and they start the
+        # quorum themselves; sync() below drives the fragment at the H-th *step* instead, with the block exchange
+        # before the commit. torchft 0.2.0 has no public handle on the fragment: `_fragments` is its own attribute.
+        diloco = DiLoCo(self.manager, model_parts, optimizers.optimizers[0], outer, sync_every=self.sync_steps,
+                        pin_memory=False)
+        return diloco._fragments[0]
+
+    def on_sync(self, block: Callable[[], int], settle: Callable[[bool, list[int]], dict]) -> None:
+        """Semi-synchronous data accounting: block() is the data block this group trained since the last sync (-1:
+        none); settle(committed, blocks) gets the blocks of every group in a committed sync (none if it did not
+        commit) and returns what goes into the sync's record."""
+        self._block, self._settle = block, settle
 
     def on_commit(self, fn: Callable[[int, int, int], dict]) -> None:
         """fn(step, present, rank) after every committed step (the data position moves only then); what it
@@ -139,17 +183,35 @@ class ReplicaGroups:
 
     def join(self) -> bool:
         """The first quorum, before anything is loaded: True when live groups are ahead and this group was healed
-        from one of them (then no checkpoint is read). This quorum is the first step's."""
+        from one of them (then no checkpoint is read). This quorum is the first step's; in semi-synchronous mode it
+        is a sync (the live groups' next one)."""
+        if not self.synchronous:
+            return self.sync()
         self._start_quorum()
         self._joined = True
-        return self.manager.current_step() > 0
+        healed = self.manager.current_step() > 0
+        if not healed:
+            # The job (re)starts: its first step commits only with every group present, so groups started together
+            # train step 1 together rather than racing to the lighthouse (the first there would train alone and
+            # heal the others). torchft 0.2.0 reads this attribute at should_commit; it is reset at the first commit.
+            self.manager._min_replica_size = self.cfg.group_size
+        return healed
 
     def set_step(self, step: int) -> None:
         """The step this group resumes from (a checkpoint): the quorum heals groups behind the furthest one."""
-        self.manager.load_state_dict({"step": step, "batches_committed": 0})
+        if self.synchronous:
+            self.manager.load_state_dict({"step": step, "batches_committed": 0})
+            return
+        # Semi-synchronous: the manager counts syncs (join()'s one included); the checkpoint's weights are the last
+        # sync's (checkpoints fall on syncs), the outer momentum starts again from zero (it is not checkpointed).
+        self.manager.load_state_dict({"step": step // self.sync_steps + 1, "batches_committed": 0})
+        self._diloco_fragment.save_parameters()
 
     def start_step(self) -> None:
-        """Join this step's quorum; a group behind the others is healed from a live peer before returning."""
+        """Join this step's quorum; a group behind the others is healed from a live peer before returning. In
+        semi-synchronous mode the quorum comes with the sync (end_step)."""
+        if not self.synchronous:
+            return
         if self._joined:  # join() took this step's quorum
             self._joined = False
             return
@@ -162,8 +224,9 @@ class ReplicaGroups:
         self.present = self.manager.num_participants()
         self.rank = self.manager.participating_rank() or 0
         if (self.present, self.rank) != self._last_quorum:
+            at = "step" if self.synchronous else "sync"  # DiLoCo: the manager counts syncs
             logger.info(f"fault tolerance: replica group {self.cfg.replica_id} is {self.rank} of {self.present} "
-                        f"present at step {self.manager.current_step() + 1} (min {self.cfg.min_replica_size})")
+                        f"present at {at} {self.manager.current_step() + 1} (min {self.cfg.min_replica_size})")
             self._last_quorum = (self.present, self.rank)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,6 +261,7 @@ class ReplicaGroups:
         """Whether every group present finished the step; if so, the commit hooks run."""
         ok = self.manager.should_commit()
         if ok:
+            self.manager._min_replica_size = self.cfg.min_replica_size
             step = self.manager.current_step()
             record = {"step": step, "replica": self.cfg.replica_id, "present": self.present, "rank": self.rank}
             for fn in self._on_commit:
@@ -211,9 +275,55 @@ class ReplicaGroups:
                            f"({self.manager.errored()}); redoing it with the next quorum")
         return ok
 
+    def end_step(self, step: int) -> None:
+        """Semi-synchronous mode, after this group's optimizer step: the step's record, and every sync_steps steps
+        the sync (its result goes into the same record)."""
+        record = {"step": step, "replica": self.cfg.replica_id, "present": self.present, "rank": self.rank}
+        for fn in self._on_commit:
+            record.update(fn(step, self.present, self.rank))
+        if step % self.sync_steps == 0:
+            self.sync(step, record)
+        else:
+            self._write(record)
+
+    def sync(self, step: int | None = None, record: dict | None = None) -> bool:
+        """DiLoCo's outer step across the groups present; True when this group was healed in its quorum. Without
+        `step` (join()), the step is the train state's after the quorum: a healed group's is the live ones'."""
+        before = self.manager.current_step()
+        self._start_quorum()
+        healed = self.manager.current_step() != before  # only a heal moves the step before the commit
+        if step is None:
+            step = self._train_state.step if self._train_state is not None else 0
+        fragment = self._diloco_fragment
+        fragment.prepare_sync()  # pseudo-gradients, average over the groups present started
+        # The block each group trained, summed into one slot per group: the data that goes into this sync. A healed
+        # group sends the pseudo-gradient it received, so it adds no data of its own.
+        blocks = torch.zeros(max(self.present, 1), dtype=torch.float64, device=self.device)
+        if not healed and self._block is not None and 0 <= self.rank < len(blocks):
+            blocks[self.rank] = self._block() + 1
+        self.manager.allreduce(blocks, reduce_op=dist.ReduceOp.SUM).wait()
+        committed = fragment.perform_sync()  # should_commit; if so, outer step from the last sync's weights
+        trained = sorted(int(b) - 1 for b in blocks.tolist() if b > 0) if committed else []
+        record = dict(record or {"step": step, "replica": self.cfg.replica_id, "present": self.present,
+                                 "rank": self.rank, "samples": []})
+        record.update({"sync": True, "sync_present": self.present, "committed": committed, "healed": healed})
+        if self._settle is not None:
+            record.update(self._settle(committed, trained))
+        if not committed:
+            logger.warning(f"fault tolerance: sync at step {step} not committed ({self.manager.errored()}); the "
+                           f"weights stay those of the last sync")
+        self._write(record, digest=True)
+        return healed
+
+    def _write(self, record: dict, digest: bool = False) -> None:
+        if digest and self.cfg.log_weight_digest and self._model is not None:
+            record["weights"] = self._weight_digest()
+        with open(self._log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def _weight_digest(self) -> str:
-        """sha256 of this rank's weight shards as the step begins (before its update): equal across groups means
-        bitwise-equal weights."""
+        """sha256 of this rank's weight shards as the step begins (before its update; DiLoCo: after the sync):
+        equal across groups means bitwise-equal weights."""
         h = hashlib.sha256()
         for name, value in sorted(_to_local(self._model.state_dict()).items()):
             h.update(name.encode())

@@ -114,6 +114,28 @@ def _check_validation(cfg: JobConfig, dims: ParallelDims, dry_run: bool) -> None
         raise ConfigError(f"validation.dataset_path {v.dataset_path}: no such file or folder")
 
 
+def _check_semi_sync(cfg: JobConfig, dims: ParallelDims) -> None:
+    """DiLoCo syncs every sync_steps steps; only there do the groups hold the same (global) weights, so the last
+    step and the checkpoints must fall on syncs."""
+    ft, method = cfg.fault_tolerance, cfg.fault_tolerance.semi_sync_method
+    h = ft.sync_steps
+    if h < 1:
+        raise ConfigError(f"fault_tolerance.sync_steps = {h} must be at least 1")
+    if cfg.training.steps % h:
+        raise ConfigError(f"training.steps = {cfg.training.steps} must be a multiple of fault_tolerance.sync_steps "
+                          f"= {h} with semi_sync_method = {method}: the run ends on a sync")
+    ckpt = cfg.checkpoint
+    if ckpt.enable and ckpt.interval_type == "steps" and ckpt.interval % h:
+        raise ConfigError(f"checkpoint.interval = {ckpt.interval} must be a multiple of fault_tolerance.sync_steps = "
+                          f"{h} with semi_sync_method = {method}: checkpoints hold the weights of a sync")
+    if ckpt.enable and ckpt.interval_type != "steps":
+        raise ConfigError(f"checkpoint.interval_type = {ckpt.interval_type} with semi_sync_method = {method}: use "
+                          f"steps (a multiple of fault_tolerance.sync_steps), so checkpoints fall on syncs")
+    if dims.pp > 1:
+        raise ConfigError(f"parallelism.pipeline_parallel_degree = {dims.pp} with semi_sync_method = {method}: not "
+                          "supported yet (one model part per rank); use FSDP/TP inside a replica group")
+
+
 def preflight(cfg: JobConfig, world_size: int) -> None:
     spec = get_train_spec(cfg.model.name)
     args = spec.model_args(cfg.model.flavor)
@@ -182,3 +204,5 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
         raise ConfigError("training.dataset = memmap needs training.memmap_paths")
     if cfg.float8.recipe_name and "float8" in cfg.model.converters and not on_cuda:
         raise ConfigError("model.converters float8 needs a CUDA GPU with float8 support (torchao)")
+    if cfg.fault_tolerance.enable and cfg.fault_tolerance.semi_sync_method != "sync":
+        _check_semi_sync(cfg, dims)

@@ -125,15 +125,17 @@ def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tens
                replicas: ReplicaGroups | None = None) -> StepOutput:
     """One optimizer step over `batches` (the step's micro-batches of (inputs, labels), local to this dp rank).
 
-    With fault tolerance (`replicas`), tokens, loss and gradients are also summed over the replica groups present,
-    and the update happens only if the step commits (torchft: no cross-group collective failed)."""
+    With fault tolerance (`replicas`), synchronous mode, tokens, loss and gradients are also summed over the replica
+    groups present, and the update happens only if the step commits (torchft: no cross-group collective failed).
+    Semi-synchronous mode (DiLoCo): the step is this group's alone; every sync_steps steps, after the update, the
+    groups sync their weights (ReplicaGroups.end_step)."""
     if balance is not None:
         routing_pass = balance.routing_pass_needed(len(batches), runner.pipeline is not None)
         balance.begin_step((lambda: [runner.forward_eval(i, lb) for i, lb in batches]) if routing_pass else None)
     n_local = sum((labels != IGNORE_INDEX).sum() for _, labels in batches)
     # Labels are counted before context-parallel sharding, so cp ranks hold the same count: sum over dp only.
     n_global = all_reduce_sum(n_local.to(runner.device), dims.group("dp"))
-    if replicas is not None:
+    if replicas is not None and replicas.synchronous:
         n_global = replicas.sum(n_global)  # the normalizer of the groups present: their global batch
     # Gradient reduction averages over dp x cp; undo that so gradients are of the global mean.
     scale = dims.dp * dims.cp / n_global.clamp(min=1).float()
@@ -148,7 +150,7 @@ def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tens
             loss_sum = loss_sum + loss
     params = [p for part in runner.parts for p in part.parameters()]
     reduce_partial_grads(params)
-    if replicas is not None:
+    if replicas is not None and replicas.synchronous:
         replicas.reduce_grads(params)
         loss_sum = replicas.sum(loss_sum)  # rank r of each group: global_mean_loss then sums inside the group
         if not replicas.should_commit():
@@ -167,4 +169,6 @@ def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tens
         balance.end_step(skip)
     lr_schedulers.step()
     optimizers.zero_grad()
+    if replicas is not None and not replicas.synchronous:
+        replicas.end_step(step)  # DiLoCo: the step's record; every sync_steps steps, the sync across groups
     return StepOutput(loss_sum, n_global, grad_norm)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import IterableDataset
 
-from torchtitan.components.dataloader import ReplicaDataloader
+from torchtitan.components.dataloader import BlockDataloader, ReplicaDataloader
 
 
 class Numbered(IterableDataset):
@@ -68,3 +68,43 @@ def test_samples_follow_the_quorum_and_move_only_on_commit():
     joined.load_state_dict(loader.state_dict())
     joined.replicas.present, joined.replicas.rank = 2, 1
     assert _step(iter(joined), 2) == [[34, 35], [38, 39]]  # block 32..39 of the step at 24
+
+
+class SyncQuorum(Quorum):
+    def on_sync(self, block, settle):
+        self.block, self.settle = block, settle
+
+
+def _block_loader(quorum, sync_steps=2):
+    return BlockDataloader(Numbered(), sync_steps=sync_steps, local_batch_size=2, dp_rank=0, dp_degree=1,
+                           accumulation=1, replicas=quorum)
+
+
+def test_diloco_blocks_lost_with_a_group_are_trained_again():
+    """Blocks of 2 steps x 2 samples: group r of R takes the r-th open block; a block whose group was not in the
+    sync goes back to the queue, and is handed out first."""
+    a, b = SyncQuorum(), SyncQuorum()
+    la, lb = _block_loader(a), _block_loader(b)
+    a.present = b.present = 2
+    b.rank = 1
+    ia, ib = iter(la), iter(lb)
+    assert [_step(ia), _step(ia)] == [[[0, 1]], [[2, 3]]]  # block 0
+    assert _step(ib) == [[4, 5]]  # block 1; group b dies before its second step
+    assert a.block() == 0
+    assert a.settle(True, [a.block()]) == {"blocks": [0], "pending": [1]}  # the sync had group a only
+    a.present = 1
+    assert [_step(ia), _step(ia)] == [[[4, 5]], [[6, 7]]]  # block 1 again, now by group a
+    a.settle(True, [1])
+    assert (la.pending, la.next_block, la.position) == ([], 2, 8)
+
+    # A sync that does not commit queues every block of its interval; a group healed from this state (b) has
+    # trained nothing of its own and takes part with the next assignment.
+    a.present = 2
+    assert _step(ia) == [[8, 9]]  # block 2
+    lb.load_state_dict(la.state_dict())
+    assert b.block() == -1
+    a.settle(False, [])
+    assert (la.pending, la.next_block) == ([2, 3], 4)
+    b.present, b.rank = 2, 1
+    lb.load_state_dict(la.state_dict())
+    assert _step(iter(lb)) == [[12, 13]]  # block 3, queued
