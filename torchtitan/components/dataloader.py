@@ -24,7 +24,10 @@ class ParallelAwareDataloader(StatefulDataLoader, Stateful):
     """StatefulDataLoader whose state is rank-independent (see datasets/text.py), saved as one entry."""
 
     def __init__(self, dataset, batch_size: int, dp_degree: int):
-        super().__init__(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate)
+        # Its own generator: building the iterator draws a seed, and from the global RNG that draw would make a
+        # resumed run's RNG state (saved in later checkpoints) differ from an uninterrupted run's.
+        super().__init__(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate,
+                         generator=torch.Generator().manual_seed(0))
         self.dp_degree = dp_degree
 
     def state_dict(self) -> dict:
