@@ -165,3 +165,26 @@ def test_expert_parallel_degree_is_validated(ep, cp, shard, ok):
     else:
         with pytest.raises(ConfigError, match="expert_parallel_degree"):
             ParallelDims.from_config(p, shard * cp)
+
+
+def test_a_dense_family_takes_experts():
+    """The MoE layer is a decoder option: Llama 3 with experts in every layer but the first trains, and its HF
+    export is refused by name (transformers' Llama has no experts)."""
+    import dataclasses
+
+    from torchtitan.models.common.decoder import Decoder
+    from torchtitan.models.llama3 import Llama3StateDictAdapter, llama3_flavors
+    from torchtitan.tools.errors import CheckpointError
+
+    args = dataclasses.replace(llama3_flavors["debugmodel"], n_layers=3,
+                               moe=MoEArgs(num_experts=4, top_k=2, hidden_dim=64, n_dense_layers=1))
+    torch.manual_seed(0)
+    model = Decoder(args)
+    model.init_weights(seed=0)
+    kinds = [type(b.feed_forward).__name__ for b in model.layers.values()]
+    assert kinds == ["FeedForward", "MoE", "MoE"]
+    model(torch.randint(0, args.vocab_size, (2, 16))).float().logsumexp(-1).mean().backward()
+    assert model.layers["2"].feed_forward.experts.w1.grad.abs().sum() > 0
+    assert model.num_params(active=True) < model.num_params()
+    with pytest.raises(CheckpointError, match="no mixture-of-experts"):
+        Llama3StateDictAdapter(args).check_expressible()

@@ -120,9 +120,11 @@ class StateDictAdapter(ABC):
         self._from_hf = _compile(self.to_hf_table, reverse=True)
 
     def check_expressible(self) -> None:
-        """CheckpointError if transformers' model class of this family cannot express these args (a family
-        whose HF format covers fewer options than our args overrides this)."""
-        return None
+        """CheckpointError if transformers' model class of this family cannot express these args. The base: a
+        dense family's HF format has no experts (the MoE family's adapter overrides this)."""
+        if self.args.moe is not None:
+            raise CheckpointError(f"model args moe: transformers' {self.hf_architecture} has no mixture-of-experts "
+                                  f"layers; keep the checkpoint in DCP")
 
     # ------------------------------------------------------------------ names
     @staticmethod
@@ -149,6 +151,7 @@ class StateDictAdapter(ABC):
         return value
 
     def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_expressible()
         if self.args.tie_word_embeddings:
             state_dict = {k: v for k, v in state_dict.items() if k != "output.weight"}
         return {self.hf_key(k): self.transform_to_hf(k, v) for k, v in state_dict.items()}
@@ -176,6 +179,7 @@ class StateDictAdapter(ABC):
     # ----------------------------------------------------------------- config
     def hf_config(self, dtype: str | torch.dtype = "float32") -> dict[str, Any]:
         """config.json for transformers; dtype names the weights' dtype (string or torch.dtype)."""
+        self.check_expressible()
         a = self.args
         dtype = str(dtype).removeprefix("torch.")
         return {
