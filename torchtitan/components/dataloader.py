@@ -83,12 +83,15 @@ class ReplicaDataloader(Stateful):
 
     def __iter__(self):
         while True:
-            start = self.position + self.replicas.rank * self.per_replica
-            self._used = []
-            for m in range(self.accumulation):
-                lo = start + m * self.micro + self.dp_rank * self.local_batch_size
-                self._used.extend(range(lo, lo + self.local_batch_size))
-                yield collate([self._sample(i) for i in range(lo, lo + self.local_batch_size)])
+            yield from self._read_step(self.position + self.replicas.rank * self.per_replica)
+
+    def _read_step(self, start: int):
+        """This dp rank's micro-batches of a step whose group block begins at global sample `start`."""
+        self._used = []
+        for m in range(self.accumulation):
+            lo = start + m * self.micro + self.dp_rank * self.local_batch_size
+            self._used.extend(range(lo, lo + self.local_batch_size))
+            yield collate([self._sample(i) for i in range(lo, lo + self.local_batch_size)])
 
     def _commit(self, step: int, present: int, rank: int) -> dict:
         self._advance_to(self.position + present * self.per_replica)
@@ -148,11 +151,7 @@ class BlockDataloader(ReplicaDataloader):
             self._mine = self.assigned[self.replicas.rank]
             start = self._mine * self.block_size + self._inner * self.per_replica
             self._inner += 1
-            self._used = []
-            for m in range(self.accumulation):
-                lo = start + m * self.micro + self.dp_rank * self.local_batch_size
-                self._used.extend(range(lo, lo + self.local_batch_size))
-                yield collate([self._sample(i) for i in range(lo, lo + self.local_batch_size)])
+            yield from self._read_step(start)
 
     def _commit(self, step: int, present: int, rank: int) -> dict:
         return {"samples": self._used, "block": self._mine}
