@@ -12,7 +12,7 @@ import sys
 import torch
 
 from torchtitan.config import load_config, to_toml
-from torchtitan.config.job_config import JobConfig
+from torchtitan.config.job_config import JobConfig, MoETraining
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import check_pipeline_config
 from torchtitan.models import get_train_spec
@@ -136,6 +136,27 @@ def _check_semi_sync(cfg: JobConfig, dims: ParallelDims) -> None:
                           "supported yet (one model part per rank); use FSDP/TP inside a replica group")
 
 
+def _check_moe_options(cfg: JobConfig, args: DecoderArgs, label: str) -> None:
+    """[moe] options that do nothing for this model are errors, as config/effects.py does for config-only rules
+    (a file's [moe] keys are let through when the command line picked another model: the benchmark's dense
+    comparator runs the MoE config with a dense flavor)."""
+    defaults = MoETraining()
+    for name in ("load_balance_loss_weight", "router_z_loss_weight", "load_balance_scope", "expert_bias_update_rate"):
+        key = f"moe.{name}"
+        if key not in cfg.set_by or getattr(cfg.moe, name) == getattr(defaults, name):
+            continue
+        where = "the command line" if cfg.set_by[key] == "cli" else cfg.job.config_file
+        model_from_cli = any(cfg.set_by.get(k) == "cli" for k in ("model.name", "model.flavor"))
+        if args.moe is None:
+            if cfg.set_by[key] == "file" and model_from_cli:
+                continue
+            raise ConfigError(f"{key} (set in {where}) has no effect here: {label} is a dense model (no experts)")
+        if name == "expert_bias_update_rate" and not args.moe.expert_bias:
+            raise ConfigError(f"{key} (set in {where}) has no effect here: the router of {label} has no expert bias")
+        if name == "load_balance_scope" and cfg.moe.load_balance_loss_weight == 0:
+            raise ConfigError(f"{key} (set in {where}) has no effect here: it needs moe.load_balance_loss_weight > 0")
+
+
 def preflight(cfg: JobConfig, world_size: int) -> None:
     spec = get_train_spec(cfg.model.name)
     args = spec.model_args(cfg.model.flavor)
@@ -152,6 +173,7 @@ def preflight(cfg: JobConfig, world_size: int) -> None:
     if args.n_heads % dims.tp or args.kv_heads % dims.tp:
         raise ConfigError(f"parallelism.tensor_parallel_degree = {dims.tp} must divide the model's {args.n_heads} "
                           f"attention heads and {args.kv_heads} KV heads ({label})")
+    _check_moe_options(cfg, args, label)
     if dims.ep > 1 and args.moe is None:
         raise ConfigError(f"parallelism.expert_parallel_degree = {dims.ep} needs a mixture-of-experts model; {label} "
                           f"is dense (olmoe is a MoE family)")
