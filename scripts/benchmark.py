@@ -9,8 +9,9 @@
     python scripts/benchmark.py moe                 # MoE vs dense of the same active size; EP2 all-to-all share
 
 `rows` runs the real trainer (run_train.sh) per row, averages the logged steps after `--skip`, and prints
-tokens/s, TFLOP/s, MFU and peak memory. With `--baseline`, torchtitan's anchor recipe
-(shared/bench/torchtitan_anchor) runs first on the same machine and the table gains ratios.
+tokens/s, TFLOP/s, MFU and peak memory. With `--baseline FOLDER`, torchtitan 0.2.2's anchor recipe
+(FOLDER/run_anchor.sh; see docs/debugging.md, "The torchtitan baseline") runs first on the same machine and
+the table gains ratios.
 """
 from __future__ import annotations
 
@@ -131,8 +132,9 @@ def cmd_overhead(args) -> None:
     from torchtitan.config import load_config
     from torchtitan.distributed.parallel_dims import ParallelDims
     from torchtitan.models import get_train_spec
-    from torchtitan.trainer.preflight import build_model_args
-    from torchtitan.trainer.step import ModelRunner, NonFiniteGuard, train_step
+    from torchtitan.distributed.fault_tolerance import SingleGroup
+    from torchtitan.trainer.plan import build_model_args
+    from torchtitan.trainer.step import ModelRunner, NonFiniteGuard, StepHooks, train_step
 
     torch.set_num_threads(args.threads)
     cfg = load_config(["--training.seq_len", str(args.seq_len), "--training.local_batch_size", str(args.batch),
@@ -171,13 +173,13 @@ def cmd_overhead(args) -> None:
         opts = build_optimizers([model], cfg.optimizer, "cpu")
         scheds = build_lr_schedulers(opts, cfg.lr_scheduler, cfg.training.steps)
         runner = ModelRunner([model], lambda lg, lb: cross_entropy_sum(lg, lb), torch.device("cpu"))
-        guard = NonFiniteGuard()
+        hooks = StepHooks(guard=NonFiniteGuard(), groups=SingleGroup(""))
         times = []
         for i in range(n):
             t0 = time.perf_counter()
             b = batches[i % len(batches)]
-            train_step(runner, [(b[:, :-1], b[:, 1:])], dims=dims, optimizers=opts, lr_schedulers=scheds, guard=guard,
-                       step=i + 1, max_norm=cfg.training.max_norm)
+            train_step(runner, [(b[:, :-1], b[:, 1:])], step=i + 1, dims=dims, optimizers=opts,
+                       lr_schedulers=scheds, max_norm=cfg.training.max_norm, hooks=hooks)
             times.append(time.perf_counter() - t0)
         return times
 
@@ -285,7 +287,7 @@ def _run_layout(ngpu: int, seq: int, steps: int, skip: int, extra: list[str], ra
     """The debug model at batch 1 and sequence `seq` on `ngpu` processes; mean tokens/s after `skip` steps."""
     with tempfile.TemporaryDirectory() as dump:
         cmd = ["./run_train.sh", "--job.dump_folder", dump, "--training.steps", str(steps), "--metrics.log_freq", "1",
-               "--training.seq_len", str(seq), "--training.local_batch_size", "1", "--training.dataset", "pydoc",
+               "--training.seq_len", str(seq), "--training.local_batch_size", "1", "--data.dataset", "pydoc",
                "--validation.no-enable", *extra]
         proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, NGPU=str(ngpu), CONFIG=DEBUG_CONFIG),
                               capture_output=True, text=True,

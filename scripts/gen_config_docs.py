@@ -25,9 +25,9 @@ comma-separated (`--compile.components model,loss`). Precedence: command line > 
 choices and malformed TOML stop the job with one line naming the key, before any process starts talking.
 
 **An option you set that would do nothing is an error too**, naming the key and what it needs: e.g.
-`checkpoint.interval` without `checkpoint.enable`, `training.memmap_paths` without `training.dataset = "memmap"`,
+`checkpoint.interval` without `checkpoint.enable`, `data.memmap_paths` without `data.dataset = "memmap"`,
 a `parallelism.pipeline_parallel_*` option with `pipeline_parallel_degree = 1`, `float8.*` without the float8
-converter (the rules are in `torchtitan/config/effects.py`). Keys left at their default never count. A key
+converter (the rules are in `torchtitan/trainer/effects.py`). Keys left at their default never count. A key
 from the config file whose switch you turned off on the command line (`--checkpoint.no-enable` to try a
 production config quickly) is logged instead, since the command line cannot remove a key from the file.
 Options whose effect depends on where the job runs are logged at start, not rejected, so one config runs on a

@@ -64,17 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     from torchtitan.distributed.parallel_dims import ParallelDims
 
     cfg = load_config(rest)
-    t = cfg.training
-    if t.dataset != "memmap":
-        raise SystemExit(f"error: training.dataset is {t.dataset!r}; inspect_batch reads memmap runs only")
+    t, d = cfg.training, cfg.data
+    if d.dataset != "memmap":
+        raise SystemExit(f"error: data.dataset is {d.dataset!r}; inspect_batch reads memmap runs only")
     try:
         dp = ParallelDims.from_config(cfg.parallelism, args.world_size).dp
     except ValueError as e:
         raise SystemExit(f"error: {e}; pass --world-size with the run's number of ranks") from None
     micro = t.local_batch_size * dp
     global_batch = t.global_batch_size if t.global_batch_size > 0 else micro
-    instances = MemmapInstances(list(t.memmap_paths), t.memmap_dtype, t.seq_len,
-                                list(t.memmap_label_mask_paths) or None)
+    instances = MemmapInstances(list(d.memmap_paths), d.memmap_dtype, t.seq_len,
+                                list(d.memmap_label_mask_paths) or None)
     order = _Order(cfg.job.dump_folder, order_meta(instances, t.seed if t.seed is not None else 0))
     epoch, ids = global_batch_instances(order, global_batch, args.batch)
     tokenizer = build_tokenizer(cfg.model.tokenizer_path or os.path.join(ROOT, "torchtitan", "assets", "tokenizer"),

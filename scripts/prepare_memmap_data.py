@@ -1,4 +1,4 @@
-"""Tokenize text documents into raw memmap token files for `training.dataset = "memmap"`.
+"""Tokenize text documents into raw memmap token files for `data.dataset = "memmap"`.
 
     python scripts/prepare_memmap_data.py --source pydoc --out-dir data/pydoc
     python scripts/prepare_memmap_data.py --source corpus/*.jsonl --tokenizer path/to/tokenizer.json \\

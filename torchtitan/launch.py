@@ -18,7 +18,7 @@ from torch.distributed.run import parse_args, parse_min_max_nnodes, run
 
 from torchtitan.tools.errors import EXIT_CONFIG_ERROR, EXIT_USER_ERROR
 from torchtitan.tools.logging import init_logging
-from torchtitan.trainer.preflight import check_job
+from torchtitan.trainer.plan import check_job
 
 
 def _world_size(args) -> int | None:
@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.module and args.training_script == "torchtitan.train":
-        cfg = check_job(list(args.training_script_args), _world_size(args), env=os.environ)
-        if isinstance(cfg, int):
-            return cfg
+        checked = check_job(list(args.training_script_args), _world_size(args), env=os.environ)
+        if isinstance(checked, int):
+            return checked
     try:
         run(args)
     except ChildFailedError as e:

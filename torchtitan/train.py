@@ -1,10 +1,11 @@
-"""The life of a job: config -> mesh -> train spec -> data -> model -> parallelize -> loop.
+"""The life of a job: config -> plan -> mesh -> train spec -> data -> model -> parallelize -> loop.
 
 Run through `run_train.sh` (torchrun) or `python -m torchtitan.train --job.config_file ...`.
 docs/architecture.md walks through this file and the layers below it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
@@ -15,94 +16,98 @@ import time
 import torch
 
 from torchtitan.checkpoint import CheckpointManager, ModelInfo, ModelWrapper
-from torchtitan.components.dataloader import build_dataloader
+from torchtitan.components.dataloader import ParallelAwareDataloader, ReplicaDataloader, build_dataloader
 from torchtitan.components.float8 import convert_to_float8, precompute_float8_scales
 from torchtitan.components.loss import build_loss_fn, fuse_output_into_loss
-from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.lr_scheduler import LRSchedulersContainer, build_lr_schedulers
 from torchtitan.components.metrics import MetricsLogger
-from torchtitan.components.optimizer import build_optimizers
+from torchtitan.components.optimizer import OptimizersContainer, build_optimizers
 from torchtitan.components.profiling import Profiler
 from torchtitan.components.tokenizer import build_tokenizer, check_vocab_fits
-from torchtitan.config import JobConfig
-from torchtitan.config.effects import effect_notes
-from torchtitan.distributed.fault_tolerance import ReplicaGroups
-from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.config import JobConfig, to_toml
+from torchtitan.distributed.fault_tolerance import build_replica_groups
 from torchtitan.distributed.pipeline import build_pipeline
 from torchtitan.distributed.utils import init_distributed, set_determinism, set_pg_timeout
-from torchtitan.models import get_train_spec
 from torchtitan.models.common.parallelize import parallelize_decoder
-from torchtitan.tools.device import detect_device_type, local_device
+from torchtitan.tools.device import local_device
 from torchtitan.tools.errors import EXIT_USER_ERROR, UserError
 from torchtitan.tools.logging import init_logging
 from torchtitan.trainer.balance import ExpertBalance
 from torchtitan.trainer.dry_run import dry_run, rank_memory_line
 from torchtitan.trainer.guards import NonFiniteGuard, SpikeGuard
-from torchtitan.trainer.preflight import autocast_dtype, build_model_args, check_job, compile_loss_enabled, layout_notes
+from torchtitan.trainer.plan import Plan, check_job, make_plan
 from torchtitan.trainer.state import TrainState
-from torchtitan.trainer.step import ModelRunner, global_mean_loss, train_step
+from torchtitan.trainer.step import ModelRunner, StepHooks, global_mean_loss, train_step
 from torchtitan.trainer.validate import Validator
 
 logger = logging.getLogger("torchtitan")
 DEFAULT_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "tokenizer")
 
 
-def train(cfg: JobConfig) -> list[dict]:
-    device_type, t = detect_device_type(), cfg.training
-    fake = cfg.comm.mode == "fake_backend"
-    rank, world = init_distributed(device_type, cfg.comm.init_timeout_seconds, fake=fake)
-    device = torch.device("meta") if fake else local_device(device_type)
-    dims = ParallelDims.from_config(cfg.parallelism, world)
-    if world > 1 or fake:
-        dims.build_mesh("cpu" if fake else device_type)
-    spec = get_train_spec(cfg.model.name)
-    model_args = build_model_args(spec, cfg, device_type)
-    float8 = "float8" in cfg.model.converters
+@dataclasses.dataclass
+class Job:
+    """Everything the loop touches, built once by `build`."""
+
+    cfg: JobConfig
+    plan: Plan
+    runner: ModelRunner
+    hooks: StepHooks
+    optimizers: OptimizersContainer
+    lr_schedulers: LRSchedulersContainer
+    dataloader: ParallelAwareDataloader | ReplicaDataloader
+    checkpoint: CheckpointManager
+    state: TrainState
+    metrics: MetricsLogger
+    validator: Validator | None
+    profiler: Profiler
+
+
+def build(cfg: JobConfig, plan: Plan) -> Job | list[dict]:
+    """Mesh, data, model, parallelisms, optimizer and checkpoint; a dry run's or seed checkpoint's result instead
+    of a Job when the run ends there."""
+    t, dims, args = cfg.training, plan.dims, plan.model_args
+    rank, world = init_distributed(plan.device_type, cfg.comm.init_timeout_seconds, fake=plan.dry_run)
+    device = torch.device("meta") if plan.dry_run else local_device(plan.device_type)
+    if world > 1 or plan.dry_run:
+        dims.build_mesh("cpu" if plan.dry_run else plan.device_type)
     parallelize = functools.partial(
-        parallelize_decoder, dims=dims, parallelism=cfg.parallelism, training=t,
-        activation_checkpoint=cfg.activation_checkpoint, compile=cfg.compile, device_type=device_type,
-        convert=functools.partial(convert_to_float8, cfg=cfg.float8) if float8 else None)
-    if fake:
-        return dry_run(spec.build_meta_model(model_args), dims, cfg, parallelize)
+        parallelize_decoder, dims=dims, parallelism=cfg.parallelism, fsdp=plan.fsdp,
+        activation_checkpoint=cfg.activation_checkpoint, compile=cfg.compile,
+        convert=functools.partial(convert_to_float8, cfg=cfg.float8) if plan.float8 else None)
+    if plan.dry_run:
+        return dry_run(plan.spec.build_meta_model(args), dims, parallelism=cfg.parallelism, fsdp=plan.fsdp,
+                       local_batch_size=t.local_batch_size, label=f"{cfg.model.name} {cfg.model.flavor}",
+                       parallelize=parallelize)
 
     tokenizer_path = cfg.model.tokenizer_path or DEFAULT_TOKENIZER
     tokenizer = build_tokenizer(tokenizer_path, cfg.model.tokenizer_backend)
-    check_vocab_fits(tokenizer, model_args.vocab_size, tokenizer_path)
-    # Fault tolerance: this job is one replica group of several (docs/fault_tolerance.md); each logs to its folder.
-    ft = cfg.fault_tolerance
-    log_folder = os.path.join(cfg.job.dump_folder, f"replica_{ft.replica_id}") if ft.enable else cfg.job.dump_folder
-    replicas = ReplicaGroups(ft, dims, device, log_folder) if ft.enable else None
-    groups = ft.group_size if ft.enable else 1
-    accumulation = 1 if t.global_batch_size <= 0 else t.global_batch_size // (t.local_batch_size * dims.dp * groups)
-    dataloader = build_dataloader(t, tokenizer, dims.local_rank("dp"), dims.dp, cfg.job.dump_folder,
-                                  replicas=replicas, accumulation=accumulation)
+    check_vocab_fits(tokenizer, args.vocab_size, tokenizer_path)
+    groups = build_replica_groups(cfg.fault_tolerance, dims, device, cfg.job.dump_folder)
+    dataloader = build_dataloader(cfg.data, plan.batch, tokenizer, dp_rank=dims.local_rank("dp"),
+                                  dump_folder=cfg.job.dump_folder, seed=plan.seed, groups=groups)
 
-    seed = t.seed if t.seed is not None else 0
-    set_determinism(seed, t.deterministic)
-    model = spec.build_meta_model(model_args)
-    num_params, flops_per_token = model.num_params(), model.flops_per_token(t.seq_len)
-    active_params = model.num_params(active=True)
-    compile_loss = compile_loss_enabled(cfg, dims.tp)
-    if cfg.compile.enable and "loss" in cfg.compile.components and not compile_loss:
-        logger.info("compile: the loss stays eager under tensor-parallel loss_parallel (see trainer/preflight.py)")
-    loss_fn = build_loss_fn(t, compile_loss)
+    set_determinism(plan.seed, t.deterministic)
+    model = plan.spec.build_meta_model(args)
+    flops_per_token = model.flops_per_token(t.seq_len)
+    num_params, active_params = model.num_params(), model.num_params(active=True)
+    loss_fn = build_loss_fn(t, plan.compile_loss)
     if t.fused_output_loss:
         fuse_output_into_loss(model)  # the loss applies the output weight, chunk by chunk
     pipeline = None
     if dims.pp_enabled:
-        pipeline = build_pipeline(model, dims=dims, parallelism=cfg.parallelism,
-                                  local_batch_size=t.local_batch_size, device=device,
-                                  parallelize=parallelize, loss_fn=loss_fn)
+        pipeline = build_pipeline(model, dims=dims, parallelism=cfg.parallelism, local_batch_size=t.local_batch_size,
+                                  device=device, parallelize=parallelize, loss_fn=loss_fn)
     parts = pipeline.parts if pipeline is not None else [parallelize(model)]
     for part in parts:
         part.to_empty(device=device)
-        part.init_weights(buffer_device=device, seed=seed)  # the same weights on every layout
+        part.init_weights(buffer_device=device, seed=plan.seed)  # the same weights on every layout
         part.train()
     if t.fused_output_loss and any(part.output is not None for part in parts):
         loss_fn.head = next(part.output for part in parts if part.output is not None)
     if cfg.memory_estimation.enabled:
-        logger.info(rank_memory_line(parts, dims, cfg))
+        logger.info(rank_memory_line(parts, dims, plan.fsdp))
 
-    optimizers = build_optimizers(parts, cfg.optimizer, device_type)
+    optimizers = build_optimizers(parts, cfg.optimizer, plan.device_type)
     lr_schedulers = build_lr_schedulers(optimizers, cfg.lr_scheduler, t.steps)
     state = TrainState()
     spike_guard = SpikeGuard(t.spike_guard_sigma, t.spike_guard_window, device) if t.spike_guard_sigma > 0 else None
@@ -110,94 +115,102 @@ def train(cfg: JobConfig) -> list[dict]:
         cfg.checkpoint, cfg.job.dump_folder,
         {"model": ModelWrapper(parts), "optimizer": optimizers, "lr_scheduler": lr_schedulers,
          "dataloader": dataloader, "train_state": state, **({"spike_guard": spike_guard} if spike_guard else {})},
-        t.steps, model=ModelInfo(cfg.model.name, cfg.model.flavor, model_args))
+        t.steps, model=ModelInfo(cfg.model.name, cfg.model.flavor, args))
     if cfg.checkpoint.create_seed_checkpoint:
         checkpoint.save_seed()
         return []
-    if replicas is not None:
-        # What a group (re)joining live ones receives from them; DiLoCo (semi-synchronous) wraps the parts here.
-        replicas.register_state(checkpoint.states, model_parts=parts, optimizers=optimizers)
-    if replicas is None or not replicas.join():  # joined live groups: their state, no checkpoint read
-        state.step = checkpoint.load()
-        if replicas is not None:
-            replicas.set_step(state.step)
+    # What a group (re)joining live ones receives from them; DiLoCo (semi-synchronous) wraps the parts here.
+    groups.register_state(checkpoint.states, model_parts=parts, optimizers=optimizers)
+    state.step = groups.resume(checkpoint.load)  # a group healed from live ones reads no checkpoint
 
     runner = ModelRunner(parts, loss_fn, device, pipeline, cp_mesh=dims.mesh["cp"] if dims.cp_enabled else None,
                          loss_parallel=dims.tp_enabled and not cfg.parallelism.disable_loss_parallel,
-                         autocast=autocast_dtype(cfg, dims, device_type),
-                         document_eos_id=tokenizer.eos_id if t.document_masking else None,
-                         document_rope_restart=t.document_rope_restart)
-    after_update = functools.partial(precompute_float8_scales, parts, cfg.float8) if float8 else None
-    global_tokens = t.local_batch_size * dims.dp * accumulation * t.seq_len  # per replica group present
-    balance = ExpertBalance(parts, cfg.moe, dims, global_tokens, device, pipeline) if model_args.moe else None
-    metrics = MetricsLogger(cfg.metrics, log_folder, rank, device_type, flops_per_token, world,
-                            t.steps, write_files=(rank == 0))
+                         autocast=plan.autocast,
+                         document_eos_id=tokenizer.eos_id if cfg.data.document_masking else None,
+                         document_rope_restart=cfg.data.document_rope_restart)
+    balance = ExpertBalance(parts, cfg.moe, dims, plan.batch.step_tokens(), device, pipeline) if args.moe else None
+    hooks = StepHooks(guard=NonFiniteGuard(), groups=groups, spike_guard=spike_guard, balance=balance,
+                      after_update=functools.partial(precompute_float8_scales, parts, cfg.float8)
+                      if plan.float8 else None)
+    metrics = MetricsLogger(cfg.metrics, groups.log_folder, rank, plan.device_type, flops_per_token, world, t.steps,
+                            write_files=(rank == 0), run_config=dataclasses.asdict(cfg))
     active = f" ({active_params:,} active per token)" if active_params != num_params else ""
     logger.info(f"{cfg.model.name} {cfg.model.flavor}: {num_params:,} params{active}, {dims.describe()}, "
-                f"device {device_type}, steps {state.step + 1}..{t.steps}")
-    for note in effect_notes(cfg) + layout_notes(cfg, dims, device_type):
+                f"{plan.batch.describe()}, device {plan.device_type}, steps {state.step + 1}..{t.steps}")
+    for note in plan.notes:
         logger.warning(note)
+    if cfg.job.print_args:
+        logger.info("resolved config:\n" + to_toml(cfg, origins=True))
+    validator = (Validator(cfg.validation, plan.validation_shape, cfg.data, tokenizer, dims, t.steps)
+                 if cfg.validation.enable else None)
+    profiler = Profiler(cfg.profiling, cfg.job.dump_folder, rank, plan.device_type, state.step)
+    return Job(cfg, plan, runner, hooks, optimizers, lr_schedulers, dataloader, checkpoint, state, metrics,
+               validator, profiler)
 
-    validator = Validator(cfg.validation, t, tokenizer, dims, t.steps) if cfg.validation.enable else None
-    profiler = Profiler(cfg.profiling, cfg.job.dump_folder, rank, device_type, state.step)
-    guard = NonFiniteGuard()
+
+def run(job: Job) -> list[dict]:
+    """The training loop: a step, its log line, validation and checkpoints, until training.steps."""
+    t, state, metrics, hooks, groups = job.cfg.training, job.state, job.metrics, job.hooks, job.hooks.groups
     gc.disable()  # collect on a schedule, so no rank stalls at a random step
-    data_iter = iter(dataloader)
+    data_iter = iter(job.dataloader)
     records = []
     while state.step < t.steps:
-        if replicas is not None:
-            replicas.start_step()  # this step's quorum (DiLoCo: at syncs); a group that rejoins is healed there
+        groups.start_step()  # fault tolerance: this step's quorum (DiLoCo: at syncs); a rejoining group heals here
         state.step += 1
         if state.step % t.gc_freq == 0:
             gc.collect(1)
         t0 = time.perf_counter()
-        batches = [(batch["input"], labels) for batch, labels in (next(data_iter) for _ in range(accumulation))]
+        batches = [(batch["input"], labels) for batch, labels in
+                   (next(data_iter) for _ in range(job.plan.batch.accumulation))]
         metrics.add_data_time(time.perf_counter() - t0)
-        out = train_step(runner, batches, dims=dims, optimizers=optimizers, lr_schedulers=lr_schedulers,
-                         guard=guard, step=state.step, max_norm=t.max_norm, after_update=after_update,
-                         spike_guard=spike_guard, balance=balance, replicas=replicas)
+        out = train_step(job.runner, batches, step=state.step, dims=job.plan.dims, optimizers=job.optimizers,
+                         lr_schedulers=job.lr_schedulers, max_norm=t.max_norm, hooks=hooks)
         if not out.committed:  # a replica group failed mid-step: nothing was updated; redo it with the next quorum
             state.step -= 1
             continue
-        step_tokens = global_tokens * (replicas.present if replicas is not None else 1)
+        step_tokens = job.plan.batch.step_tokens(groups.present)
         metrics.add_step(step_tokens)
         state.tokens_seen += step_tokens
-        profiler.step(state.step)
+        job.profiler.step(state.step)
         if metrics.should_log(state.step):
-            loss = global_mean_loss(out, dims)
-            guard.check()
-            extra = {"skipped_steps": int(spike_guard.skipped)} if spike_guard else {}
-            extra.update({"replicas": replicas.present} if replicas is not None else {})
-            extra.update(balance.metrics() if balance is not None else {})
-            records.append(metrics.log(state.step, loss, float(out.grad_norm), lr_schedulers.get_last_lr(), extra))
-        if validator is not None and validator.due(state.step):
-            guard.check()
-            v = validator.run(runner)
+            loss = global_mean_loss(out, job.plan.dims)
+            hooks.guard.check()
+            extra = {"skipped_steps": int(hooks.spike_guard.skipped)} if hooks.spike_guard else {}
+            extra.update(groups.metrics())
+            extra.update(hooks.balance.metrics() if hooks.balance is not None else {})
+            records.append(metrics.log(state.step, loss, float(out.grad_norm), job.lr_schedulers.get_last_lr(), extra))
+        if job.validator is not None and job.validator.due(state.step):
+            hooks.guard.check()
+            v = job.validator.run(job.runner)
             records.append(metrics.log_validation(state.step, v.loss, v.perplexity, v.tokens, v.seconds))
         last = state.step == t.steps
-        if checkpoint.should_save(state.step, last) and (replicas is None or replicas.saves_checkpoints):
-            guard.check()  # never write a checkpoint of weights that a non-finite step reached
-            checkpoint.save(state.step, last=last)
+        if job.checkpoint.should_save(state.step, last) and groups.saves_checkpoints:
+            hooks.guard.check()  # never write a checkpoint of weights that a non-finite step reached
+            job.checkpoint.save(state.step, last=last)
         if state.step == 1:
-            set_pg_timeout(cfg.comm.train_timeout_seconds)
-    checkpoint.close()
-    if replicas is not None:
-        replicas.close()
-    metrics.close()
-    profiler.close()
+            set_pg_timeout(job.cfg.comm.train_timeout_seconds)
+    for closing in (job.checkpoint, groups, metrics, job.profiler):
+        closing.close()
     gc.enable()  # train() may be called again in this process (tests/integration/parity_driver.py)
     logger.info("training finished")
     return records
 
 
+def train(cfg: JobConfig, plan: Plan | None = None) -> list[dict]:
+    """Build the job and run it; the plan is made here when the caller has none (tests, scripts)."""
+    job = build(cfg, plan or make_plan(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
+    return job if isinstance(job, list) else run(job)
+
+
 def main(argv: list[str] | None = None) -> int:
     """User errors (config, files, data, divergence) are one line and a non-zero exit; bugs keep their traceback."""
     init_logging()
-    cfg = check_job(argv, int(os.environ.get("WORLD_SIZE", "1")))
-    if isinstance(cfg, int):
-        return cfg
+    checked = check_job(argv, int(os.environ.get("WORLD_SIZE", "1")))
+    if isinstance(checked, int):
+        return checked
+    cfg, plan = checked
     try:
-        train(cfg)
+        train(cfg, plan)
     except UserError as e:
         logger.error(f"error: {e}")
         return EXIT_USER_ERROR

@@ -27,7 +27,7 @@ def main(spec_path: str, out_path: str) -> None:
     from torchtitan.config import load_config
     from torchtitan.tools.logging import init_logging
     from torchtitan.train import train
-    from torchtitan.trainer.preflight import preflight
+    from torchtitan.trainer.plan import make_plan
 
     init_logging()
     with open(spec_path) as f:
@@ -38,7 +38,7 @@ def main(spec_path: str, out_path: str) -> None:
         for name, args in spec["layouts"].items():
             cfg = load_config([*spec["common"], "--job.dump_folder", os.path.join(spec["dump_root"], name), *args],
                               env={})
-            preflight(cfg, world)
+            make_plan(cfg, world)
             t0 = time.perf_counter()
             records = train(cfg)
             train_records = [r for r in records if "loss" in r]

@@ -2,8 +2,8 @@
 
 Every run starts from one seed checkpoint, trains the debug model in float32 for
 5 steps and must match the single-process loss of every step and the first
-step's gradient norm within 1e-5 (later norms drift with Adam; see
-shared/TORCH_ON_CPU.md). Layouts are grouped into one torchrun launch per world
+step's gradient norm within 1e-5 (later norms drift with Adam; see docs/debugging.md,
+"torch.distributed on CPU (gloo): what works and what does not"). Layouts are grouped into one torchrun launch per world
 size (parity_driver.py), since a launch costs more than a 5-step run.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torchtitan.config.manager import ConfigError
 from torchtitan.distributed import pipeline
 from torchtitan.distributed.pipeline import V_SCHEDULES, check_pipeline_config, even_layer_counts, plan_stages
 from torchtitan.models.llama3 import llama3_flavors
-from torchtitan.trainer.preflight import preflight
+from torchtitan.trainer.plan import make_plan
 
 TOL = 1e-5
 PP = ["--parallelism.pipeline_parallel_degree", "2"]
@@ -187,7 +187,7 @@ def test_schedule_constraints_fail_in_preflight(schedule, batch, compile_on, mes
     with pytest.raises(ConfigError, match=message):
         _check(cfg)
     with pytest.raises(ConfigError, match=message):
-        preflight(cfg, 2)
+        make_plan(cfg, 2)
 
 
 def _check(cfg, on_cpu: bool = False) -> None:

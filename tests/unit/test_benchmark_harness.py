@@ -42,9 +42,9 @@ def test_overhead_and_data_commands_run():
 def test_every_gpu_row_is_a_valid_config():
     """The rows only run on GPUs; their configs and overrides must at least load and pass preflight here."""
     from torchtitan.config import load_config
-    from torchtitan.trainer.preflight import preflight
+    from torchtitan.trainer.plan import make_plan
 
     for config, overrides, _ in _bench().ROWS.values():
         cfg = load_config(["--job.config_file", config, *overrides], env={})
         if "float8" not in overrides:  # float8 preflight wants CUDA and torchao
-            preflight(cfg, 1)
+            make_plan(cfg, 1)

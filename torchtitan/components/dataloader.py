@@ -2,7 +2,6 @@
 tolerance, this rank's share of the global sample order for the replica groups present at each step."""
 from __future__ import annotations
 
-import dataclasses
 import pickle
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -11,13 +10,15 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from torchtitan.config.job_config import Training
+from torchtitan.config.batch import BatchPlan
+from torchtitan.config.job_config import Data
 from torchtitan.datasets.memmap import build_memmap_dataset
 from torchtitan.datasets.text import DocumentSource, PackedWindows
+from torchtitan.distributed.fault_tolerance import SingleGroup
 from torchtitan.tools.errors import DataError
 
 if TYPE_CHECKING:
-    from torchtitan.distributed.fault_tolerance import ReplicaGroups
+    from torchtitan.distributed.fault_tolerance import DiLoCoGroups, SyncReplicaGroups
 
 
 class ParallelAwareDataloader(StatefulDataLoader, Stateful):
@@ -61,7 +62,7 @@ class ReplicaDataloader(Stateful):
     """
 
     def __init__(self, dataset, *, local_batch_size: int, dp_rank: int, dp_degree: int, accumulation: int,
-                 replicas: ReplicaGroups):
+                 replicas: SyncReplicaGroups | DiLoCoGroups):
         self.dataset, self.replicas = dataset, replicas
         self.local_batch_size, self.dp_rank, self.accumulation = local_batch_size, dp_rank, accumulation
         self.micro = local_batch_size * dp_degree
@@ -127,7 +128,7 @@ class BlockDataloader(ReplicaDataloader):
     step); block b is samples b*H*k .. (b+1)*H*k - 1, and inner step j of an interval reads its j-th k. The
     open blocks are, in order, `pending` (blocks handed out earlier whose sync did not include them) then fresh
     ones from `next_block`; with R groups in the last sync's quorum, group rank r trains the r-th open block. At
-    the next sync, the blocks of the groups whose pseudo-gradients were averaged are done (ReplicaGroups gathers
+    the next sync, the blocks of the groups whose pseudo-gradients were averaged are done (DiLoCoGroups gathers
     them before the commit); the others handed out (a group that died in the interval, or every block if the sync
     did not commit) go back to `pending` and are the first handed out next. So each sample is in exactly one
     committed sync; a block lost with a group is trained later, by another group or the same one.
@@ -187,23 +188,26 @@ class BlockDataloader(ReplicaDataloader):
         self._mine, self._inner = None, 0  # healed: what this group trained since the last sync is not counted
 
 
-def build_dataloader(cfg: Training, tokenizer, dp_rank: int, dp_degree: int, dump_folder: str,
-                     infinite: bool = True, replicas: ReplicaGroups | None = None,
-                     accumulation: int = 1) -> ParallelAwareDataloader | ReplicaDataloader:
-    if replicas is not None:
+def build_dataloader(data: Data, batch: BatchPlan, tokenizer, *, dp_rank: int, dump_folder: str, seed: int,
+                     groups: SingleGroup, infinite: bool = True) -> ParallelAwareDataloader | ReplicaDataloader:
+    """This dp rank's micro-batches; under fault tolerance cut from the global order for the groups present."""
+    if groups.data_order != "local":
         # The global stream, one sample at a time: its state is valid after every sample.
-        stream = build_dataloader(dataclasses.replace(cfg, local_batch_size=1, global_batch_size=-1), tokenizer,
-                                  0, 1, dump_folder, infinite).dataset
-        kwargs = dict(local_batch_size=cfg.local_batch_size, dp_rank=dp_rank, dp_degree=dp_degree,
-                      accumulation=accumulation, replicas=replicas)
-        if replicas.synchronous:
+        one = BatchPlan(local_batch_size=1, seq_len=batch.seq_len, dp=1)
+        stream = build_dataloader(data, one, tokenizer, dp_rank=0, dump_folder=dump_folder, seed=seed,
+                                  groups=SingleGroup(dump_folder), infinite=infinite).dataset
+        kwargs = dict(local_batch_size=batch.local_batch_size, dp_rank=dp_rank, dp_degree=batch.dp,
+                      accumulation=batch.accumulation, replicas=groups)
+        if groups.data_order == "global":
             return ReplicaDataloader(stream, **kwargs)
-        return BlockDataloader(stream, sync_steps=replicas.sync_steps, **kwargs)
-    if cfg.dataset == "memmap":
-        dataset = build_memmap_dataset(cfg, dp_rank, dp_degree, dump_folder)
+        return BlockDataloader(stream, sync_steps=groups.sync_steps, **kwargs)
+    if data.dataset == "memmap":
+        dataset = build_memmap_dataset(data, seq_len=batch.seq_len, local_batch_size=batch.local_batch_size,
+                                       global_batch_size=batch.group_batch_size, seed=seed, dp_rank=dp_rank,
+                                       dp_degree=batch.dp, dump_folder=dump_folder)
     else:
-        seed = (cfg.seed or 0) if cfg.shuffle_documents else None
-        source = DocumentSource(cfg.dataset, cfg.dataset_path, cfg.dataset_text_field, shuffle_seed=seed)
+        source = DocumentSource(data.dataset, data.dataset_path, data.dataset_text_field,
+                                shuffle_seed=seed if data.shuffle_documents else None)
         dataset = PackedWindows(source, lambda texts: tokenizer.encode_batch(texts, bos=True, eos=True),
-                                cfg.seq_len, cfg.local_batch_size, dp_rank, dp_degree, infinite=infinite)
-    return ParallelAwareDataloader(dataset, cfg.local_batch_size, dp_degree)
+                                batch.seq_len, batch.local_batch_size, dp_rank, batch.dp, infinite=infinite)
+    return ParallelAwareDataloader(dataset, batch.local_batch_size, batch.dp)

@@ -25,7 +25,9 @@ class Job:
     config_file: str | None = opt(None, "TOML file to read (also the CONFIG / CONFIG_FILE environment variables).")
     dump_folder: str = opt("./outputs", "Folder for checkpoints, metrics, traces and the data order of this run.")
     description: str = opt("", "Free text describing the job.")
-    print_config: bool = opt(False, "Print the resolved config as TOML and exit.")
+    print_config: bool = opt(False, "Print the resolved config as TOML, each value with where it came from (default, "
+                                    "which file, the command line), and exit.")
+    print_args: bool = opt(False, "Log the resolved config (as --job.print_config prints it) when training starts.")
 
 
 @dataclass
@@ -86,7 +88,9 @@ class LRScheduler:
 
 
 @dataclass
-class Training:
+class Data:
+    """What to train on (the classic training.* keys alias these)."""
+
     dataset: str = opt("pydoc", "Dataset: pydoc (bundled offline corpus), c4 (allenai/c4 en, streamed), memmap "
                                 "(pre-tokenized files), or a hub dataset name.")
     dataset_path: str | None = opt(None, "Local json/jsonl/parquet/text file or folder; overrides where the dataset "
@@ -94,6 +98,19 @@ class Training:
     dataset_text_field: str = opt("text", "Column holding the document text.")
     shuffle_documents: bool = opt(True, "Read local and bundled documents in a seeded order that depends only on "
                                         "(seed, epoch); hub streams keep their order.")
+    memmap_paths: list[str] = opt([], "memmap dataset: raw token files (headerless).")
+    memmap_dtype: str = opt("uint16", "memmap dataset: token dtype.", ("uint16", "uint32"))
+    memmap_label_mask_paths: list[str] = opt([], "memmap dataset: bool files, one per token file; False marks a label "
+                                                 "to ignore.")
+    data_order_ignore_fingerprint: bool = opt(False, "memmap dataset: resume even if the files differ from the saved "
+                                                     "fingerprint.")
+    document_masking: bool = opt(False, "Attention stays inside EOS-delimited documents of a packed window (the "
+                                        "tokenizer's EOS ends a document); training and validation.")
+    document_rope_restart: bool = opt(False, "With document_masking: RoPE positions restart at 0 in every document.")
+
+
+@dataclass
+class Training:
     local_batch_size: int = opt(8, "Sequences per data-parallel rank per micro-batch.")
     global_batch_size: int = opt(-1, "Sequences per optimizer step over all ranks; a multiple of local_batch_size x "
                                      "dp adds gradient accumulation. -1: local_batch_size x dp.")
@@ -107,12 +124,6 @@ class Training:
     gc_freq: int = opt(50, "Run Python's garbage collector every N steps (automatic GC is disabled).")
     seed: int | None = opt(None, "Seed for weight init and RNG. None: 0 for init, nothing forced.")
     deterministic: bool = opt(False, "Use deterministic algorithms (slower).")
-    memmap_paths: list[str] = opt([], "memmap dataset: raw token files (headerless).")
-    memmap_dtype: str = opt("uint16", "memmap dataset: token dtype.", ("uint16", "uint32"))
-    memmap_label_mask_paths: list[str] = opt([], "memmap dataset: bool files, one per token file; False marks a label "
-                                                 "to ignore.")
-    data_order_ignore_fingerprint: bool = opt(False, "memmap dataset: resume even if the files differ from the saved "
-                                                     "fingerprint.")
     z_loss_multiplier: float = opt(0.0, "Auxiliary z-loss weight (OLMo 2 uses 1e-5).")
     loss_chunk_size: int = opt(0, "Cross-entropy in chunks of this many tokens, each upcast to float32 and recomputed "
                                   "in backward, so the full float32 logits never exist (0: in one piece). Not applied "
@@ -125,9 +136,6 @@ class Training:
     fused_output_loss: bool = opt(False, "Also compute the output layer inside each loss chunk (needs loss_chunk_size "
                                          "> 0; not with tensor parallel): no logits tensor exists whole in any dtype, "
                                          "for one extra output-layer matmul per step.")
-    document_masking: bool = opt(False, "Attention stays inside EOS-delimited documents of a packed window (the "
-                                        "tokenizer's EOS ends a document); training and validation.")
-    document_rope_restart: bool = opt(False, "With document_masking: RoPE positions restart at 0 in every document.")
 
 
 @dataclass
@@ -180,13 +188,14 @@ class Validation:
     enable: bool = opt(False, "Evaluate the loss on held-out data every validation.freq steps and at the last step.")
     freq: int = opt(500, "Steps between validations.")
     steps: int = opt(-1, "Batches per validation; -1: the whole set (every whole global batch of it).")
-    dataset: str = opt("pydoc", "A text dataset as in training.dataset (pydoc is the training corpus itself: point "
+    dataset: str = opt("pydoc", "A text dataset as in data.dataset (pydoc is the training corpus itself: point "
                                 "dataset_path at held-out data for real runs), or memmap.")
     dataset_path: str | None = opt(None, "Local json/jsonl/parquet/text file or folder; with dataset = memmap a "
-                                         "token file or a folder of them (dtype training.memmap_dtype).")
-    seq_len: int = opt(2048, "Tokens per validation sequence (training.seq_len under pipeline parallel).")
-    local_batch_size: int = opt(8, "Validation sequences per data-parallel rank per batch (training's under "
-                                   "pipeline parallel).")
+                                         "token file or a folder of them (dtype data.memmap_dtype).")
+    seq_len: int = opt(-1, "Tokens per validation sequence, at most training.seq_len (the length the model is built "
+                           "for); -1: training.seq_len. Under pipeline parallel it must equal training's.")
+    local_batch_size: int = opt(-1, "Validation sequences per data-parallel rank per batch; -1: "
+                                    "training.local_batch_size. Under pipeline parallel it must equal training's.")
 
 
 @dataclass
@@ -294,6 +303,7 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     training: Training = field(default_factory=Training)
+    data: Data = field(default_factory=Data)
     validation: Validation = field(default_factory=Validation)
     parallelism: Parallelism = field(default_factory=Parallelism)
     moe: MoETraining = field(default_factory=MoETraining)
@@ -323,4 +333,8 @@ ALIASES: dict[str, str] = {
     "checkpoint.enable_checkpoint": "checkpoint.enable",
     "checkpoint.model_weights_only": "checkpoint.last_save_model_only",
     "training.batch_size": "training.local_batch_size",
+    # What to train on moved to [data]; the training.* keys stay valid.
+    **{f"training.{name}": f"data.{name}" for name in (
+        "dataset", "dataset_path", "dataset_text_field", "shuffle_documents", "memmap_paths", "memmap_dtype",
+        "memmap_label_mask_paths", "data_order_ignore_fingerprint", "document_masking", "document_rope_restart")},
 }

@@ -1,7 +1,8 @@
 """Build a JobConfig from defaults, a TOML file and command-line overrides.
 
-Precedence is CLI > TOML > defaults. Every problem is a ConfigError with one
-line naming the key or file and what is valid; `train.py` prints it and exits
+Precedence is CLI > TOML (a file after the files it extends) > defaults. Parsing problems (unknown keys,
+types, choices, files) are a ConfigError with one line naming the key or file and what is valid; every check
+across keys, the model and the world size is in trainer/checks.py. `train.py` prints the line and exits
 non-zero before any process group exists.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import asdict, fields, is_dataclass
 from types import MappingProxyType
 from typing import Any
 
-from torchtitan.config.effects import check_effects
 from torchtitan.config.job_config import ALIASES, JobConfig
 from torchtitan.tools.errors import ConfigError
 
@@ -185,8 +185,41 @@ def _load_toml(path: str) -> dict:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
 
 
+def config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """(file, its tables) from the root base to `path`: `extends = "base.toml"` at the top of a file names the
+    file it builds on, relative to it. Applied in this order, a later file's keys replace an earlier one's, key
+    by key (a list or a scalar is replaced whole)."""
+    real = os.path.realpath(path)
+    if real in _seen:
+        cycle = " -> ".join([*(os.path.relpath(p) for p in _seen), os.path.relpath(real)])
+        raise ConfigError(f"config files extend each other in a cycle: {cycle}")
+    data = _load_toml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return [(path, data)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must be a file name (a string), got {base!r}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.isfile(base_path):
+        raise ConfigError(f"{path}: extends = {base!r}: no such file ({base_path})")
+    return [*config_chain(base_path, (*_seen, real)), (path, data)]
+
+
+def _apply_file(cfg: JobConfig, path: str, data: dict, set_by: dict[str, str]) -> None:
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top-level '{section}' must be a [section] table (extends = \"file\" is the "
+                              f"only top-level key)")
+        for name, raw in values.items():
+            try:
+                set_by[_set(cfg, f"{section}.{name}", raw, from_cli=False)] = path
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+
+
 def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> JobConfig:
-    """Resolve the job config from CONFIG/CONFIG_FILE, --job.config_file and overrides."""
+    """Resolve the job config from CONFIG/CONFIG_FILE, --job.config_file (and the files it extends) and
+    overrides. cfg.set_by records where each key the user set came from: a file's path, or "cli"."""
     argv = list(sys.argv[1:] if argv is None else argv)
     env = os.environ if env is None else env
     overrides = parse_cli(argv)
@@ -197,80 +230,37 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
     cfg = JobConfig()
     set_by: dict[str, str] = {}
     if config_file:
-        data = _load_toml(config_file)
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{config_file}: top-level '{section}' must be a [section] table")
-            for name, raw in values.items():
-                try:
-                    set_by[_set(cfg, f"{section}.{name}", raw, from_cli=False)] = "file"
-                except ConfigError as e:
-                    raise ConfigError(f"{config_file}: {e}") from None
+        for path, data in config_chain(config_file):
+            _apply_file(cfg, path, data, set_by)
         cfg.job.config_file = config_file
     for key, value in overrides:
         set_by[_set(cfg, key, value, from_cli=True)] = "cli"
     cfg.set_by = MappingProxyType(set_by)
-    validate(cfg)
-    check_effects(cfg)
     return cfg
 
 
-def validate(cfg: JobConfig) -> None:
-    """Cross-field checks that need no process group."""
-    t, p = cfg.training, cfg.parallelism
-    v = cfg.validation
-    for key, n in (("training.local_batch_size", t.local_batch_size), ("training.seq_len", t.seq_len),
-                   ("training.steps", t.steps), ("metrics.log_freq", cfg.metrics.log_freq),
-                   ("validation.freq", v.freq), ("validation.seq_len", v.seq_len),
-                   ("validation.local_batch_size", v.local_batch_size)):
-        if n < 1:
-            raise ConfigError(f"{key} must be >= 1, got {n}")
-    if t.spike_guard_sigma < 0 or t.spike_guard_window < 2:
-        raise ConfigError(f"training.spike_guard_sigma must be >= 0 and training.spike_guard_window >= 2, got "
-                          f"{t.spike_guard_sigma} and {t.spike_guard_window}")
-    if v.steps == 0 or v.steps < -1:
-        raise ConfigError(f"validation.steps must be -1 (the whole set) or >= 1, got {v.steps}")
-    for key in ("data_parallel_replicate_degree", "tensor_parallel_degree", "pipeline_parallel_degree",
-                "context_parallel_degree", "pipeline_parallel_microbatch_size"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"parallelism.{key} must be >= 1, got {getattr(p, key)}")
-    if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
-        raise ConfigError("parallelism.data_parallel_shard_degree must be -1 or >= 1, got "
-                          f"{p.data_parallel_shard_degree}")
-    ac = cfg.activation_checkpoint
-    if ac.mode == "selective" and ac.selective_ac_option != "op":
-        if not ac.selective_ac_option.isdigit() or int(ac.selective_ac_option) < 1:
-            raise ConfigError("activation_checkpoint.selective_ac_option must be 'op' or a positive integer, got "
-                              f"{ac.selective_ac_option!r}")
-    for c in cfg.compile.components:
-        if c not in ("model", "loss"):
-            raise ConfigError(f"compile.components: {c!r} is not one of model, loss")
-    if cfg.checkpoint.keep_latest_k < 0:
-        raise ConfigError(f"checkpoint.keep_latest_k must be >= 0, got {cfg.checkpoint.keep_latest_k}")
-    if p.pipeline_parallel_schedule == "CSV" and not p.pipeline_parallel_schedule_csv:
-        raise ConfigError("parallelism.pipeline_parallel_schedule = CSV needs "
-                          "parallelism.pipeline_parallel_schedule_csv")
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return repr(v)
 
 
-def to_toml(cfg: JobConfig) -> str:
-    """Render the resolved config as TOML (what --job.print_config shows)."""
-    def fmt(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return repr(v)
-
+def to_toml(cfg: JobConfig, origins: bool = False) -> str:
+    """The resolved config as TOML (what --job.print_config shows); with origins, each value is followed by
+    where it came from: default, a file, or the command line."""
     out = []
     for section, values in asdict(cfg).items():
         out.append(f"[{section}]")
         for k, v in values.items():
-            if v is None:
-                out.append(f"# {k} is unset")
-            else:
-                out.append(f"{k} = {fmt(v)}")
+            line = f"# {k} is unset" if v is None else f"{k} = {_fmt(v)}"
+            if origins:
+                origin = cfg.set_by.get(f"{section}.{k}", "default")
+                line = f"{line:<60}  # {'command line' if origin == 'cli' else origin}"
+            out.append(line)
         out.append("")
     return "\n".join(out)
 

@@ -69,27 +69,27 @@ class MemmapInstances:
 
     def __init__(self, paths: list[str], dtype: str, seq_len: int, mask_paths: list[str] | None = None):
         if not paths:
-            raise DataError("training.memmap_paths is empty: list the token files to train on")
+            raise DataError("data.memmap_paths is empty: list the token files to train on")
         if dtype not in DTYPES:
-            raise DataError(f"training.memmap_dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            raise DataError(f"data.memmap_dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if mask_paths and len(mask_paths) != len(paths):
-            raise DataError(f"training.memmap_label_mask_paths has {len(mask_paths)} files but "
-                             f"training.memmap_paths has {len(paths)}: give one mask file per token file")
+            raise DataError(f"data.memmap_label_mask_paths has {len(mask_paths)} files but "
+                             f"data.memmap_paths has {len(paths)}: give one mask file per token file")
         self.dtype, self.np_dtype, self.seq_len = dtype, DTYPES[dtype], seq_len
         itemsize = np.dtype(self.np_dtype).itemsize
         files, first = [], 0
         for i, path in enumerate(paths):
             if not os.path.isfile(path):
-                raise DataError(f"training.memmap_paths: {path}: no such file")
+                raise DataError(f"data.memmap_paths: {path}: no such file")
             size = os.path.getsize(path)
             if size % itemsize:
                 raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} tokens; "
-                                 f"is training.memmap_dtype right?")
+                                 f"is data.memmap_dtype right?")
             n_tok = size // itemsize
             mask = mask_paths[i] if mask_paths else None
             if mask is not None:
                 if not os.path.isfile(mask):
-                    raise DataError(f"training.memmap_label_mask_paths: {mask}: no such file")
+                    raise DataError(f"data.memmap_label_mask_paths: {mask}: no such file")
                 if os.path.getsize(mask) != n_tok:
                     raise DataError(f"label mask {mask} has {os.path.getsize(mask)} entries but {path} has "
                                      f"{n_tok} tokens: a mask file holds one bool byte per token")
@@ -199,7 +199,7 @@ class DataOrder:
             if not ignore_mismatch:
                 raise DataError(
                     f"{self.meta_path} describes another dataset or seed (differs in: {differs}); this run's data "
-                    f"order would change. Use a new job.dump_folder, or set training.data_order_ignore_fingerprint "
+                    f"order would change. Use a new job.dump_folder, or set data.data_order_ignore_fingerprint "
                     f"= true to rebuild the order for the current files")
             logger.warning("data order: %s differs in %s; rebuilding it for the current files", self.meta_path, differs)
         # Remove the description first: other ranks wait for a matching one, so they never read stale orders.
@@ -282,9 +282,9 @@ class MemmapDataset(IterableDataset):
             if not self.ignore_fingerprint:
                 raise DataError(f"memmap data changed since the checkpoint was written ({msg}); resuming would "
                                  f"replay or skip data. Restore the files, or set "
-                                 f"training.data_order_ignore_fingerprint = true to continue on the new files")
+                                 f"data.data_order_ignore_fingerprint = true to continue on the new files")
             logger.warning("memmap data changed since the checkpoint (%s); continuing as asked "
-                           "(training.data_order_ignore_fingerprint)", msg)
+                           "(data.data_order_ignore_fingerprint)", msg)
         if state["seed"] != self.order.seed and not self.ignore_fingerprint:
             raise DataError(f"the checkpoint's data order used seed {state['seed']} but training.seed is "
                              f"{self.order.seed}; set training.seed = {state['seed']} to continue the same order")
@@ -355,14 +355,14 @@ def order_meta(instances: MemmapInstances, seed: int) -> dict:
             "fingerprint": instances.fingerprint(), "seq_len": instances.seq_len, "dtype": instances.dtype}
 
 
-def build_memmap_dataset(cfg, dp_rank: int, dp_degree: int, dump_folder: str) -> MemmapDataset:
-    """cfg: the [training] section."""
-    instances = MemmapInstances(list(cfg.memmap_paths), cfg.memmap_dtype, cfg.seq_len,
-                                list(cfg.memmap_label_mask_paths) or None)
-    seed = cfg.seed if cfg.seed is not None else 0
+def build_memmap_dataset(data, *, seq_len: int, local_batch_size: int, global_batch_size: int, seed: int,
+                         dp_rank: int, dp_degree: int, dump_folder: str) -> MemmapDataset:
+    """data: the [data] section; global_batch_size: sequences per optimizer step over all dp ranks."""
+    instances = MemmapInstances(list(data.memmap_paths), data.memmap_dtype, seq_len,
+                                list(data.memmap_label_mask_paths) or None)
     order = DataOrder(dump_folder, order_meta(instances, seed))
-    order.prepare(ignore_mismatch=cfg.data_order_ignore_fingerprint)
-    logger.info("memmap data: %d instances of %d tokens from %d files (fingerprint %s)", len(instances), cfg.seq_len,
+    order.prepare(ignore_mismatch=data.data_order_ignore_fingerprint)
+    logger.info("memmap data: %d instances of %d tokens from %d files (fingerprint %s)", len(instances), seq_len,
                 len(instances.files), instances.fingerprint())
-    return MemmapDataset(instances, order, cfg.local_batch_size, dp_rank, dp_degree, cfg.global_batch_size,
-                         ignore_fingerprint=cfg.data_order_ignore_fingerprint)
+    return MemmapDataset(instances, order, local_batch_size, dp_rank, dp_degree, global_batch_size,
+                         ignore_fingerprint=data.data_order_ignore_fingerprint)

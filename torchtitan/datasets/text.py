@@ -42,14 +42,14 @@ def _local_files(path: str) -> tuple[str, list[str]]:
         files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs
                        if os.path.splitext(f)[1] in _LOCAL_FORMATS)
         if not files:
-            raise DataError(f"training.dataset_path {path}: no {'/'.join(sorted(_LOCAL_FORMATS))} files in this folder")
+            raise DataError(f"data.dataset_path {path}: no {'/'.join(sorted(_LOCAL_FORMATS))} files in this folder")
     elif os.path.isfile(path):
         files = [path]
     else:
-        raise DataError(f"training.dataset_path {path}: no such file or folder")
+        raise DataError(f"data.dataset_path {path}: no such file or folder")
     kinds = {_LOCAL_FORMATS.get(os.path.splitext(f)[1]) for f in files}
     if None in kinds or len(kinds) != 1:
-        raise DataError(f"training.dataset_path {path}: files must all be one of {', '.join(sorted(_LOCAL_FORMATS))}")
+        raise DataError(f"data.dataset_path {path}: files must all be one of {', '.join(sorted(_LOCAL_FORMATS))}")
     return kinds.pop(), files
 
 
@@ -69,8 +69,8 @@ class DocumentSource:
 
             ds = datasets.load_dataset(kind, data_files=files, split="train")
             if text_field not in ds.column_names:
-                raise DataError(f"training.dataset_path {path}: no column '{text_field}' "
-                                 f"(columns: {', '.join(ds.column_names)}); set training.dataset_text_field")
+                raise DataError(f"data.dataset_path {path}: no column '{text_field}' "
+                                 f"(columns: {', '.join(ds.column_names)}); set data.dataset_text_field")
             self._docs = ds
         elif name == "pydoc":
             self._docs = pydoc_documents()

@@ -21,8 +21,9 @@ other ranks one of two ways (parallelism.context_parallel_rotate_method):
   larger messages; the layer's whole K/V is held for its backward.
 
 torch's experimental `context_parallel` is not used: it has no CPU sharding
-strategy (shared/TORCH_ON_CPU.md) and shards the batch itself inside a context
-manager, which would bypass `shard_sequence`.
+strategy (docs/debugging.md, "torch.distributed on CPU (gloo): what works and
+what does not") and shards the batch itself inside a context manager, which
+would bypass `shard_sequence`.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from torchtitan.ops.attention import CAUSAL, AttentionCore, AttentionMask
 from torchtitan.ops.blockwise import BlockPlan, Span, blockwise_attention
-from torchtitan.tools.errors import ConfigError
 
 ROTATE_METHODS = ("allgather", "alltoall")
 
@@ -50,7 +50,7 @@ def shard_sequence(inputs: torch.Tensor, labels: torch.Tensor, cp_size: int,
     bsz, seqlen = inputs.shape[:2]
     if seqlen % (2 * cp_size):
         raise ValueError(f"sequence length {seqlen} is not divisible by 2 x context_parallel_degree = {2 * cp_size}"
-                         f" (preflight rejects such configs)")
+                         f" (trainer/checks.py rejects such configs)")
     chunk = seqlen // (2 * cp_size)
     first, second = chunk_ids(cp_size, cp_rank)
     idx = torch.cat([torch.arange(first * chunk, (first + 1) * chunk),
@@ -170,9 +170,6 @@ class ContextParallelAttention(AttentionCore):
 
 def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, rotate_method: str) -> None:
     """Replace every block's `attention.sdpa` with a context-parallel one over `cp_mesh`."""
-    if rotate_method not in ROTATE_METHODS:
-        raise ConfigError(f"parallelism.context_parallel_rotate_method = {rotate_method!r}; "
-                         f"valid: {', '.join(ROTATE_METHODS)}")
     group = cp_mesh.get_group()
     for block in model.layers.values():
         core: AttentionCore = block.attention.sdpa

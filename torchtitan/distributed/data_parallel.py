@@ -1,11 +1,23 @@
 """FSDP2 / HSDP and DDP over the data-parallel dims of the mesh."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
+
+
+@dataclass(frozen=True)
+class FSDPSettings:
+    """What FSDP is told, decided once by the job's plan (trainer/plan.py)."""
+
+    param_dtype: torch.dtype  # compute dtype of gathered parameters
+    reduce_dtype: torch.dtype  # gradient reduce-scatter dtype
+    reshard_after_forward: bool
+    cpu_offload: bool = False
 
 
 def reshard_policy(setting: str, pp_enabled: bool) -> bool:

@@ -5,12 +5,15 @@ data_parallel_replicate_degree 1; FSDP/TP/PP/CP work inside it as without fault 
 of every group talks to rank r of the others through torchft's reconfigurable process group, which the Manager
 rebuilds for the replica groups present at each step (the quorum, from the lighthouse).
 
+Fault tolerance off is SingleGroup: the same interface, every hook the identity. The torchft groups are two
+classes, SyncReplicaGroups and DiLoCoGroups (build_replica_groups picks).
+
 One step, synchronous mode (docs/fault_tolerance.md):
   start_step()    quorum; a group behind the others (a restarted one) loads model, optimizer, LR schedule, data
                   position, train state from a live peer here, over torchft's HTTP transport: no checkpoint is read
   sum()           labelled tokens and loss summed over the groups present, so the loss normalizer is theirs
   reduce_grads()  gradients summed over the groups present (each is already scaled by the global token count)
-  should_commit() the ranks of this group agree no collective failed; if a group died mid-step, the survivors do
+  commit()        the ranks of this group agree no collective failed; if a group died mid-step, the survivors do
                   not update and redo the step with the next quorum (the data position moves only on commit). A
                   group that committed a step another did not is ahead at the next quorum and heals it
 
@@ -22,7 +25,7 @@ Semi-synchronous mode, fault_tolerance.semi_sync_method = "diloco" (torchft's Di
 cross-group collective in a step; each group takes sync_steps (H) optimizer steps on its own block of the global
 sample order, then sync(): quorum (a group behind is healed here), pseudo-gradients (weights at the last sync minus
 this group's weights) averaged over the groups present, the block ids they trained summed into one list, commit,
-outer SGD step from the last sync's weights. Every quorum is a sync, the first (join()) included: a restarted group
+outer SGD step from the last sync's weights. Every quorum is a sync, the first (resume()) included: a restarted group
 waits in it for the next sync of the live ones, is healed from one of them (its weights, inner optimizer, DiLoCo's
 last-sync weights and outer momentum, data state) and takes part in that sync with the copied pseudo-gradient, so
 both leave the sync with bitwise the same weights. A sync that does not commit leaves the weights of the last one.
@@ -43,29 +46,11 @@ from torch.distributed.tensor import DTensor
 
 from torchtitan.config.job_config import FaultTolerance
 from torchtitan.distributed.parallel_dims import ParallelDims
-from torchtitan.tools.errors import ConfigError
 
 logger = logging.getLogger("torchtitan")
 
 # Gradients are all-reduced in flat buckets of at most this many elements: one collective per bucket.
 BUCKET_ELEMENTS = 1 << 24
-
-
-def check_fault_tolerance(cfg: FaultTolerance, dims: ParallelDims) -> None:
-    if not 0 <= cfg.replica_id < cfg.group_size:
-        raise ConfigError(f"fault_tolerance.replica_id = {cfg.replica_id} must be in 0..group_size-1 "
-                          f"(fault_tolerance.group_size = {cfg.group_size})")
-    if not 1 <= cfg.min_replica_size <= cfg.group_size:
-        raise ConfigError(f"fault_tolerance.min_replica_size = {cfg.min_replica_size} must be in 1..group_size "
-                          f"({cfg.group_size})")
-    if dims.dp_replicate != 1:
-        raise ConfigError(f"parallelism.data_parallel_replicate_degree = {dims.dp_replicate}: with fault tolerance "
-                          "the replicate dimension is fault_tolerance.group_size (one torchrun job per replica "
-                          "group); set data_parallel_replicate_degree = 1")
-    if not (cfg.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")):
-        raise ConfigError("fault_tolerance.enable needs the lighthouse address: fault_tolerance.lighthouse = "
-                          "http://host:29510 or TORCHFT_LIGHTHOUSE (start it with `torchft_lighthouse "
-                          "--min_replicas 1`)")
 
 
 def _to_local(x):
@@ -103,13 +88,67 @@ class _LiveState:
         self.obj.load_state_dict(_like(state, self.obj.state_dict()))
 
 
-class ReplicaGroups:
-    """This replica group's view of the others: quorum, cross-group reductions, commit (torchft Manager)."""
+class SingleGroup:
+    """Fault tolerance off: this job is the only replica group. The same interface as the torchft groups, each
+    hook the identity, so the loop and the step have no fault-tolerance branches."""
+
+    data_order = "local"  # each dp rank reads its own share (components/dataloader.py)
+    present, rank, sync_steps = 1, 0, 1
+    saves_checkpoints = True
+
+    def __init__(self, log_folder: str):
+        self.log_folder = log_folder
+
+    def register_state(self, states: dict[str, Stateful], model_parts: list[torch.nn.Module], optimizers) -> None:
+        """What a peer that recovers from this group would receive (nothing: there are no peers)."""
+
+    def resume(self, load: Callable[[], int]) -> int:
+        """The step to start from: load() reads the checkpoint (0: none); a torchft group may be healed instead."""
+        return load()
+
+    def start_step(self) -> None:
+        """Before a step's data is read: the step's quorum under fault tolerance."""
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the replica groups present."""
+        return x
+
+    def reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Gradients summed over the replica groups present."""
+
+    def commit(self) -> bool:
+        """Whether the step may update the weights (False: a group failed mid-step; redo it)."""
+        return True
+
+    def end_step(self, step: int) -> None:
+        """After the update: the semi-synchronous groups' sync, every sync_steps steps."""
+
+    def metrics(self) -> dict:
+        """What goes into the step's logged record."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def build_replica_groups(cfg: FaultTolerance, dims: ParallelDims, device: torch.device,
+                         dump_folder: str) -> SingleGroup:
+    """This job's replica group: alone, or one of cfg.group_size under torchft (synchronous or DiLoCo). Each
+    torchft group logs to its own folder."""
+    if not cfg.enable:
+        return SingleGroup(dump_folder)
+    cls = SyncReplicaGroups if cfg.semi_sync_method == "sync" else DiLoCoGroups
+    return cls(cfg, dims, device, os.path.join(dump_folder, f"replica_{cfg.replica_id}"))
+
+
+class _TorchftGroups(SingleGroup):
+    """This replica group's view of the others through torchft's Manager: quorum, cross-group reductions,
+    commit, live recovery, and the per-step record in {log_folder}/steps_rank{rank}.jsonl."""
 
     def __init__(self, cfg: FaultTolerance, dims: ParallelDims, device: torch.device, log_folder: str):
         from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 
-        check_fault_tolerance(cfg, dims)
+        super().__init__(log_folder)
         self.cfg, self.device = cfg, device
         timeout = timedelta(seconds=cfg.timeout_seconds)
         self.pg = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
@@ -126,13 +165,7 @@ class ReplicaGroups:
         self._on_commit: list[Callable[[int, int, int], dict]] = []
         self._last_quorum: tuple[int, int] | None = None
         self._model: Stateful | None = None
-        self._joined = False
-        self.synchronous = cfg.semi_sync_method == "sync"
-        self.sync_steps = 1 if self.synchronous else cfg.sync_steps
-        self._diloco_fragment = None  # torchft's DiLoCo fragment (semi-synchronous mode), set by register_state
         self._train_state: Stateful | None = None
-        self._block: Callable[[], int] | None = None  # the data block this group trained since the last sync
-        self._settle: Callable[[bool, list[int]], dict] | None = None
         os.makedirs(log_folder, exist_ok=True)
         self._log_path = os.path.join(log_folder, f"steps_rank{rank}.jsonl")
 
@@ -140,82 +173,26 @@ class ReplicaGroups:
     def replica_id(self) -> int:
         return self.cfg.replica_id
 
-    def register_state(self, states: dict[str, Stateful], model_parts: list[torch.nn.Module] | None = None,
-                       optimizers=None) -> None:
-        """What a recovering peer receives from this group (the checkpointed state, shard by shard); in
-        semi-synchronous mode also DiLoCo's state, over `model_parts` trained by `optimizers` (the inner ones)."""
+    @property
+    def saves_checkpoints(self) -> bool:
+        """One group writes the checkpoints: the first of this step's quorum."""
+        return self.rank == 0
+
+    def register_state(self, states: dict[str, Stateful], model_parts: list[torch.nn.Module], optimizers) -> None:
+        """What a recovering peer receives from this group: the checkpointed state, shard by shard."""
         for key, obj in states.items():
             live = _LiveState(obj)
             self.manager.register_state_dict_fn(key, live.load, live.save)
         self._model = states.get("model")
         self._train_state = states.get("train_state")
-        if not self.synchronous:
-            self._diloco_fragment = self._build_diloco(model_parts, optimizers)
-
-    def _build_diloco(self, model_parts: list[torch.nn.Module], optimizers):
-        from torchft.local_sgd import DiLoCo
-
-        if model_parts is None or len(model_parts) != 1 or len(optimizers.optimizers) != 1:
-            raise ConfigError("fault_tolerance.semi_sync_method = diloco needs one model part per rank (no pipeline "
-                              "parallelism)")
-        params = list(model_parts[0].parameters())
-        outer = torch.optim.SGD(params, lr=self.cfg.outer_lr, momentum=self.cfg.outer_momentum,
-                                nesterov=self.cfg.outer_momentum > 0)
-        # DiLoCo registers its state (weights at the last sync, outer optimizer) for healing and keeps that copy on
-        # the CPU. It is not entered as a context manager: its optimizer hooks would sync on the H-th call of
-        # optimizer.step(), which a step skipped by the non-finite or spike guard does not make, and they start the
-        # quorum themselves; sync() below drives the fragment at the H-th *step* instead, with the block exchange
-        # before the commit. torchft 0.2.0 has no public handle on the fragment: `_fragments` is its own attribute.
-        diloco = DiLoCo(self.manager, model_parts, optimizers.optimizers[0], outer, sync_every=self.sync_steps,
-                        pin_memory=False)
-        return diloco._fragments[0]
-
-    def on_sync(self, block: Callable[[], int], settle: Callable[[bool, list[int]], dict]) -> None:
-        """Semi-synchronous data accounting: block() is the data block this group trained since the last sync (-1:
-        none); settle(committed, blocks) gets the blocks of every group in a committed sync (none if it did not
-        commit) and returns what goes into the sync's record."""
-        self._block, self._settle = block, settle
 
     def on_commit(self, fn: Callable[[int, int, int], dict]) -> None:
         """fn(step, present, rank) after every committed step (the data position moves only then); what it
         returns goes into this step's record in steps_rank{rank}.jsonl."""
         self._on_commit.append(fn)
 
-    def join(self) -> bool:
-        """The first quorum, before anything is loaded: True when live groups are ahead and this group was healed
-        from one of them (then no checkpoint is read). This quorum is the first step's; in semi-synchronous mode it
-        is a sync (the live groups' next one)."""
-        if not self.synchronous:
-            return self.sync()
-        self._start_quorum()
-        self._joined = True
-        healed = self.manager.current_step() > 0
-        if not healed:
-            # The job (re)starts: its first step commits only with every group present, so groups started together
-            # train step 1 together rather than racing to the lighthouse (the first there would train alone and
-            # heal the others). torchft 0.2.0 reads this attribute at should_commit; it is reset at the first commit.
-            self.manager._min_replica_size = self.cfg.group_size
-        return healed
-
-    def set_step(self, step: int) -> None:
-        """The step this group resumes from (a checkpoint): the quorum heals groups behind the furthest one."""
-        if self.synchronous:
-            self.manager.load_state_dict({"step": step, "batches_committed": 0})
-            return
-        # Semi-synchronous: the manager counts syncs (join()'s one included); the checkpoint's weights are the last
-        # sync's (checkpoints fall on syncs), the outer momentum starts again from zero (it is not checkpointed).
-        self.manager.load_state_dict({"step": step // self.sync_steps + 1, "batches_committed": 0})
-        self._diloco_fragment.save_parameters()
-
-    def start_step(self) -> None:
-        """Join this step's quorum; a group behind the others is healed from a live peer before returning. In
-        semi-synchronous mode the quorum comes with the sync (end_step)."""
-        if not self.synchronous:
-            return
-        if self._joined:  # join() took this step's quorum
-            self._joined = False
-            return
-        self._start_quorum()
+    def metrics(self) -> dict:
+        return {"replicas": self.present}
 
     def _start_quorum(self) -> None:
         self.manager.start_quorum()
@@ -224,10 +201,68 @@ class ReplicaGroups:
         self.present = self.manager.num_participants()
         self.rank = self.manager.participating_rank() or 0
         if (self.present, self.rank) != self._last_quorum:
-            at = "step" if self.synchronous else "sync"  # DiLoCo: the manager counts syncs
+            at = self.quorum_unit
             logger.info(f"fault tolerance: replica group {self.cfg.replica_id} is {self.rank} of {self.present} "
                         f"present at {at} {self.manager.current_step() + 1} (min {self.cfg.min_replica_size})")
             self._last_quorum = (self.present, self.rank)
+
+    def _record(self, step: int) -> dict:
+        record = {"step": step, "replica": self.cfg.replica_id, "present": self.present, "rank": self.rank}
+        for fn in self._on_commit:
+            record.update(fn(step, self.present, self.rank))
+        return record
+
+    def _write(self, record: dict, digest: bool = False) -> None:
+        if digest and self.cfg.log_weight_digest and self._model is not None:
+            record["weights"] = self._weight_digest()
+        with open(self._log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _weight_digest(self) -> str:
+        """sha256 of this rank's weight shards as the step begins (before its update; DiLoCo: after the sync):
+        equal across groups means bitwise-equal weights."""
+        h = hashlib.sha256()
+        for name, value in sorted(_to_local(self._model.state_dict()).items()):
+            h.update(name.encode())
+            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def close(self) -> None:
+        self.manager.shutdown(wait=False)
+
+
+class SyncReplicaGroups(_TorchftGroups):
+    """Synchronous mode: tokens, loss and gradients summed over the groups present at every step, which commits
+    only if no cross-group collective failed."""
+
+    data_order = "global"  # the groups present take consecutive blocks of one global order (ReplicaDataloader)
+    quorum_unit = "step"  # what the manager counts
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._joined = False
+
+    def resume(self, load: Callable[[], int]) -> int:
+        """The first quorum, before anything is loaded: a group behind live ones is healed from one of them (no
+        checkpoint is read); otherwise the checkpoint's step, which the quorum uses to heal groups behind it."""
+        self._start_quorum()
+        self._joined = True
+        if self.manager.current_step() > 0:
+            return self._train_state.step
+        # The job (re)starts: its first step commits only with every group present, so groups started together
+        # train step 1 together rather than racing to the lighthouse (the first there would train alone and heal
+        # the others). torchft 0.2.0 reads this attribute at should_commit; it is reset at the first commit.
+        self.manager._min_replica_size = self.cfg.group_size
+        step = load()
+        self.manager.load_state_dict({"step": step, "batches_committed": 0})
+        return step
+
+    def start_step(self) -> None:
+        """Join this step's quorum; a group behind the others is healed from a live peer before returning."""
+        if self._joined:  # resume() took this step's quorum
+            self._joined = False
+            return
+        self._start_quorum()
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over the groups present (a failed collective leaves garbage and fails the commit)."""
@@ -257,30 +292,70 @@ class ReplicaGroups:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
 
-    def should_commit(self) -> bool:
+    def commit(self) -> bool:
         """Whether every group present finished the step; if so, the commit hooks run."""
-        ok = self.manager.should_commit()
-        if ok:
-            self.manager._min_replica_size = self.cfg.min_replica_size
-            step = self.manager.current_step()
-            record = {"step": step, "replica": self.cfg.replica_id, "present": self.present, "rank": self.rank}
-            for fn in self._on_commit:
-                record.update(fn(step, self.present, self.rank))
-            if self.cfg.log_weight_digest and self._model is not None:
-                record["weights"] = self._weight_digest()
-            with open(self._log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        else:
+        if not self.manager.should_commit():
             logger.warning(f"fault tolerance: step {self.manager.current_step() + 1} not committed "
                            f"({self.manager.errored()}); redoing it with the next quorum")
-        return ok
+            return False
+        self.manager._min_replica_size = self.cfg.min_replica_size
+        self._write(self._record(self.manager.current_step()), digest=True)
+        return True
+
+
+class DiLoCoGroups(_TorchftGroups):
+    """Semi-synchronous mode (torchft's DiLoCo, one fragment): each group takes sync_steps optimizer steps on its
+    own data block, then the groups present average their pseudo-gradients and take an outer SGD step."""
+
+    data_order = "blocks"  # each group trains a block of the global order per sync (BlockDataloader)
+    quorum_unit = "sync"
+
+    def __init__(self, cfg: FaultTolerance, *args, **kwargs):
+        super().__init__(cfg, *args, **kwargs)
+        self.sync_steps = cfg.sync_steps
+        self._fragment = None  # torchft's DiLoCo fragment, built by register_state
+        self._block: Callable[[], int] | None = None  # the data block this group trained since the last sync
+        self._settle: Callable[[bool, list[int]], dict] | None = None
+
+    def register_state(self, states: dict[str, Stateful], model_parts: list[torch.nn.Module], optimizers) -> None:
+        """Also DiLoCo's state, over `model_parts` trained by `optimizers` (the inner ones)."""
+        super().register_state(states, model_parts, optimizers)
+        from torchft.local_sgd import DiLoCo
+
+        (part,) = model_parts  # trainer/checks.py: one model part per rank (no pipeline parallel)
+        params = list(part.parameters())
+        outer = torch.optim.SGD(params, lr=self.cfg.outer_lr, momentum=self.cfg.outer_momentum,
+                                nesterov=self.cfg.outer_momentum > 0)
+        # DiLoCo registers its state (weights at the last sync, outer optimizer) for healing and keeps that copy on
+        # the CPU. It is not entered as a context manager: its optimizer hooks would sync on the H-th call of
+        # optimizer.step(), which a step skipped by the non-finite or spike guard does not make, and they start the
+        # quorum themselves; sync() below drives the fragment at the H-th *step* instead, with the block exchange
+        # before the commit. torchft 0.2.0 has no public handle on the fragment: `_fragments` is its own attribute.
+        diloco = DiLoCo(self.manager, model_parts, optimizers.optimizers[0], outer, sync_every=self.sync_steps,
+                        pin_memory=False)
+        self._fragment = diloco._fragments[0]
+
+    def on_sync(self, block: Callable[[], int], settle: Callable[[bool, list[int]], dict]) -> None:
+        """Data accounting: block() is the data block this group trained since the last sync (-1: none);
+        settle(committed, blocks) gets the blocks of every group in a committed sync (none if it did not commit)
+        and returns what goes into the sync's record."""
+        self._block, self._settle = block, settle
+
+    def resume(self, load: Callable[[], int]) -> int:
+        """The first quorum is a sync (the live groups' next one): a restarted group waits in it and is healed
+        from a live group. Otherwise the checkpoint's step: its weights are the last sync's (checkpoints fall on
+        syncs), the outer momentum starts again from zero (it is not checkpointed)."""
+        if self.sync():
+            return self._train_state.step
+        step = load()
+        self.manager.load_state_dict({"step": step // self.sync_steps + 1, "batches_committed": 0})
+        self._fragment.save_parameters()
+        return step
 
     def end_step(self, step: int) -> None:
-        """Semi-synchronous mode, after this group's optimizer step: the step's record, and every sync_steps steps
-        the sync (its result goes into the same record)."""
-        record = {"step": step, "replica": self.cfg.replica_id, "present": self.present, "rank": self.rank}
-        for fn in self._on_commit:
-            record.update(fn(step, self.present, self.rank))
+        """After this group's optimizer step: the step's record, and every sync_steps steps the sync (its result
+        goes into the same record)."""
+        record = self._record(step)
         if step % self.sync_steps == 0:
             self.sync(step, record)
         else:
@@ -288,21 +363,20 @@ class ReplicaGroups:
 
     def sync(self, step: int | None = None, record: dict | None = None) -> bool:
         """DiLoCo's outer step across the groups present; True when this group was healed in its quorum. Without
-        `step` (join()), the step is the train state's after the quorum: a healed group's is the live ones'."""
+        `step` (resume()), the step is the train state's after the quorum: a healed group's is the live ones'."""
         before = self.manager.current_step()
         self._start_quorum()
         healed = self.manager.current_step() != before  # only a heal moves the step before the commit
         if step is None:
             step = self._train_state.step if self._train_state is not None else 0
-        fragment = self._diloco_fragment
-        fragment.prepare_sync()  # pseudo-gradients, average over the groups present started
+        self._fragment.prepare_sync()  # pseudo-gradients, average over the groups present started
         # The block each group trained, summed into one slot per group: the data that goes into this sync. A healed
         # group sends the pseudo-gradient it received, so it adds no data of its own.
         blocks = torch.zeros(max(self.present, 1), dtype=torch.float64, device=self.device)
         if not healed and self._block is not None and 0 <= self.rank < len(blocks):
             blocks[self.rank] = self._block() + 1
         self.manager.allreduce(blocks, reduce_op=dist.ReduceOp.SUM).wait()
-        committed = fragment.perform_sync()  # should_commit; if so, outer step from the last sync's weights
+        committed = self._fragment.perform_sync()  # should_commit; if so, outer step from the last sync's weights
         trained = sorted(int(b) - 1 for b in blocks.tolist() if b > 0) if committed else []
         record = dict(record or {"step": step, "replica": self.cfg.replica_id, "present": self.present,
                                  "rank": self.rank, "samples": []})
@@ -314,26 +388,3 @@ class ReplicaGroups:
                            f"weights stay those of the last sync")
         self._write(record, digest=True)
         return healed
-
-    def _write(self, record: dict, digest: bool = False) -> None:
-        if digest and self.cfg.log_weight_digest and self._model is not None:
-            record["weights"] = self._weight_digest()
-        with open(self._log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _weight_digest(self) -> str:
-        """sha256 of this rank's weight shards as the step begins (before its update; DiLoCo: after the sync):
-        equal across groups means bitwise-equal weights."""
-        h = hashlib.sha256()
-        for name, value in sorted(_to_local(self._model.state_dict()).items()):
-            h.update(name.encode())
-            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
-
-    @property
-    def saves_checkpoints(self) -> bool:
-        """One group writes the checkpoints: the first of this step's quorum."""
-        return self.rank == 0
-
-    def close(self) -> None:
-        self.manager.shutdown(wait=False)

@@ -11,8 +11,8 @@ Why it is built this way:
   trainer/step.py), passed to every micro-batch's loss as an argument, and the
   schedule is told not to rescale gradients (scale_grads=False), so gradients
   equal those of the same step without PP.
-- Everything that can be wrong in the config is checked by `check_pipeline_config`
-  before any process group exists (trainer/preflight.py calls it).
+- Everything that can be wrong in the config is checked by trainer/checks.py, which also runs
+  `plan_stages` (it refuses stage splits that cannot run), before any process group exists.
 """
 from __future__ import annotations
 
@@ -178,38 +178,7 @@ def plan_stages(p: Parallelism, n_layers: int) -> StagePlan:
     return StagePlan(layers=layers, stage_ranks=ranks)
 
 
-def check_pipeline_config(p: Parallelism, model_args, *, local_batch_size: int, compiled: bool, on_cpu: bool,
-                          model_label: str) -> None:
-    """Every pipeline constraint torch would otherwise report mid-run (or as a hang), as one ConfigError.
-
-    compiled: the model's blocks are compiled; on_cpu: the pipeline links run over gloo.
-    """
-    if p.pipeline_parallel_degree <= 1:
-        return
-    pp = p.pipeline_parallel_degree
-    plan = plan_stages(p, model_args.n_layers)
-    schedule, n_mb = p.pipeline_parallel_schedule, local_batch_size // p.pipeline_parallel_microbatch_size
-    if model_args.tie_word_embeddings:
-        raise ConfigError(f"{model_label} ties the embedding and output weights, which pipeline "
-                          f"parallel would place on different stages; set pipeline_parallel_degree = 1")
-    if schedule in ("1F1B", "DualPipeV") and n_mb < plan.num_stages:
-        raise ConfigError(f"schedule {schedule} needs at least as many micro-batches as stages ({plan.num_stages}): "
-                          f"training.local_batch_size / parallelism.pipeline_parallel_microbatch_size = {n_mb}")
-    rounds = max(1, n_mb // pp)
-    if schedule in ("Interleaved1F1B", "InterleavedZeroBubble") and n_mb % rounds:
-        raise ConfigError(f"schedule {schedule} runs micro-batches in rounds of pipeline_parallel_degree = {pp}: "
-                          f"{n_mb} micro-batches (training.local_batch_size / pipeline_parallel_microbatch_size) "
-                          f"do not split into {rounds} equal rounds; use a multiple of {pp}")
-    if schedule in NO_COMPILE_SCHEDULES and compiled:
-        raise ConfigError(f"schedule {schedule} splits backward into input and weight passes, which torch does not "
-                          f"support on compiled stages; set compile.enable = false or use Interleaved1F1B")
-    if schedule in V_SCHEDULES and on_cpu and _warmup_sends_to_self():
-        raise ConfigError(f"schedule {schedule} puts neighbouring stages on one rank, and torch {torch.__version__} "
-                          f"opens pipeline links with a send to that same rank, which gloo (CPU) cannot do; on CPU "
-                          f"use torch >= 2.12 or another schedule (Interleaved1F1B, InterleavedZeroBubble)")
-
-
-def _warmup_sends_to_self() -> bool:
+def warmup_sends_to_self() -> bool:
     """torch < 2.12 warms up every stage's links with a send/recv to both neighbours, its own rank included
     (NCCL allows that, gloo does not); later releases warm up with a vote that keeps local neighbours local."""
     from torch.distributed.pipelining.schedules import _PipelineSchedule

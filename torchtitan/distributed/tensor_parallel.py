@@ -13,8 +13,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.parallel import RowwiseParallel
 
-from torchtitan.tools.errors import ConfigError
-
 
 class EmbeddingParallel(RowwiseParallel):
     """RowwiseParallel for the embedding, handing the first block a tensor of its own.
@@ -80,10 +78,8 @@ class HeadShardedRMSNorm(nn.Module):
 
 
 def enable_async_tp(tp_mesh: DeviceMesh) -> None:
-    """Let inductor overlap TP collectives with matmuls (micro-pipelining over symmetric memory)."""
-    if tp_mesh.device_type != "cuda":
-        raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA (symmetric memory); "
-                          f"the tp mesh is on {tp_mesh.device_type}")
+    """Let inductor overlap TP collectives with matmuls (micro-pipelining over symmetric memory); CUDA only
+    (trainer/checks.py)."""
     from torch.distributed._symmetric_memory import enable_symm_mem_for_group
 
     torch._inductor.config._micro_pipeline_tp = True

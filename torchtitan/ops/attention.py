@@ -5,7 +5,7 @@ swaps in a subclass that passes K/V around the ranks) without the model knowing.
 Masks are defined by token positions, so one definition serves a local sequence
 and a context-parallel rank's chunks (their global positions).
 Backends: on Hopper the cuDNN kernel ran causal S=8192 D=128 forward+backward
-1.75x faster than flash (shared/bench/README.md).
+1.75x faster than flash (docs/debugging.md, "The torchtitan baseline").
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ schedule that needs more micro-batches) fails here too, in seconds, without GPUs
 
 Memory is read from the local shard shape of every parameter (DTensor
 `to_local()`), not from FakeTensorMode allocation tracking, which overcounts
-under tensor parallel (shared/TORCH_ON_CPU.md). Sharding plans are the same on
-every rank of a mesh dimension, so rank 0's TP/FSDP/EP shards stand for all ranks
+under tensor parallel (docs/debugging.md, "torch.distributed on CPU (gloo): what works and
+what does not"). Sharding plans are the same on every rank of a mesh dimension,
+so rank 0's TP/FSDP/EP shards stand for all ranks
 (FSDP pads every rank's shard to rank 0's size); pipeline stages differ, so every
 pipeline rank's stages are built and counted. What FSDP all-gathers is read off
 each parameter's placements too: dense weights over dp_shard_cp, a MoE layer's
@@ -28,11 +29,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torchtitan.config.job_config import JobConfig
-from torchtitan.distributed.data_parallel import reshard_policy
+from torchtitan.config.job_config import Parallelism
+from torchtitan.distributed.data_parallel import FSDPSettings
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import build_pipeline, build_stage_modules, plan_stages
-from torchtitan.tools.dtypes import DTYPES
 
 logger = logging.getLogger("torchtitan")
 
@@ -87,7 +87,7 @@ def _gathered_unit_bytes(module: nn.Module, dtype_bytes: int) -> int:
     return sum(_local(p).numel() * _fsdp_ranks(p) for p in module.parameters()) * dtype_bytes
 
 
-def count_memory(parts: list[nn.Module], dims: ParallelDims, cfg: JobConfig, pp_rank: int,
+def count_memory(parts: list[nn.Module], dims: ParallelDims, fsdp: FSDPSettings, pp_rank: int,
                  stages: list[int]) -> RankMemory:
     named = [(n, p) for part in parts for n, p in part.named_parameters()]
     local = [_local(p) for _, p in named]
@@ -99,8 +99,8 @@ def count_memory(parts: list[nn.Module], dims: ParallelDims, cfg: JobConfig, pp_
     optimizer_bytes = ADAM_STATES * grad_bytes
     gathered = 0
     if dims.fsdp_enabled:
-        dtype_bytes = DTYPES[cfg.training.mixed_precision_param].itemsize
-        if reshard_policy(cfg.parallelism.fsdp_reshard_after_forward, dims.pp_enabled):
+        dtype_bytes = fsdp.param_dtype.itemsize
+        if fsdp.reshard_after_forward:
             # Resharded after each unit's forward (apply_fsdp's units: embedding, each block with its experts,
             # norm + output): at most the current unit and the one prefetched are gathered.
             units = [m for part in parts for m in (part.tok_embeddings, *part.layers.values(), part.output)
@@ -116,17 +116,17 @@ def count_memory(parts: list[nn.Module], dims: ParallelDims, cfg: JobConfig, pp_
                       gathered_bytes=gathered)
 
 
-def _build_parts(model: nn.Module, dims: ParallelDims, cfg: JobConfig,
+def _build_parts(model: nn.Module, dims: ParallelDims, parallelism: Parallelism, local_batch_size: int,
                  parallelize: Callable[[nn.Module], nn.Module]) -> list[tuple[int, list[int], list[nn.Module]]]:
     """(pp rank, its stage indices, its parallelized modules) for every pipeline rank; `model` is on meta."""
     if not dims.pp_enabled:
         return [(0, [0], [parallelize(model)])]
     # Rank 0 goes through the trainer's own entry point (stages and schedule included), so the
     # schedule's constraints are checked; the other pipeline ranks only need their modules.
-    pipeline = build_pipeline(model, dims=dims, parallelism=cfg.parallelism,
-                              local_batch_size=cfg.training.local_batch_size, device=torch.device("meta"),
+    pipeline = build_pipeline(model, dims=dims, parallelism=parallelism,
+                              local_batch_size=local_batch_size, device=torch.device("meta"),
                               parallelize=parallelize, loss_fn=lambda pred, labels: pred.sum())
-    plan = plan_stages(cfg.parallelism, len(model.layers))
+    plan = plan_stages(parallelism, len(model.layers))
     out = [(0, plan.stages_of(0), pipeline.parts)]
     for r in range(1, dims.pp):
         built = build_stage_modules(model, plan, r, parallelize)
@@ -134,9 +134,9 @@ def _build_parts(model: nn.Module, dims: ParallelDims, cfg: JobConfig,
     return out
 
 
-def rank_memory_line(parts: list[nn.Module], dims: ParallelDims, cfg: JobConfig) -> str:
+def rank_memory_line(parts: list[nn.Module], dims: ParallelDims, fsdp: FSDPSettings) -> str:
     """memory_estimation.enabled in a real run: this rank's parameter, gradient and optimizer bytes."""
-    r = count_memory(parts, dims, cfg, pp_rank=0, stages=[])
+    r = count_memory(parts, dims, fsdp, pp_rank=0, stages=[])
     return (f"memory estimate for this rank: params {r.param_bytes / GIB:.2f} GiB, grads {r.grad_bytes / GIB:.2f} GiB, "
             f"AdamW {r.optimizer_bytes / GIB:.2f} GiB, FSDP gathered {r.gathered_bytes / GIB:.2f} GiB, "
             f"total {r.total_bytes / GIB:.2f} GiB (no activations)")
@@ -173,11 +173,11 @@ def expert_lines(model: nn.Module, parts: list[nn.Module], dims: ParallelDims) -
     return lines
 
 
-def format_table(rows: list[RankMemory], dims: ParallelDims, cfg: JobConfig, total_params: int,
+def format_table(rows: list[RankMemory], dims: ParallelDims, label: str, total_params: int,
                  notes: Sequence[str] = ()) -> str:
     experts = any(r.expert_params for r in rows)
     lines = [
-        f"dry run: {cfg.model.name} {cfg.model.flavor}, {total_params:,} parameters, world {dims.world_size} "
+        f"dry run: {label}, {total_params:,} parameters, world {dims.world_size} "
         f"(fake backend, meta device)",
         mesh_line(dims),
         *notes,
@@ -197,13 +197,13 @@ def format_table(rows: list[RankMemory], dims: ParallelDims, cfg: JobConfig, tot
     return "\n".join(lines)
 
 
-def dry_run(model: nn.Module, dims: ParallelDims, cfg: JobConfig,
-            parallelize: Callable[[nn.Module], nn.Module]) -> list[dict]:
+def dry_run(model: nn.Module, dims: ParallelDims, *, parallelism: Parallelism, fsdp: FSDPSettings,
+            local_batch_size: int, label: str, parallelize: Callable[[nn.Module], nn.Module]) -> list[dict]:
     """Pipeline and parallelize `model` (on meta) over the fake process group; print and return per-rank memory."""
     total_params = model.num_params()
-    built = _build_parts(model, dims, cfg, parallelize)
-    rows = [count_memory(parts, dims, cfg, r, stages) for r, stages, parts in built]
+    built = _build_parts(model, dims, parallelism, local_batch_size, parallelize)
+    rows = [count_memory(parts, dims, fsdp, r, stages) for r, stages, parts in built]
     notes = expert_lines(model, built[0][2], dims)
-    print(format_table(rows, dims, cfg, total_params, notes), flush=True)
+    print(format_table(rows, dims, label, total_params, notes), flush=True)
     logger.info("dry run finished: the sharding plan builds at this world size")
     return [asdict(r) | {"total_bytes": r.total_bytes} for r in rows]

@@ -30,7 +30,7 @@ from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.datasets import IGNORE_INDEX
 from torchtitan.distributed.context_parallel import shard_sequence
 from torchtitan.distributed.expert_parallel import reduce_partial_grads
-from torchtitan.distributed.fault_tolerance import ReplicaGroups
+from torchtitan.distributed.fault_tolerance import SingleGroup
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import Pipeline
 from torchtitan.distributed.utils import all_reduce_sum, clip_grad_norm_
@@ -63,7 +63,7 @@ class ModelRunner:
     pipeline: Pipeline | None = None
     cp_mesh: DeviceMesh | None = None  # context parallel: each rank keeps its share of the sequence
     loss_parallel: bool = False  # tensor parallel: the loss runs on vocab-sharded logits
-    autocast: torch.dtype | None = None  # mixed precision where FSDP does not provide it (trainer/preflight.py)
+    autocast: torch.dtype | None = None  # mixed precision where FSDP does not provide it (trainer/plan.py)
     document_eos_id: int | None = None  # document masking: attention stays inside EOS-delimited documents
     document_rope_restart: bool = False  # ... and RoPE positions restart in every document
 
@@ -118,25 +118,34 @@ class ModelRunner:
             return self._loss(inputs, labels, kwargs)
 
 
-def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tensor]], *, dims: ParallelDims,
-               optimizers: OptimizersContainer, lr_schedulers: LRSchedulersContainer, guard: NonFiniteGuard,
-               step: int, max_norm: float, after_update: Callable[[], None] | None = None,
-               spike_guard: SpikeGuard | None = None, balance: ExpertBalance | None = None,
-               replicas: ReplicaGroups | None = None) -> StepOutput:
+@dataclass(frozen=True)
+class StepHooks:
+    """What a step consults besides the model and the optimizer, declared once by the trainer."""
+
+    guard: NonFiniteGuard  # a non-finite gradient norm turns the update into a no-op
+    groups: SingleGroup  # the replica groups: SingleGroup without fault tolerance, every hook the identity
+    spike_guard: SpikeGuard | None = None  # skip the update of a loss or gradient-norm spike
+    balance: ExpertBalance | None = None  # MoE routing statistics over the global batch
+    after_update: Callable[[], None] | None = None  # after the optimizer (float8 scales)
+
+
+def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tensor]], *, step: int,
+               dims: ParallelDims, optimizers: OptimizersContainer, lr_schedulers: LRSchedulersContainer,
+               max_norm: float, hooks: StepHooks) -> StepOutput:
     """One optimizer step over `batches` (the step's micro-batches of (inputs, labels), local to this dp rank).
 
-    With fault tolerance (`replicas`), synchronous mode, tokens, loss and gradients are also summed over the replica
-    groups present, and the update happens only if the step commits (torchft: no cross-group collective failed).
+    Under fault tolerance, synchronous mode, tokens, loss and gradients are also summed over the replica groups
+    present, and the update happens only if the step commits (torchft: no cross-group collective failed).
     Semi-synchronous mode (DiLoCo): the step is this group's alone; every sync_steps steps, after the update, the
-    groups sync their weights (ReplicaGroups.end_step)."""
+    groups sync their weights (hooks.groups.end_step)."""
+    groups, balance = hooks.groups, hooks.balance
     if balance is not None:
         routing_pass = balance.routing_pass_needed(len(batches), runner.pipeline is not None)
         balance.begin_step((lambda: [runner.forward_eval(i, lb) for i, lb in batches]) if routing_pass else None)
     n_local = sum((labels != IGNORE_INDEX).sum() for _, labels in batches)
     # Labels are counted before context-parallel sharding, so cp ranks hold the same count: sum over dp only.
-    n_global = all_reduce_sum(n_local.to(runner.device), dims.group("dp"))
-    if replicas is not None and replicas.synchronous:
-        n_global = replicas.sum(n_global)  # the normalizer of the groups present: their global batch
+    # Then over the replica groups present: the normalizer is their global batch.
+    n_global = groups.sum(all_reduce_sum(n_local.to(runner.device), dims.group("dp")))
     # Gradient reduction averages over dp x cp; undo that so gradients are of the global mean.
     scale = dims.dp * dims.cp / n_global.clamp(min=1).float()
     loss_sum = torch.zeros((), device=runner.device)
@@ -150,25 +159,23 @@ def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tens
             loss_sum = loss_sum + loss
     params = [p for part in runner.parts for p in part.parameters()]
     reduce_partial_grads(params)
-    if replicas is not None and replicas.synchronous:
-        replicas.reduce_grads(params)
-        loss_sum = replicas.sum(loss_sum)  # rank r of each group: global_mean_loss then sums inside the group
-        if not replicas.should_commit():
-            optimizers.zero_grad()
-            return StepOutput(loss_sum, n_global, torch.zeros((), device=runner.device), committed=False)
+    groups.reduce_grads(params)
+    loss_sum = groups.sum(loss_sum)  # rank r of each group: global_mean_loss then sums inside the group
+    if not groups.commit():
+        optimizers.zero_grad()
+        return StepOutput(loss_sum, n_global, torch.zeros((), device=runner.device), committed=False)
     grad_norm = clip_grad_norm_(params, max_norm, pp_group=dims.group("pp"))
-    skip = guard.skip(step, grad_norm)
-    if spike_guard is not None:
+    skip = hooks.guard.skip(step, grad_norm)
+    if hooks.spike_guard is not None:
         # The global mean loss, reduced on the device (collectives, no host sync), so every rank decides alike.
         mean_loss = all_reduce_sum(all_reduce_sum(loss_sum, dims.group("dp_cp")), dims.group("pp")) / n_global
-        skip = skip | spike_guard.skip(mean_loss, grad_norm)
+        skip = skip | hooks.spike_guard.skip(mean_loss, grad_norm)
     optimizers.step(skip=skip)
-    if after_update is not None:
-        after_update()
+    if hooks.after_update is not None:
+        hooks.after_update()
     if balance is not None:
         balance.end_step(skip)
     lr_schedulers.step()
     optimizers.zero_grad()
-    if replicas is not None and not replicas.synchronous:
-        replicas.end_step(step)  # DiLoCo: the step's record; every sync_steps steps, the sync across groups
+    groups.end_step(step)  # DiLoCo: the step's record; every sync_steps steps, the sync across groups
     return StepOutput(loss_sum, n_global, grad_norm)

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from torchtitan.components.dataloader import collate
-from torchtitan.config.job_config import Training, Validation
+from torchtitan.config.job_config import Data, Validation
 from torchtitan.datasets import IGNORE_INDEX
 from torchtitan.datasets.memmap import MemmapInstances, SequentialInstances, token_files
 from torchtitan.datasets.text import DocumentSource, PackedWindows
@@ -38,8 +38,11 @@ class ValidationResult:
 
 
 class Validator:
-    def __init__(self, cfg: Validation, training: Training, tokenizer, dims: ParallelDims, total_steps: int):
-        self.cfg, self.training, self.tokenizer, self.dims = cfg, training, tokenizer, dims
+    def __init__(self, cfg: Validation, shape: tuple[int, int], data: Data, tokenizer, dims: ParallelDims,
+                 total_steps: int):
+        """shape: (seq_len, local_batch_size) of a validation batch (the plan resolves their defaults)."""
+        self.cfg, self.data, self.tokenizer, self.dims = cfg, data, tokenizer, dims
+        self.seq_len, self.local_batch_size = shape
         self.total_steps = total_steps
 
     def due(self, step: int) -> bool:
@@ -47,14 +50,15 @@ class Validator:
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         v, dp_rank, dp = self.cfg, self.dims.local_rank("dp"), self.dims.dp
+        seq_len, batch_size = self.seq_len, self.local_batch_size
         if v.dataset == "memmap":
-            instances = MemmapInstances(token_files(v.dataset_path), self.training.memmap_dtype, v.seq_len)
-            dataset = SequentialInstances(instances, v.local_batch_size, dp_rank, dp)
+            instances = MemmapInstances(token_files(v.dataset_path), self.data.memmap_dtype, seq_len)
+            dataset = SequentialInstances(instances, batch_size, dp_rank, dp)
         else:
-            source = DocumentSource(v.dataset, v.dataset_path, self.training.dataset_text_field)
+            source = DocumentSource(v.dataset, v.dataset_path, self.data.dataset_text_field)
             dataset = PackedWindows(source, lambda texts: self.tokenizer.encode_batch(texts, bos=True, eos=True),
-                                    v.seq_len, v.local_batch_size, dp_rank, dp, infinite=False)
-        for i, (batch, labels) in enumerate(DataLoader(dataset, batch_size=v.local_batch_size, collate_fn=collate)):
+                                    seq_len, batch_size, dp_rank, dp, infinite=False)
+        for i, (batch, labels) in enumerate(DataLoader(dataset, batch_size=batch_size, collate_fn=collate)):
             if i == v.steps:
                 return
             yield batch["input"], labels

@@ -5,7 +5,7 @@ from torch import nn
 from torchtitan.components.float8 import float8_eligible
 from torchtitan.config.job_config import JobConfig
 from torchtitan.config.manager import ConfigError
-from torchtitan.trainer.preflight import preflight
+from torchtitan.trainer.plan import make_plan
 
 
 def test_eligibility():
@@ -20,4 +20,4 @@ def test_float8_on_cpu_is_a_config_error(monkeypatch):
     cfg = JobConfig()
     cfg.model.converters = ["float8"]
     with pytest.raises(ConfigError, match="float8 needs a CUDA GPU"):
-        preflight(cfg, 1)
+        make_plan(cfg, 1)

@@ -18,7 +18,7 @@ from torchtitan.config import ConfigError, load_config
 from torchtitan.config.job_config import Training
 from torchtitan.models import get_train_spec
 from torchtitan.models.llama3 import llama3_flavors
-from torchtitan.trainer.preflight import preflight
+from torchtitan.trainer.plan import make_plan
 
 
 def _data(dtype=torch.float32):
@@ -99,4 +99,4 @@ def test_loss_fn_is_the_fused_one_only_when_asked():
 def test_preflight_rejects_what_fusion_cannot_do(extra, message):
     cfg = load_config(["--training.fused_output_loss", *extra], env={})
     with pytest.raises(ConfigError, match=message):
-        preflight(cfg, 2)
+        make_plan(cfg, 2)

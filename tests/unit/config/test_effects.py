@@ -8,10 +8,19 @@ import re
 import pytest
 
 from torchtitan.config import ConfigError, load_config
-from torchtitan.config.effects import REQUIREMENTS, effect_notes
 from torchtitan.config.manager import iter_fields
 from torchtitan.distributed.parallel_dims import ParallelDims
-from torchtitan.trainer.preflight import autocast_dtype, layout_notes
+from torchtitan.trainer.checks import check_config, layout_notes
+from torchtitan.trainer.effects import REQUIREMENTS, effect_notes
+from torchtitan.trainer.plan import autocast_dtype
+
+
+def checked(argv, env):
+    """The config as a job sees it: loaded, then checked (trainer/checks.py)."""
+    cfg = load_config(argv, env)
+    check_config(cfg)
+    return cfg
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -22,9 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
      "checkpoint.export_dtype", "last_save_model_only = true"),
     (["--checkpoint.initial_load_model_only=false"], "checkpoint.initial_load_model_only",
      "checkpoint.initial_load_path"),
-    (["--training.memmap_paths", "a.npy"], "training.memmap_paths", 'training.dataset = "memmap"'),
+    (["--training.memmap_paths", "a.npy"], "data.memmap_paths", 'data.dataset = "memmap"'),
     (["--training.dataset", "memmap", "--training.memmap_paths", "a.npy", "--training.dataset_path", "x"],
-     "training.dataset_path", "a text dataset"),
+     "data.dataset_path", "a text dataset"),
     (["--parallelism.pipeline_parallel_schedule", "GPipe"], "parallelism.pipeline_parallel_schedule",
      "pipeline_parallel_degree > 1"),
     (["--parallelism.context_parallel_rotate_method", "allgather"], "parallelism.context_parallel_rotate_method",
@@ -40,11 +49,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 def test_an_option_without_its_switch_is_an_error(args, key, needs):
     with pytest.raises(ConfigError, match=rf"^{key} \(set in the command line\) has no effect here: it needs .*"
                                           rf"{re.escape(needs)}"):
-        load_config(args, env={})
+        checked(args, env={})
 
 
 def test_the_same_options_with_their_switch_load():
-    load_config(["--checkpoint.enable", "--checkpoint.interval", "5", "--compile.enable", "--compile.components",
+    checked(["--checkpoint.enable", "--checkpoint.interval", "5", "--compile.enable", "--compile.components",
                  "model", "--parallelism.tensor_parallel_degree", "2", "--training.loss_chunk_size", "128",
                  "--parallelism.disable_loss_parallel"], env={})
 
@@ -54,20 +63,20 @@ def test_a_file_option_whose_switch_the_command_line_turned_off_is_a_note(tmp_pa
     checkpointing must still start, and says what it ignores."""
     path = tmp_path / "c.toml"
     path.write_text("[checkpoint]\nenable = true\ninterval = 100\nkeep_latest_k = 3\n")
-    cfg = load_config(["--job.config_file", str(path), "--checkpoint.no-enable"], env={})
+    cfg = checked(["--job.config_file", str(path), "--checkpoint.no-enable"], env={})
     notes = effect_notes(cfg)
     assert len(notes) == 2 and notes[0].startswith(f"checkpoint.interval (from {path}) has no effect")
     with pytest.raises(ConfigError, match="checkpoint.interval .set in the command line. has no effect"):
-        load_config(["--job.config_file", str(path), "--checkpoint.no-enable", "--checkpoint.interval", "5"], env={})
+        checked(["--job.config_file", str(path), "--checkpoint.no-enable", "--checkpoint.interval", "5"], env={})
     path.write_text("[checkpoint]\nenable = false\ninterval = 100\n")
     with pytest.raises(ConfigError, match="checkpoint.interval .set in .*c.toml. has no effect"):
-        load_config(["--job.config_file", str(path)], env={})
+        checked(["--job.config_file", str(path)], env={})
 
 
 def test_shipped_configs_and_defaults_have_no_dead_options():
-    assert not effect_notes(load_config([], env={}))
+    assert not effect_notes(checked([], env={}))
     for path in glob.glob(os.path.join(ROOT, "train_configs", "*.toml")):
-        assert not effect_notes(load_config(["--job.config_file", path], env={})), path
+        assert not effect_notes(checked(["--job.config_file", path], env={})), path
 
 
 def test_every_rule_names_real_keys():
@@ -77,7 +86,7 @@ def test_every_rule_names_real_keys():
 
 
 def test_layout_and_device_notes():
-    cfg = load_config(["--training.enable_cpu_offload", "--training.mixed_precision_param", "bfloat16",
+    cfg = checked(["--training.enable_cpu_offload", "--training.mixed_precision_param", "bfloat16",
                        "--training.mixed_precision_reduce", "float32"], env={})
     one, two = (ParallelDims.from_config(cfg.parallelism, w) for w in (1, 2))
     notes = layout_notes(cfg, one, "cpu")

@@ -11,7 +11,7 @@ import torch
 
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_sum
-from torchtitan.config.job_config import Training
+from torchtitan.config.job_config import Data
 from torchtitan.datasets.memmap import (
     MemmapInstances,
     build_global_indices,
@@ -35,14 +35,31 @@ def write_tokens(folder, sizes=(61, 40, 7, 33), dtype=np.uint16, masks=False) ->
     return paths, mask_paths
 
 
-def training_cfg(paths, **kw) -> Training:
-    cfg = Training(dataset="memmap", memmap_paths=paths, seq_len=SEQ, local_batch_size=2, seed=7)
-    return dataclasses.replace(cfg, **kw)
+@dataclasses.dataclass
+class MemmapRun:
+    """What build_memmap_dataset is given: the [data] section and the run's batch numbers."""
+
+    data: Data
+    seq_len: int = SEQ
+    local_batch_size: int = 2
+    global_batch_size: int = -1
+    seed: int = 7
 
 
-def loaders(cfg: Training, dp: int, dump: str) -> list[ParallelAwareDataloader]:
-    return [ParallelAwareDataloader(build_memmap_dataset(cfg, r, dp, dump), cfg.local_batch_size, dp)
-            for r in range(dp)]
+def training_cfg(paths, **kw) -> MemmapRun:
+    data_keys = {f.name for f in dataclasses.fields(Data)}
+    data = Data(dataset="memmap", memmap_paths=paths, **{k: v for k, v in kw.items() if k in data_keys})
+    return MemmapRun(data, **{k: v for k, v in kw.items() if k not in data_keys})
+
+
+def dataset(cfg: MemmapRun, rank: int, dp: int, dump: str):
+    return build_memmap_dataset(cfg.data, seq_len=cfg.seq_len, local_batch_size=cfg.local_batch_size,
+                                global_batch_size=cfg.global_batch_size, seed=cfg.seed, dp_rank=rank, dp_degree=dp,
+                                dump_folder=dump)
+
+
+def loaders(cfg: MemmapRun, dp: int, dump: str) -> list[ParallelAwareDataloader]:
+    return [ParallelAwareDataloader(dataset(cfg, r, dp, dump), cfg.local_batch_size, dp) for r in range(dp)]
 
 
 def consume(loaders_: list, micro_batches: int, iters=None) -> list[list[int]]:
@@ -152,7 +169,7 @@ def test_epochs_roll_over_with_a_new_permutation(tmp_path):
     assert micro[:2] == [[first(i) for i in order0[0:4]], [first(i) for i in order0[4:8]]]
     assert micro[2:4] == [[first(i) for i in order1[0:4]], [first(i) for i in order1[4:8]]]
     assert os.path.isfile(os.path.join(dump, "global_indices_epoch1.npy"))
-    epoch, ids = global_batch_instances(build_memmap_dataset(cfg, 0, 2, dump).order, 4, 3)
+    epoch, ids = global_batch_instances(dataset(cfg, 0, 2, dump).order, 4, 3)
     assert epoch == 1 and ids.tolist() == order1[4:8].tolist()
 
 
@@ -165,14 +182,14 @@ def test_fingerprint_mismatch_on_resume_is_an_error_unless_ignored(tmp_path):
     state = dl.state_dict()
     # The second file grows (new data appended): resuming silently would change the order.
     np.arange(320, dtype=np.uint16).tofile(paths[1])
-    fresh = ParallelAwareDataloader(build_memmap_dataset(cfg, 0, 1, str(tmp_path / "fresh")), 2, 1)
+    fresh = ParallelAwareDataloader(dataset(cfg, 0, 1, str(tmp_path / "fresh")), 2, 1)
     fresh.load_state_dict(state)  # StatefulDataLoader applies the state when iteration starts
     with pytest.raises(ValueError, match=r"part-1.npy: 300 -> 320 tokens"):
         next(iter(fresh))
     with pytest.raises(ValueError, match="data_order_ignore_fingerprint"):
-        build_memmap_dataset(cfg, 0, 1, str(tmp_path / "run"))  # the run folder's order is for the old files
-    ignoring = dataclasses.replace(cfg, data_order_ignore_fingerprint=True)
-    resumed = ParallelAwareDataloader(build_memmap_dataset(ignoring, 0, 1, str(tmp_path / "run")), 2, 1)
+        dataset(cfg, 0, 1, str(tmp_path / "run"))  # the run folder's order is for the old files
+    ignoring = training_cfg(paths, global_batch_size=4, data_order_ignore_fingerprint=True)
+    resumed = ParallelAwareDataloader(dataset(ignoring, 0, 1, str(tmp_path / "run")), 2, 1)
     resumed.load_state_dict(state)
     next(iter(resumed))
 
@@ -197,4 +214,4 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="memmap_dtype"):
         MemmapInstances([str(tmp_path / "odd.npy")], "uint16", SEQ)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        build_memmap_dataset(training_cfg(paths, global_batch_size=64), 0, 1, str(tmp_path / "run"))
+        dataset(training_cfg(paths, global_batch_size=64), 0, 1, str(tmp_path / "run"))

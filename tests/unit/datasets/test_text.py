@@ -6,8 +6,10 @@ import torch
 
 from torchtitan.components.dataloader import build_dataloader
 from torchtitan.components.tokenizer import build_tokenizer
-from torchtitan.config.job_config import Training
+from torchtitan.config.batch import BatchPlan
+from torchtitan.config.job_config import Data
 from torchtitan.datasets.text import DocumentSource, PackedWindows
+from torchtitan.distributed.fault_tolerance import SingleGroup
 from torchtitan.train import DEFAULT_TOKENIZER
 
 
@@ -60,9 +62,10 @@ def test_epochs_loop(tmp_path, caplog):
 
 
 def loader(tmp_path, dp_rank, dp, local_bs):
-    cfg = Training(dataset="local", dataset_path=str(tmp_path / "d.jsonl"), seq_len=4, local_batch_size=local_bs)
+    data = Data(dataset="local", dataset_path=str(tmp_path / "d.jsonl"))
     tok = type("T", (), {"encode_batch": staticmethod(lambda texts, bos, eos: fake_encode(texts))})()
-    return build_dataloader(cfg, tok, dp_rank, dp, str(tmp_path))
+    return build_dataloader(data, BatchPlan(local_batch_size=local_bs, seq_len=4, dp=dp), tok, dp_rank=dp_rank,
+                            dump_folder=str(tmp_path), seed=0, groups=SingleGroup(str(tmp_path)))
 
 
 def test_dataloader_resume_and_reshard(tmp_path):
@@ -101,8 +104,9 @@ def test_resume_with_other_global_batch_is_an_error(tmp_path):
 
 def test_pydoc_corpus_with_bundled_tokenizer():
     tok = build_tokenizer(DEFAULT_TOKENIZER)
-    cfg = Training(dataset="pydoc", seq_len=32, local_batch_size=2)
-    batch, labels = next(iter(build_dataloader(cfg, tok, 0, 1, "/tmp")))
+    loader = build_dataloader(Data(dataset="pydoc"), BatchPlan(local_batch_size=2, seq_len=32, dp=1), tok, dp_rank=0,
+                              dump_folder="/tmp", seed=0, groups=SingleGroup("/tmp"))
+    batch, labels = next(iter(loader))
     assert batch["input"].shape == (2, 32) and labels.shape == (2, 32)
     assert batch["input"][0, 0].item() == tok.bos_id
     assert int(batch["input"].max()) < 2048

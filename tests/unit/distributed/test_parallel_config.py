@@ -1,14 +1,8 @@
 """Parallelism settings that cannot be honoured fail at config time with the key and the fix."""
 from __future__ import annotations
 
-import types
-
-import pytest
-
 from torchtitan.config import load_config
-from torchtitan.distributed.context_parallel import apply_cp
-from torchtitan.distributed.tensor_parallel import enable_async_tp
-from torchtitan.trainer.preflight import preflight
+from torchtitan.trainer.plan import make_plan
 
 
 def _cfg(*args: str):
@@ -18,22 +12,12 @@ def _cfg(*args: str):
 def test_compiled_loss_stays_eager_under_loss_parallel():
     """torch 2.13 gets a compiled cross-entropy on vocab-sharded logits wrong: that loss stays eager,
     and the shipped configs (compile model + loss, TP) stay valid."""
-    from torchtitan.trainer.preflight import compile_loss_enabled
+    from torchtitan.trainer.plan import compile_loss_enabled
 
     tp_lp = _cfg("--parallelism.tensor_parallel_degree", "2", "--compile.enable")
-    preflight(tp_lp, 2)
+    make_plan(tp_lp, 2)
     assert not compile_loss_enabled(tp_lp, 2)
     assert compile_loss_enabled(_cfg("--parallelism.tensor_parallel_degree", "2", "--compile.enable",
                                      "--parallelism.disable_loss_parallel"), 2)
     assert compile_loss_enabled(_cfg("--compile.enable"), 1)
     assert not compile_loss_enabled(_cfg("--compile.enable", "--compile.components", "model"), 1)
-
-
-def test_async_tp_needs_cuda():
-    with pytest.raises(ValueError, match="needs CUDA"):
-        enable_async_tp(types.SimpleNamespace(device_type="cpu"))
-
-
-def test_unknown_rotate_method_is_rejected():
-    with pytest.raises(ValueError, match="context_parallel_rotate_method"):
-        apply_cp(None, None, "ring")

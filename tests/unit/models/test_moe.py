@@ -200,11 +200,11 @@ def test_moe_options_without_effect_are_one_line_errors(extra, message):
     import os
 
     from torchtitan.config import load_config
-    from torchtitan.trainer.preflight import preflight
+    from torchtitan.trainer.plan import make_plan
 
     config = os.path.join(os.path.dirname(__file__), "..", "..", "..", "train_configs", "olmoe_debug.toml")
-    preflight(load_config(["--job.config_file", config], env={}), 1)
+    make_plan(load_config(["--job.config_file", config], env={}), 1)
     # The file's [moe] keys under a dense flavor picked on the command line pass (the benchmark's comparator).
-    preflight(load_config(["--job.config_file", config, "--model.flavor", "debugmodel-dense"], env={}), 1)
+    make_plan(load_config(["--job.config_file", config, "--model.flavor", "debugmodel-dense"], env={}), 1)
     with pytest.raises(ConfigError, match=message):
-        preflight(load_config(["--job.config_file", config, *extra], env={}), 1)
+        make_plan(load_config(["--job.config_file", config, *extra], env={}), 1)

@@ -253,10 +253,10 @@ def test_an_hf_export_transformers_cannot_express_fails_at_start_up():
     """debugmodel-dense has no OLMoE HF form: asking for the final HF export is a one-line error before training."""
     from torchtitan.config import load_config
     from torchtitan.tools.errors import ConfigError
-    from torchtitan.trainer.preflight import preflight
+    from torchtitan.trainer.plan import make_plan
 
     config = os.path.join(os.path.dirname(__file__), "..", "..", "..", "train_configs", "olmoe_debug.toml")
     argv = ["--job.config_file", config, "--checkpoint.enable", "--checkpoint.last_save_in_hf"]
-    preflight(load_config(argv, env={}), 1)
+    make_plan(load_config(argv, env={}), 1)
     with pytest.raises(ConfigError, match="last_save_in_hf.*cannot express"):
-        preflight(load_config([*argv, "--model.flavor", "debugmodel-dense"], env={}), 1)
+        make_plan(load_config([*argv, "--model.flavor", "debugmodel-dense"], env={}), 1)

@@ -8,11 +8,12 @@ from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_sum
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import OptimizersContainer, build_optimizers
 from torchtitan.config.job_config import LRScheduler, Optimizer, Parallelism
+from torchtitan.distributed.fault_tolerance import SingleGroup
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.models import get_train_spec
 from torchtitan.tools.errors import TrainingDiverged
 from torchtitan.trainer.guards import NonFiniteGuard, SpikeGuard
-from torchtitan.trainer.step import ModelRunner, global_mean_loss, train_step
+from torchtitan.trainer.step import ModelRunner, StepHooks, global_mean_loss, train_step
 
 DIMS = ParallelDims.from_config(Parallelism(), 1)
 
@@ -39,8 +40,9 @@ def _batch(seed: int, n: int):
 def _step(model, batches, optimizer, step: int = 1, guard: NonFiniteGuard | None = None, loss_fn=None):
     scheds = build_lr_schedulers(optimizer, LRScheduler(warmup_steps=0), 10)
     runner = ModelRunner([model], loss_fn or cross_entropy_sum, torch.device("cpu"))
-    return train_step(runner, batches, dims=DIMS, optimizers=optimizer, lr_schedulers=scheds,
-                      guard=guard or NonFiniteGuard(), step=step, max_norm=0.0)
+    hooks = StepHooks(guard=guard or NonFiniteGuard(), groups=SingleGroup(""))
+    return train_step(runner, batches, step=step, dims=DIMS, optimizers=optimizer, lr_schedulers=scheds,
+                      max_norm=0.0, hooks=hooks)
 
 
 def _sgd(model) -> OptimizersContainer:
@@ -118,8 +120,8 @@ def test_spike_guard_skips_an_injected_spike_and_goes_on():
         before = {k: v.clone() for k, v in model.state_dict().items()}
         scheds = build_lr_schedulers(optimizer, LRScheduler(warmup_steps=0), 20)
         runner = ModelRunner([model], loss_fn, torch.device("cpu"))
-        train_step(runner, [_batch(step, 2)], dims=DIMS, optimizers=optimizer, lr_schedulers=scheds, guard=guard,
-                   step=step, max_norm=1.0, spike_guard=spikes)
+        train_step(runner, [_batch(step, 2)], step=step, dims=DIMS, optimizers=optimizer, lr_schedulers=scheds,
+                   max_norm=1.0, hooks=StepHooks(guard=guard, groups=SingleGroup(""), spike_guard=spikes))
         unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         assert unchanged == (step in spike_at), step
     guard.check()  # a spike is not a divergence

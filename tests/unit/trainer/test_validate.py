@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_sum
-from torchtitan.config.job_config import Parallelism, Training, Validation
+from torchtitan.config.job_config import Data, Parallelism, Validation
 from torchtitan.datasets.memmap import MemmapInstances, SequentialInstances
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.models import get_train_spec
@@ -38,7 +38,7 @@ def test_memmap_validation_is_the_mean_loss_of_the_set_and_leaves_train_mode(tmp
     dims = ParallelDims.from_config(Parallelism(), 1)
     cfg = Validation(enable=True, dataset="memmap", dataset_path=str(path), seq_len=16, local_batch_size=3, steps=-1)
     runner = ModelRunner([model], cross_entropy_sum, torch.device("cpu"))
-    result = Validator(cfg, Training(), None, dims, total_steps=10).run(runner)
+    result = Validator(cfg, (16, 3), Data(), None, dims, total_steps=10).run(runner)
 
     inst = MemmapInstances([str(path)], "uint16", 16)
     items = [inst.item(i) for i in range(6)]  # two whole batches of 3; the 7th instance is left out
@@ -47,7 +47,7 @@ def test_memmap_validation_is_the_mean_loss_of_the_set_and_leaves_train_mode(tmp
         want = float(cross_entropy_sum(model(inputs), labels)) / int((labels != IGNORE_INDEX).sum())
     assert result.tokens == 6 * 15 and abs(result.loss - want) < 1e-6
     assert model.training and all(p.grad is None for p in model.parameters())
-    assert Validator(cfg, Training(), None, dims, total_steps=10).due(10)
+    assert Validator(cfg, (16, 3), Data(), None, dims, total_steps=10).due(10)
 
 
 def test_steps_bounds_the_batches(tmp_path):
@@ -55,6 +55,6 @@ def test_steps_bounds_the_batches(tmp_path):
     np.zeros(9 * 16, dtype=np.uint16).tofile(path)
     dims = ParallelDims.from_config(Parallelism(), 1)
     cfg = Validation(enable=True, dataset="memmap", dataset_path=str(tmp_path), seq_len=16, local_batch_size=2, steps=2)
-    result = Validator(cfg, Training(), None, dims, 10).run(ModelRunner([_model()], cross_entropy_sum,
+    result = Validator(cfg, (16, 2), Data(), None, dims, 10).run(ModelRunner([_model()], cross_entropy_sum,
                                                                        torch.device("cpu")))
     assert result.tokens == 2 * 2 * 15

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -23,16 +22,15 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from torchtitan.config.job_config import ActivationCheckpoint, Compile, Parallelism, Training
+from torchtitan.config.job_config import ActivationCheckpoint, Compile, Parallelism
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.context_parallel import apply_cp
-from torchtitan.distributed.data_parallel import apply_ddp, apply_fsdp, reshard_policy
+from torchtitan.distributed.data_parallel import FSDPSettings, apply_ddp, apply_fsdp
 from torchtitan.distributed.expert_parallel import apply_moe_parallel, moe_layers, moe_tp_input
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.tensor_parallel import EmbeddingParallel, HeadShardedRMSNorm, enable_async_tp
 from torchtitan.models.common.decoder import ReorderedNormBlock
-from torchtitan.tools.dtypes import DTYPES
 
 
 def block_tp_plan(block: nn.Module) -> dict:
@@ -86,7 +84,7 @@ def outer_tp_plan(model: nn.Module, loss_parallel: bool) -> dict:
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, async_tp: bool) -> None:
     """Shard a decoder (or a pipeline stage of one) in place over `tp_mesh`; tp must divide the heads and
-    KV heads (preflight checks). Tied weights are re-tied: parallelize_module registers a fresh
+    KV heads (trainer/checks.py). Tied weights are re-tied: parallelize_module registers a fresh
     parameter per module."""
     parallelize_module(model, tp_mesh, outer_tp_plan(model, loss_parallel))
     for block in model.layers.values():
@@ -100,8 +98,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, async_t
         enable_async_tp(tp_mesh)
 
 
-def parallelize_decoder(model: nn.Module, *, dims: ParallelDims, parallelism: Parallelism, training: Training,
-                        activation_checkpoint: ActivationCheckpoint, compile: Compile, device_type: str,
+def parallelize_decoder(model: nn.Module, *, dims: ParallelDims, parallelism: Parallelism, fsdp: FSDPSettings,
+                        activation_checkpoint: ActivationCheckpoint, compile: Compile,
                         convert: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Apply every enabled parallelism to `model` (a decoder or one pipeline stage of it), in place.
 
@@ -122,14 +120,11 @@ def parallelize_decoder(model: nn.Module, *, dims: ParallelDims, parallelism: Pa
     if compile.enable and "model" in compile.components:
         apply_compile(model)
     if dims.fsdp_enabled:
-        # CPU has no bf16 fast path worth the precision loss: train in float32 there.
-        param_dtype = DTYPES[training.mixed_precision_param] if device_type == "cuda" else torch.float32
         rep = ("dp_replicate",) if dims.dp_replicate > 1 else ()
         # Experts under EP are sharded by FSDP over the data ranks outside their expert group.
         expert_mesh = dims.mesh[(*rep, "efsdp")] if dims.ep_enabled else None
-        apply_fsdp(model, dims.mesh[(*rep, "dp_shard_cp")], param_dtype, DTYPES[training.mixed_precision_reduce],
-                   reshard_policy(p.fsdp_reshard_after_forward, dims.pp_enabled), training.enable_cpu_offload,
-                   tied=model.is_tied, expert_mesh=expert_mesh)
+        apply_fsdp(model, dims.mesh[(*rep, "dp_shard_cp")], fsdp.param_dtype, fsdp.reduce_dtype,
+                   fsdp.reshard_after_forward, fsdp.cpu_offload, tied=model.is_tied, expert_mesh=expert_mesh)
     elif dims.dp_replicate > 1:
         apply_ddp(model, dims.mesh["dp_replicate"])
     return model

@@ -39,7 +39,8 @@ llama3_flavors: dict[str, LlamaModelArgs] = {
                          rope_theta=500000, rope_scaling=_LLAMA_3_2),
     "8B": LlamaModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=1024,
                          rope_theta=500000, rope_scaling=_LLAMA_3_1),
-    # The 8B layer shape with 8 layers: the single-GPU benchmark shape of shared/bench.
+    # The 8B layer shape with 8 layers: the single-GPU benchmark shape
+    # (docs/debugging.md, "The torchtitan baseline").
     "8B_8L": LlamaModelArgs(dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=1024,
                             rope_theta=500000),
     "70B": LlamaModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096,

@@ -7,7 +7,7 @@ command line cannot remove a key from the file. Only keys the user set to someth
 count.
 
 Options whose effect depends on where the job runs (the device, or a world size that leaves FSDP out) are
-checked by trainer/preflight.py and logged, so one config runs on a CPU box and on a cluster.
+logged by trainer/checks.py (layout_notes), so one config runs on a CPU box and on a cluster.
 """
 from __future__ import annotations
 
@@ -58,13 +58,13 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 "are cast)"),
     Requirement(("checkpoint.initial_load_model_only",), "checkpoint.initial_load_path",
                 lambda c: bool(c.checkpoint.initial_load_path), "checkpoint.initial_load_path"),
-    Requirement(tuple(f"training.{k}" for k in _MEMMAP_OPTIONS), "training.dataset",
-                lambda c: c.training.dataset == "memmap", 'training.dataset = "memmap"'),
-    Requirement(("training.dataset_path", "training.dataset_text_field", "training.shuffle_documents"),
-                "training.dataset", lambda c: c.training.dataset != "memmap",
-                "a text dataset (memmap data is read from training.memmap_paths in its own order)"),
-    Requirement(("training.document_rope_restart",), "training.document_masking",
-                lambda c: c.training.document_masking, "training.document_masking = true"),
+    Requirement(tuple(f"data.{k}" for k in _MEMMAP_OPTIONS), "data.dataset",
+                lambda c: c.data.dataset == "memmap", 'data.dataset = "memmap"'),
+    Requirement(("data.dataset_path", "data.dataset_text_field", "data.shuffle_documents"),
+                "data.dataset", lambda c: c.data.dataset != "memmap",
+                "a text dataset (memmap data is read from data.memmap_paths in its own order)"),
+    Requirement(("data.document_rope_restart",), "data.document_masking",
+                lambda c: c.data.document_masking, "data.document_masking = true"),
     Requirement(("training.spike_guard_window",), "training.spike_guard_sigma",
                 lambda c: c.training.spike_guard_sigma > 0, "training.spike_guard_sigma > 0"),
     Requirement(("training.loss_chunk_size",), "parallelism.disable_loss_parallel",
@@ -114,13 +114,13 @@ def _unmet(cfg: JobConfig):
 def check_effects(cfg: JobConfig) -> None:
     """Raise for the first option set by the user that would do nothing (see the module doc)."""
     for key, req in _unmet(cfg):
-        if not (cfg.set_by[key] == "file" and cfg.set_by.get(req.switch) == "cli"):
-            where = "the command line" if cfg.set_by[key] == "cli" else cfg.job.config_file
+        if cfg.set_by[key] == "cli" or cfg.set_by.get(req.switch) != "cli":
+            where = "the command line" if cfg.set_by[key] == "cli" else cfg.set_by[key]
             raise ConfigError(f"{key} (set in {where}) has no effect here: it needs {req.needs}; set that or "
                               f"remove {key}")
 
 
 def effect_notes(cfg: JobConfig) -> list[str]:
     """The options from the config file that a command-line switch turned off (logged, not errors)."""
-    return [f"{key} (from {cfg.job.config_file}) has no effect: {req.switch} was changed on the command line"
+    return [f"{key} (from {cfg.set_by[key]}) has no effect: {req.switch} was changed on the command line"
             for key, req in _unmet(cfg)]

@@ -1,0 +1,85 @@
+"""Every check of a job's config (trainer/checks.py): one line naming the key, before any process group."""
+from __future__ import annotations
+
+import pytest
+
+from torchtitan.config import ConfigError, load_config
+from torchtitan.trainer.checks import check_config
+from torchtitan.trainer.plan import make_plan
+
+
+def _plan(*argv: str, world: int = 1):
+    return make_plan(load_config(list(argv), env={}), world, device_type="cpu")
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--training.steps", "0"], "training.steps must be >= 1"),
+    (["--activation_checkpoint.selective_ac_option", "x"], "selective_ac_option"),
+    (["--training.gc_freq", "0"], "training.gc_freq must be >= 1"),
+    (["--checkpoint.enable", "--checkpoint.interval", "0"], "checkpoint.interval must be >= 1"),
+    (["--profiling.enable_profiling", "--profiling.profile_freq", "0"], "profiling.profile_freq must be >= 1"),
+    (["--lr_scheduler.warmup_steps", "-1"], "lr_scheduler.warmup_steps must be >= 0"),
+    (["--lr_scheduler.decay_ratio", "1.5"], "lr_scheduler.decay_ratio must be in [0, 1]"),
+    (["--validation.enable", "--validation.seq_len", "0"], "validation.seq_len must be -1 or >= 1"),
+    (["--parallelism.expert_parallel_degree", "0"], "parallelism.expert_parallel_degree must be >= 1"),
+])
+def test_config_checks(argv, fragment):
+    with pytest.raises(ConfigError) as e:
+        check_config(load_config(argv, env={}))
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_validation_shape_defaults_to_training():
+    """validation.seq_len / local_batch_size left at their defaults follow training's: the model (its RoPE
+    table) is built for training.seq_len, so a fixed default of 2048 crashed a 256-token run mid-way."""
+    plan = _plan("--training.seq_len", "256", "--training.local_batch_size", "2", "--validation.enable")
+    assert plan.validation_shape == (256, 2)
+    plan = _plan("--training.seq_len", "256", "--validation.enable", "--validation.seq_len", "128",
+                 "--validation.local_batch_size", "4")
+    assert plan.validation_shape == (128, 4)
+
+
+def test_validation_longer_than_the_model_is_an_error():
+    with pytest.raises(ConfigError, match=r"^validation.seq_len = 512 exceeds training.seq_len = 256"):
+        _plan("--training.seq_len", "256", "--validation.enable", "--validation.seq_len", "512")
+
+
+def test_validation_under_pipeline_parallel_defaults_fit():
+    """Under PP the stages are built for one micro-batch shape: the defaults give exactly that shape."""
+    base = ("--training.seq_len", "64", "--training.local_batch_size", "4", "--parallelism.pipeline_parallel_degree",
+            "2", "--parallelism.pipeline_parallel_schedule", "GPipe", "--validation.enable")
+    assert _plan(*base, world=2).validation_shape == (64, 4)
+    with pytest.raises(ConfigError, match="must equal training's"):
+        _plan(*base, "--validation.local_batch_size", "2", world=2)
+
+
+def test_global_batch_counts_replica_groups(monkeypatch):
+    """Fault tolerance: the global batch counts every replica group. 24 = local 4 x dp 1 x 4 groups x 1.5 is not
+    a whole number of micro-batches: a one-line error (it used to train 16-sequence steps silently)."""
+    monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "http://localhost:29510")
+    ft = ("--fault_tolerance.enable", "--fault_tolerance.group_size", "4", "--training.local_batch_size", "4")
+    with pytest.raises(ConfigError, match=r"^training.global_batch_size = 24 must be a multiple of "
+                                          r"training.local_batch_size 4 x data-parallel degree 1 x "
+                                          r"fault_tolerance.group_size 4 = 16$"):
+        _plan(*ft, "--training.global_batch_size", "24")
+    batch = _plan(*ft, "--training.global_batch_size", "32").batch
+    assert (batch.accumulation, batch.global_batch_size, batch.group_batch_size) == (2, 32, 8)
+    assert batch.step_tokens(groups_present=3) == 8 * 2048 * 3
+
+
+def test_plan_batch_without_groups():
+    batch = _plan("--training.local_batch_size", "2", "--training.global_batch_size", "8", world=2).batch
+    assert (batch.dp, batch.accumulation, batch.global_batch_size) == (2, 2, 8)
+    with pytest.raises(ConfigError, match=r"global_batch_size = 6 must be a multiple of .* = 4$"):
+        _plan("--training.local_batch_size", "2", "--training.global_batch_size", "6", world=2)
+
+
+def test_async_tp_needs_cuda_and_compile():
+    with pytest.raises(ConfigError, match="enable_async_tensor_parallel needs CUDA and compile.enable"):
+        _plan("--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_async_tensor_parallel",
+              "--training.seq_len", "64", world=2)
+
+
+def test_unknown_rotate_method_is_rejected_when_parsed():
+    with pytest.raises(ConfigError, match="context_parallel_rotate_method: 'ring' is not one of allgather, alltoall"):
+        load_config(["--parallelism.context_parallel_rotate_method", "ring"], env={})
