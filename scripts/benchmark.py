@@ -130,9 +130,9 @@ def cmd_overhead(args) -> None:
     from torchtitan.components.lr_scheduler import build_lr_schedulers
     from torchtitan.components.optimizer import build_optimizers
     from torchtitan.config import load_config
+    from torchtitan.distributed.fault_tolerance import SingleGroup
     from torchtitan.distributed.parallel_dims import ParallelDims
     from torchtitan.models import get_train_spec
-    from torchtitan.distributed.fault_tolerance import SingleGroup
     from torchtitan.trainer.plan import build_model_args
     from torchtitan.trainer.step import ModelRunner, NonFiniteGuard, StepHooks, train_step
 

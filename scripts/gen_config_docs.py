@@ -7,6 +7,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torchtitan.config.job_config import ALIASES  # noqa: E402
 from torchtitan.config.manager import iter_fields  # noqa: E402
+from torchtitan.config.torchtitan_keys import TORCHTITAN_KEYS, Alias, NoEffect  # noqa: E402
 
 HEADER = """# Configuration reference
 
@@ -28,8 +29,20 @@ choices and malformed TOML stop the job with one line naming the key, before any
 `checkpoint.interval` without `checkpoint.enable`, `data.memmap_paths` without `data.dataset = "memmap"`,
 a `parallelism.pipeline_parallel_*` option with `pipeline_parallel_degree = 1`, `float8.*` without the float8
 converter (the rules are in `torchtitan/trainer/effects.py`). Keys left at their default never count. A key
-from the config file whose switch you turned off on the command line (`--checkpoint.no-enable` to try a
-production config quickly) is logged instead, since the command line cannot remove a key from the file.
+from a config file whose switch is set explicitly, off, is logged instead: turned off on the command line
+(`--checkpoint.no-enable` to try a production config quickly; the command line cannot remove a key from the
+file), or in a file (`[validation] enable = false` above its settings, as torchtitan's configs do).
+Every check that needs more than one key, the model or the world size is in `torchtitan/trainer/checks.py`
+and runs before any process starts.
+
+## Inheritance: `extends`
+
+A file may build on another: `extends = "base.toml"` at its top (a path relative to the file; bases may
+extend further bases). The base is applied first, then the file's keys replace it key by key: a list or a
+scalar is replaced whole. A cycle or a missing base is a one-line error. `--job.print_config` prints the
+resolved config with the origin of every value (`# default`, the file that set it, `# command line`), and
+`--job.print_args` logs the same text when training starts. Our `train_configs/` keep one base per family
+(`llama3_base.toml`, ...) and a small file per size.
 Options whose effect depends on where the job runs are logged at start, not rejected, so one config runs on a
 CPU box and on a cluster: FSDP options in a layout without FSDP, `training.mixed_precision_param` on CPU (CPU
 trains in float32; on CUDA it applies through FSDP, or autocast where FSDP is off).
@@ -59,7 +72,36 @@ def render() -> str:
     out.append("|---|---|")
     for alias, key in ALIASES.items():
         out.append(f"| `{alias}` | `{key}` |")
+    out.append(TORCHTITAN_HEADER)
+    out.append("| torchtitan key | here |")
+    out.append("|---|---|")
+    for key, entry in TORCHTITAN_KEYS.items():
+        if isinstance(entry, Alias):
+            what = f"alias of `{entry.key}`" + (f" ({entry.note})" if entry.note else "")
+            what += " (value converted, see below)" if entry.convert is not None and not entry.note else ""
+        elif isinstance(entry, NoEffect):
+            what = f"accepted, no effect, logged at start: {entry.why}"
+        else:
+            what = f"accepted at torchtitan's default `{entry.default!r}`; any other value is an error: {entry.why}"
+        out.append(f"| `{key}` | {what} |")
     return "\n".join(out) + "\n"
+
+
+TORCHTITAN_HEADER = """
+## torchtitan 0.2.x configs
+
+torchtitan 0.2.x TOML job configs run unchanged. Its keys that have the same name and meaning as ours need
+nothing; nested tables (`[quantize.linear.float8]`, `[training.dataloader]`) are read as dotted keys; every
+other key of torchtitan 0.2.2's job config (and the older names its train configs carry) is listed below
+(`torchtitan/config/torchtitan_keys.py`). None is ignored silently. Value conversions: `training.dataset =
+"c4_test"` (torchtitan's bundled C4 sample) reads our bundled offline corpus; `c4_validation` is C4's
+validation split; `model.converters = ["quantize.linear.float8"]` is our `float8`;
+`fault_tolerance.process_group_timeout_ms` becomes whole seconds; `semi_sync_method = "local_sgd"` is an error
+that says how DiLoCo expresses it. `model.hf_assets_path` is the tokenizer folder (torchtitan's layout: it
+holds `tokenizer.json` or `tokenizer.model`). torchtitan 0.2.2's `[debug]` section maps to `training.seed` and
+`training.deterministic`. Sections are otherwise the same: `[parallelism]`, `[checkpoint]`,
+`[activation_checkpoint]`, `[compile]`, `[comm]`, `[fault_tolerance]`, `[validation]`.
+"""
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from torchtitan.components.tokenizer import build_tokenizer
     from torchtitan.config import load_config
+    from torchtitan.config.batch import BatchPlan
     from torchtitan.datasets.memmap import MemmapInstances, global_batch_instances, order_meta
     from torchtitan.distributed.parallel_dims import ParallelDims
 
@@ -69,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: data.dataset is {d.dataset!r}; inspect_batch reads memmap runs only")
     try:
         dp = ParallelDims.from_config(cfg.parallelism, args.world_size).dp
+        batch = BatchPlan.build(local_batch_size=t.local_batch_size, global_batch_size=t.global_batch_size,
+                                seq_len=t.seq_len, dp=dp)
     except ValueError as e:
         raise SystemExit(f"error: {e}; pass --world-size with the run's number of ranks") from None
-    micro = t.local_batch_size * dp
-    global_batch = t.global_batch_size if t.global_batch_size > 0 else micro
+    micro, global_batch = t.local_batch_size * dp, batch.group_batch_size
     instances = MemmapInstances(list(d.memmap_paths), d.memmap_dtype, t.seq_len,
                                 list(d.memmap_label_mask_paths) or None)
     order = _Order(cfg.job.dump_folder, order_meta(instances, t.seed if t.seed is not None else 0))

@@ -70,11 +70,16 @@ def build(cfg: JobConfig, plan: Plan) -> Job | list[dict]:
     device = torch.device("meta") if plan.dry_run else local_device(plan.device_type)
     if world > 1 or plan.dry_run:
         dims.build_mesh("cpu" if plan.dry_run else plan.device_type)
+    # A dry run does not apply async TP (CUDA symmetric memory): the plan says so.
+    parallelism = dataclasses.replace(cfg.parallelism, enable_async_tensor_parallel=False) if plan.dry_run \
+        else cfg.parallelism
     parallelize = functools.partial(
-        parallelize_decoder, dims=dims, parallelism=cfg.parallelism, fsdp=plan.fsdp,
+        parallelize_decoder, dims=dims, parallelism=parallelism, fsdp=plan.fsdp,
         activation_checkpoint=cfg.activation_checkpoint, compile=cfg.compile,
         convert=functools.partial(convert_to_float8, cfg=cfg.float8) if plan.float8 else None)
     if plan.dry_run:
+        for note in plan.notes:
+            logger.warning(note)
         return dry_run(plan.spec.build_meta_model(args), dims, parallelism=cfg.parallelism, fsdp=plan.fsdp,
                        local_batch_size=t.local_batch_size, label=f"{cfg.model.name} {cfg.model.flavor}",
                        parallelize=parallelize)
@@ -108,7 +113,7 @@ def build(cfg: JobConfig, plan: Plan) -> Job | list[dict]:
         logger.info(rank_memory_line(parts, dims, plan.fsdp))
 
     optimizers = build_optimizers(parts, cfg.optimizer, plan.device_type)
-    lr_schedulers = build_lr_schedulers(optimizers, cfg.lr_scheduler, t.steps)
+    lr_schedulers = build_lr_schedulers(optimizers, cfg.lr_scheduler, cfg.lr_scheduler.total_steps or t.steps)
     state = TrainState()
     spike_guard = SpikeGuard(t.spike_guard_sigma, t.spike_guard_window, device) if t.spike_guard_sigma > 0 else None
     checkpoint = CheckpointManager(
@@ -139,7 +144,7 @@ def build(cfg: JobConfig, plan: Plan) -> Job | list[dict]:
                 f"{plan.batch.describe()}, device {plan.device_type}, steps {state.step + 1}..{t.steps}")
     for note in plan.notes:
         logger.warning(note)
-    if cfg.job.print_args:
+    if cfg.job.print_args or cfg.job.print_config:  # print_config from a file; from the command line it exits
         logger.info("resolved config:\n" + to_toml(cfg, origins=True))
     validator = (Validator(cfg.validation, plan.validation_shape, cfg.data, tokenizer, dims, t.steps)
                  if cfg.validation.enable else None)

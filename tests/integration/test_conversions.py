@@ -162,26 +162,6 @@ def test_meta_shards_to_dcp_to_pt_bitwise(tmp_path):
     assert json.loads((out / MARKER).read_text())["model_args"]["ffn_dim_multiplier"] == 1.3
 
 
-def test_every_parameter_has_a_meta_layout_rule():
-    from torchtitan.checkpoint.formats.meta import SHARD_DIM
-
-    with torch.device("meta"):
-        keys = Transformer(llama3_flavors["debugmodel"]).state_dict().keys()
-    for k in keys:
-        assert k == "tok_embeddings.weight" or any(p.fullmatch(k) for p, _ in SHARD_DIM), k
-
-
-def test_meta_llama2_embedding_is_split_on_dim_1():
-    from torchtitan.checkpoint.formats.meta import merge_shards
-
-    emb = torch.randn(10, 8)
-    shards = [{"tok_embeddings.weight": emb[:, :4], "norm.weight": torch.ones(8)},
-              {"tok_embeddings.weight": emb[:, 4:], "norm.weight": torch.ones(8)}]
-    assert torch.equal(merge_shards(shards, {"dim": 8}, "x")["tok_embeddings.weight"], emb)
-    shards = [{"tok_embeddings.weight": emb[:5]}, {"tok_embeddings.weight": emb[5:]}]  # Llama 3 VocabParallel
-    assert torch.equal(merge_shards(shards, {"dim": 8}, "x")["tok_embeddings.weight"], emb)
-
-
 def test_trainer_starts_from_hf_folder_and_converted_dcp_alike(tmp_path, hf_sharded):
     src, _ = hf_sharded
     dcp_dir = tmp_path / "dcp"

@@ -1,8 +1,10 @@
 """Fake-backend dry runs of the shipped large configs: the real sharding plans build at 8/64/512 ranks on the
 meta device, and the printed per-rank parameter bytes are the model's bytes divided by its shards.
 
-The MoE cases check OLMoE's per-rank counts exactly against the arithmetic below: experts sharded over ep and
-efsdp (and replicated over tp), dense weights over dp_shard_cp, and what FSDP all-gathers."""
+The MoE cases check OLMoE's per-rank counts exactly against the arithmetic below (the flavors' shapes and their
+parameter counts are in tests/moe_helpers.py, checked in tests/unit/trainer/test_dry_run.py): experts sharded over
+ep and efsdp (and replicated over tp), dense weights over dp_shard_cp, and what FSDP all-gathers. Each case runs
+./run_train.sh in a subprocess, as users run a dry run."""
 from __future__ import annotations
 
 import os
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.launch import ROOT, _env
+from tests.moe_helpers import OLMOE_1B_7B, OLMOE_232B, Moe
 
 ROW = re.compile(r"^\s*(\d+)\s+([\d,]+)\s+(\d+)\s+([\d,]+)\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s*$")
 TOTAL = re.compile(r"dry run: \S+ \S+, ([\d,]+) parameters, world (\d+)")
@@ -76,56 +79,7 @@ def test_dry_run_rejects_an_impossible_pipeline():
 
 # ---- Mixture of experts (olmoe): every number by hand -------------------------------------------------------
 
-@dataclass(frozen=True)
-class Moe:
-    """An OLMoE flavor's shapes (torchtitan/models/olmoe/args.py), and the parameter counts they imply."""
-
-    dim: int
-    layers: int
-    heads: int
-    kv_heads: int
-    experts: int
-    width: int  # each expert's SwiGLU hidden size
-    vocab: int
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.dim // self.heads
-
-    @property
-    def expert(self) -> int:
-        """One expert of one layer: w1 and w3 (width x dim) and w2 (dim x width)."""
-        return 3 * self.width * self.dim
-
-    @property
-    def dense_layer(self) -> int:
-        """One block without its experts: wq, wo (dim x dim), wk, wv (kv_dim x dim), the router (experts x
-        dim), q_norm (dim), k_norm (kv_dim; QK-norm over the whole projection), attention_norm and ffn_norm."""
-        return 2 * self.dim * self.dim + 2 * self.kv_dim * self.dim + self.experts * self.dim \
-            + self.dim + self.kv_dim + 2 * self.dim
-
-    @property
-    def embedding(self) -> int:
-        return self.vocab * self.dim  # tok_embeddings; the output (untied) is the same size
-
-    @property
-    def total(self) -> int:
-        return self.layers * (self.experts * self.expert + self.dense_layer) + 2 * self.embedding + self.dim
-
-
-OLMOE_1B_7B = Moe(dim=2048, layers=16, heads=16, kv_heads=16, experts=64, width=1024, vocab=50304)
-OLMOE_232B = Moe(dim=4096, layers=94, heads=32, kv_heads=4, experts=128, width=1536, vocab=151936)
 FP32, BF16 = 4, 2  # stored parameters (and grads, AdamW states); FSDP's gathered compute dtype
-
-
-def test_olmoe_flavor_arithmetic():
-    """The shapes above are the flavors' (the dry run prints the model's own count; checked per case too)."""
-    # 16 x (64 x 6,291,456 + 16,916,480) + 2 x 103,022,592 + 2,048
-    assert OLMOE_1B_7B.expert == 6_291_456 and OLMOE_1B_7B.dense_layer == 16_916_480
-    assert OLMOE_1B_7B.total == 6_919_161_856
-    # 94 x (128 x 18,874,368 + 38,285,824) + 2 x 622,329,856 + 4,096
-    assert OLMOE_232B.expert == 18_874_368 and OLMOE_232B.dense_layer == 38_285_824
-    assert OLMOE_232B.total == 231_939_927_040
 
 
 @dataclass(frozen=True)

@@ -98,3 +98,30 @@ def test_runtime_user_error_is_one_line(tmp_path):
     assert "Traceback" not in out and "ChildFailedError" not in out
     errors = [line for line in out.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "is not a DCP checkpoint (no .metadata file)" in errors[0], errors
+
+
+@pytest.mark.slow
+def test_short_sequences_validate_without_setting_validation_seq_len(tmp_path):
+    """validation.seq_len defaults to training.seq_len: a 256-token run with validation on used to train two steps
+    and then die in the first validation (the model's RoPE table is built for 256, validation asked for 2048)."""
+    dump = str(tmp_path / "run")
+    proc = run_train_sh(1, dump, ["--training.steps", "2", "--training.seq_len", "256", "--validation.enable",
+                                  "--validation.freq", "1", "--validation.steps", "1", "--metrics.log_freq", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    validations = [r for r in read_metrics(dump) if "validation_loss" in r]
+    assert [r["step"] for r in validations] == [1, 2]
+    assert all(r["validation_tokens"] == 8 * 255 for r in validations)  # one batch of training's 8 x 256
+
+
+def test_global_batch_with_replica_groups_is_a_preflight_error(tmp_path):
+    """The global batch counts every replica group: 24 sequences, local 4, dp 1 and 4 groups is no whole number
+    of micro-batches. It used to train 16-sequence steps silently; now it is one line, exit 2, before torchrun."""
+    proc = run_train_sh(1, str(tmp_path / "ft"), ["--fault_tolerance.enable", "--fault_tolerance.group_size", "4",
+                                                  "--fault_tolerance.lighthouse", "http://127.0.0.1:1",
+                                                  "--training.local_batch_size", "4",
+                                                  "--training.global_batch_size", "24"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["error: training.global_batch_size = 24 must be a multiple of training.local_batch_size 4 x "
+                     "data-parallel degree 1 x fault_tolerance.group_size 4 = 16"], proc.stderr
+    assert not os.path.exists(tmp_path / "ft")

@@ -60,9 +60,8 @@ def _pattern(pre: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _structure(spec: dict[str, Any]) -> tuple[str, dict[bytes, int]] | str:
-    """(pattern, ranks) when the file fits tiktoken's model, else the reason it does not."""
-    model = spec.get("model") or {}
+def _pipeline_misfit(spec: dict[str, Any], model: dict[str, Any]) -> str | None:
+    """Why the file's pipeline around the BPE model is not tiktoken's (None: it is)."""
     if model.get("type") != "BPE":
         return f"model type {model.get('type')} is not BPE"
     if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") \
@@ -70,11 +69,20 @@ def _structure(spec: dict[str, Any]) -> tuple[str, dict[bytes, int]] | str:
         return "BPE options (dropout, subword prefix/suffix, byte fallback) tiktoken does not have"
     if spec.get("normalizer") is not None:
         return "a normalizer, which tiktoken does not run"
-    pattern = _pattern(spec.get("pre_tokenizer"))
-    if pattern is None:
+    if _pattern(spec.get("pre_tokenizer")) is None:
         return "a pre-tokenizer other than byte-level with one regex"
     if any(not t.get("special", False) for t in spec.get("added_tokens", [])):
         return "non-special added tokens, which tokenizers matches inside text and tiktoken would not"
+    return None
+
+
+def _structure(spec: dict[str, Any]) -> tuple[str, dict[bytes, int]] | str:
+    """(pattern, ranks) when the file fits tiktoken's model, else the reason it does not."""
+    model = spec.get("model") or {}
+    misfit = _pipeline_misfit(spec, model)
+    if misfit is not None:
+        return misfit
+    pattern = _pattern(spec.get("pre_tokenizer"))
     decode = byte_decoder()
     vocab: dict[str, int] = model.get("vocab", {})
 

@@ -1,4 +1,4 @@
-"""One human line per logged step; the same values to metrics.jsonl and TensorBoard."""
+"""One human line per logged step; the same values to metrics.jsonl, TensorBoard and Weights & Biases."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from torchtitan.components.wandb_logger import open_wandb_run
 from torchtitan.config.job_config import Metrics as MetricsConfig
 
 logger = logging.getLogger("torchtitan")
@@ -58,7 +59,8 @@ class StepTiming:
 
 class MetricsLogger:
     def __init__(self, cfg: MetricsConfig, dump_folder: str, rank: int, device_type: str, flops_per_token: float,
-                 world_size: int, total_steps: int, write_files: bool):
+                 world_size: int, total_steps: int, write_files: bool, run_config: dict | None = None):
+        """run_config: the resolved job config as a nested dict, stored with the W&B run."""
         self.cfg, self.device_type = cfg, device_type
         self.flops_per_token, self.world_size, self.total_steps = flops_per_token, world_size, total_steps
         self.peak = peak_tflops(device_type)
@@ -66,6 +68,7 @@ class MetricsLogger:
         self.tokens_since_log = 0
         self.jsonl = None
         self.tb = None
+        self.wandb = None
         if write_files:
             os.makedirs(dump_folder, exist_ok=True)
             if cfg.enable_jsonl:
@@ -74,6 +77,8 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(os.path.join(dump_folder, cfg.save_tb_folder))
+            if cfg.enable_wandb:
+                self.wandb = open_wandb_run(cfg, dump_folder, run_config)
         self._t0 = time.perf_counter()
 
     def add_data_time(self, seconds: float) -> None:
@@ -106,10 +111,7 @@ class MetricsLogger:
             f"eta {_fmt_eta(eta)}" + "".join(f"  {k.replace('_', ' ')} {v}" for k, v in (extra or {}).items()))
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
-        if self.tb:
-            for k, v in rec.items():
-                if k != "step" and v is not None:
-                    self.tb.add_scalar(f"train/{k}", v, step)
+        self._scalars({f"train/{k}": v for k, v in rec.items() if k != "step" and v is not None}, step)
         self.window = StepTiming(start=time.perf_counter())
         self.tokens_since_log = 0
         return rec
@@ -122,17 +124,26 @@ class MetricsLogger:
                     f"time {seconds:.1f}s")
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
-        if self.tb:
-            self.tb.add_scalar("validation/loss", loss, step)
-            self.tb.add_scalar("validation/ppl", perplexity, step)
+        self._scalars({"validation/loss": loss, "validation/ppl": perplexity}, step)
         self.window.start += seconds  # training throughput leaves validation time out
         return rec
+
+    def _scalars(self, scalars: dict, step: int) -> None:
+        """The same named scalars to TensorBoard and W&B, at the training step (W&B's x axis too)."""
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()  # flushes the run file (offline) or the upload (online)
+            self.wandb = None
 
 
 def _fmt_eta(seconds: float) -> str:

@@ -28,9 +28,10 @@ class Profiler:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if device_type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            freq = cfg.profile_freq
-            # Trace the last step of each window of profile_freq steps, after one warm-up step.
-            schedule = torch.profiler.schedule(wait=max(freq - 2, 0), warmup=1 if freq > 1 else 0, active=1)
+            freq, active = cfg.profile_freq, cfg.profiler_active
+            warmup = min(cfg.profiler_warmup, freq - active)  # trainer/checks.py: active <= profile_freq
+            # Trace the last `active` steps of each window of profile_freq steps, after `warmup` warm-up steps.
+            schedule = torch.profiler.schedule(wait=freq - active - warmup, warmup=warmup, active=active)
             self.prof = torch.profiler.profile(activities=activities, schedule=schedule,
                                                on_trace_ready=self._save_trace, record_shapes=True)
             self.prof.start()

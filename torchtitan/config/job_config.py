@@ -25,8 +25,9 @@ class Job:
     config_file: str | None = opt(None, "TOML file to read (also the CONFIG / CONFIG_FILE environment variables).")
     dump_folder: str = opt("./outputs", "Folder for checkpoints, metrics, traces and the data order of this run.")
     description: str = opt("", "Free text describing the job.")
-    print_config: bool = opt(False, "Print the resolved config as TOML, each value with where it came from (default, "
-                                    "which file, the command line), and exit.")
+    print_config: bool = opt(False, "On the command line: print the resolved config as TOML, each value with where it "
+                                    "came from (default, which file, the command line), and exit. Set in a file "
+                                    "(as torchtitan's configs do), it logs the same text at start, as print_args.")
     print_args: bool = opt(False, "Log the resolved config (as --job.print_config prints it) when training starts.")
 
 
@@ -35,6 +36,8 @@ class Profiling:
     enable_profiling: bool = opt(False, "Record torch.profiler traces every profile_freq steps.")
     save_traces_folder: str = opt("profile_traces", "Trace folder, under dump_folder.")
     profile_freq: int = opt(10, "Steps between traces.")
+    profiler_active: int = opt(1, "Steps traced at the end of each window of profile_freq steps.")
+    profiler_warmup: int = opt(1, "Profiler warm-up steps before the traced ones (fewer if the window is short).")
     enable_memory_snapshot: bool = opt(False, "Record CUDA allocator memory snapshots (CUDA only).")
     save_memory_snapshot_folder: str = opt("memory_snapshot", "Snapshot folder, under dump_folder.")
 
@@ -45,6 +48,20 @@ class Metrics:
     enable_tensorboard: bool = opt(False, "Also write the logged values to TensorBoard.")
     save_tb_folder: str = opt("tb", "TensorBoard folder, under dump_folder.")
     enable_jsonl: bool = opt(True, "Write {dump_folder}/metrics.jsonl, one JSON object per logged step.")
+    enable_wandb: bool = opt(False, "Also log to Weights & Biases (the wandb package): the TensorBoard scalars and "
+                                    "the resolved config, from rank 0 (under fault tolerance, each replica group's "
+                                    "rank 0); the run folder is {dump_folder}/wandb.")
+    wandb_project: str = opt("", "W&B project. Empty: WANDB_PROJECT, else \"torchtitan\".")
+    wandb_entity: str = opt("", "W&B entity (user or team). Empty: WANDB_ENTITY, else wandb's default entity.")
+    wandb_run_name: str = opt("", "W&B run name. Empty: WANDB_NAME, else the dump folder's name; under fault "
+                                  "tolerance -replica<id> is appended.")
+    wandb_group: str = opt("", "W&B run group. Empty: WANDB_RUN_GROUP, else none (under fault tolerance: the "
+                               "dump folder's name, so the replica groups' runs sit together).")
+    wandb_tags: list[str] = opt([], "W&B run tags. Empty: WANDB_TAGS (a comma-separated list).")
+    wandb_mode: str = opt("auto", "online uploads as it runs; offline writes a run folder that `wandb sync` "
+                                  "uploads later, with no network use. auto: WANDB_MODE when set, else online "
+                                  "when W&B credentials exist (WANDB_API_KEY or a netrc entry), else offline.",
+                          ("auto", "online", "offline"))
 
 
 @dataclass
@@ -58,7 +75,8 @@ class Model:
                                          "uses the HF library.",
                                  ("auto", "tokenizers"))
     vocab_size: int = opt(-1, "Override the flavor's vocabulary size (-1: keep the flavor's).")
-    converters: list[str] = opt([], "Model converters applied before parallelization.", None)
+    converters: list[str] = opt([], "Model converters applied before parallelization (float8: torchao's float8 "
+                                     "linears, CUDA only).", ("float8",))
     sdpa_backend: str = opt("auto", "scaled_dot_product_attention backend; auto picks cuDNN on Hopper+, flash on "
                                     "other CUDA, the default on CPU.",
                             ("auto", "default", "cudnn", "flash", "efficient", "math"))
@@ -81,6 +99,8 @@ class Optimizer:
 @dataclass
 class LRScheduler:
     warmup_steps: int = opt(200, "Linear warm-up steps from ~0 to the peak lr.")
+    total_steps: int | None = opt(None, "Steps the schedule spans (None: training.steps); a shorter run then stops "
+                                        "partway through the same schedule.")
     decay_ratio: float | None = opt(None, "Fraction of steps spent decaying at the end; the rest after warm-up is a "
                                           "stable phase. None: decay all steps after warm-up.")
     decay_type: str = opt("linear", "Decay shape.", ("linear", "sqrt", "cosine"))
@@ -91,8 +111,9 @@ class LRScheduler:
 class Data:
     """What to train on (the classic training.* keys alias these)."""
 
-    dataset: str = opt("pydoc", "Dataset: pydoc (bundled offline corpus), c4 (allenai/c4 en, streamed), memmap "
-                                "(pre-tokenized files), or a hub dataset name.")
+    dataset: str = opt("pydoc", "Dataset: pydoc (bundled offline corpus), c4 (allenai/c4 en, streamed; "
+                                "c4_validation: its validation split), memmap (pre-tokenized files), or a hub "
+                                "dataset name.")
     dataset_path: str | None = opt(None, "Local json/jsonl/parquet/text file or folder; overrides where the dataset "
                                          "is read from.")
     dataset_text_field: str = opt("text", "Column holding the document text.")
@@ -319,6 +340,8 @@ class JobConfig:
     # Where each key the user set came from: "file" or "cli" (load_config fills it; not a config key). An option
     # the user set that has no effect in this configuration is an error, not silence (config/effects.py).
     set_by = MappingProxyType({})
+    # What loading accepted with no effect (torchtitan keys, config/torchtitan_keys.py): logged at start.
+    notes = ()
 
 
 # Classic key locations, kept so older configs and commands keep working.

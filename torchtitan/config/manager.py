@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from torchtitan.config.job_config import ALIASES, JobConfig
+from torchtitan.config.torchtitan_keys import TORCHTITAN_KEYS, Alias, flatten, translate
 from torchtitan.tools.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -51,6 +52,38 @@ def _suggest(name: str, candidates) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _convert_list(key: str, raw: Any, elem, from_cli: bool) -> list:
+    if isinstance(raw, str) and from_cli:
+        raw = [s.strip() for s in raw.split(",") if s.strip()]
+    if not isinstance(raw, list):
+        raise ConfigError(f"{key}: expected a list of {elem.__name__}, got {raw!r}")
+    return [_convert(key, x, elem, from_cli) for x in raw]
+
+
+def _convert_bool(key: str, raw: Any, from_cli: bool) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if from_cli and isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return raw.lower() in ("true", "1", "yes")
+    raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+
+
+def _convert_number(key: str, raw: Any, base: type, from_cli: bool) -> int | float:
+    what = "an integer" if base is int else "a number"
+    if isinstance(raw, bool):
+        raise ConfigError(f"{key}: expected {what}, got {raw!r}")
+    if isinstance(raw, base) or (base is float and isinstance(raw, int)):
+        return base(raw)
+    if base is int and isinstance(raw, float) and raw.is_integer() and not from_cli:
+        return int(raw)
+    if from_cli and isinstance(raw, str):
+        try:
+            return base(raw)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected {what}, got {raw!r}")
+
+
 def _convert(key: str, raw: Any, tp, from_cli: bool) -> Any:
     """Convert a TOML value or CLI string to the field's type, or raise ConfigError."""
     base, optional = _unwrap_optional(tp)
@@ -58,35 +91,11 @@ def _convert(key: str, raw: Any, tp, from_cli: bool) -> Any:
         return None
     if typing.get_origin(base) is list:
         (elem,) = typing.get_args(base)
-        if isinstance(raw, str):
-            items = [s.strip() for s in raw.split(",") if s.strip()] if from_cli else None
-            if items is None:
-                raise ConfigError(f"{key}: expected a list of {elem.__name__}, got {raw!r}")
-        elif isinstance(raw, list):
-            items = raw
-        else:
-            raise ConfigError(f"{key}: expected a list of {elem.__name__}, got {raw!r}")
-        return [_convert(key, x, elem, from_cli) for x in items]
+        return _convert_list(key, raw, elem, from_cli)
     if base is bool:
-        if isinstance(raw, bool):
-            return raw
-        if from_cli and isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return raw.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+        return _convert_bool(key, raw, from_cli)
     if base in (int, float):
-        what = "an integer" if base is int else "a number"
-        if isinstance(raw, bool):
-            raise ConfigError(f"{key}: expected {what}, got {raw!r}")
-        if isinstance(raw, base) or (base is float and isinstance(raw, int)):
-            return base(raw)
-        if base is int and isinstance(raw, float) and raw.is_integer() and not from_cli:
-            return int(raw)
-        if from_cli and isinstance(raw, str):
-            try:
-                return base(raw)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected {what}, got {raw!r}")
+        return _convert_number(key, raw, base, from_cli)
     if base is str:
         if isinstance(raw, str):
             return raw
@@ -113,8 +122,14 @@ def _canonical_key(key: str) -> str:
     return key
 
 
-def _set(cfg: JobConfig, key: str, raw: Any, from_cli: bool) -> str:
-    """Set one key; returns its canonical name."""
+def _set(cfg: JobConfig, key: str, raw: Any, from_cli: bool, notes: list[str]) -> str | None:
+    """Set one key; returns its canonical name (None: a torchtitan key accepted with nothing to set)."""
+    if key in TORCHTITAN_KEYS:
+        key, raw, note = translate(key, raw, from_cli)
+        if note:
+            notes.append(note)
+        if key is None:
+            return None
     key = _canonical_key(key)
     section, name = key.split(".", 1)
     sec = getattr(cfg, section)
@@ -131,6 +146,11 @@ def _set(cfg: JobConfig, key: str, raw: Any, from_cli: bool) -> str:
 
 
 def _is_bool_key(key: str) -> bool:
+    entry = TORCHTITAN_KEYS.get(key)
+    if entry is not None:
+        key = entry.key if isinstance(entry, Alias) else key
+        if not isinstance(entry, Alias):
+            return isinstance(getattr(entry, "default", None), bool)
     try:
         key = _canonical_key(key)
     except ConfigError:
@@ -205,16 +225,18 @@ def config_chain(path: str, _seen: tuple[str, ...] = ()) -> list[tuple[str, dict
     return [*config_chain(base_path, (*_seen, real)), (path, data)]
 
 
-def _apply_file(cfg: JobConfig, path: str, data: dict, set_by: dict[str, str]) -> None:
+def _apply_file(cfg: JobConfig, path: str, data: dict, set_by: dict[str, str], notes: list[str]) -> None:
     for section, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: top-level '{section}' must be a [section] table (extends = \"file\" is the "
                               f"only top-level key)")
-        for name, raw in values.items():
+        for key, raw in flatten(values, section):
             try:
-                set_by[_set(cfg, f"{section}.{name}", raw, from_cli=False)] = path
+                canonical = _set(cfg, key, raw, from_cli=False, notes=notes)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
+            if canonical is not None:
+                set_by[canonical] = path
 
 
 def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> JobConfig:
@@ -224,18 +246,24 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
     env = os.environ if env is None else env
     overrides = parse_cli(argv)
     config_file = env.get("CONFIG") or env.get("CONFIG_FILE") or None
+    config_origin = f"{'CONFIG' if env.get('CONFIG') else 'CONFIG_FILE'} environment variable"
     for key, value in overrides:
         if key == "job.config_file":
             config_file = value
     cfg = JobConfig()
     set_by: dict[str, str] = {}
+    notes: list[str] = []
     if config_file:
         for path, data in config_chain(config_file):
-            _apply_file(cfg, path, data, set_by)
+            _apply_file(cfg, path, data, set_by, notes)
         cfg.job.config_file = config_file
+        set_by["job.config_file"] = config_origin
     for key, value in overrides:
-        set_by[_set(cfg, key, value, from_cli=True)] = "cli"
+        canonical = _set(cfg, key, value, from_cli=True, notes=notes)
+        if canonical is not None:
+            set_by[canonical] = "cli"
     cfg.set_by = MappingProxyType(set_by)
+    cfg.notes = tuple(dict.fromkeys(notes))
     return cfg
 
 

@@ -80,8 +80,9 @@ class DocumentSource:
     def _hub(self):
         import datasets
 
-        if self.name == "c4":
-            return datasets.load_dataset("allenai/c4", "en", split="train", streaming=True)
+        if self.name in ("c4", "c4_validation"):  # torchtitan's names for C4's splits
+            split = "validation" if self.name == "c4_validation" else "train"
+            return datasets.load_dataset("allenai/c4", "en", split=split, streaming=True)
         return datasets.load_dataset(self.name, split="train", streaming=True)
 
     def order(self, epoch: int):

@@ -1,5 +1,10 @@
 """Every check of a job's config, in one place, before any process group exists.
 
+The planners refuse what cannot be planned (ParallelDims.from_config: degrees against the world size;
+pipeline.plan_stages: stage splits; BatchPlan.build: the global batch; resolve_sdpa_backend: kernels the
+device lacks); this module and trainer/plan.py call them before any process group, so their errors are
+preflight errors too.
+
 `check_config` needs only the config: value ranges, and options that would do nothing (the rules of
 trainer/effects.py). `check_layout` needs the model's shape, the world size and the device: degrees against
 heads, experts and layers, sequence lengths against the mesh and the model, pipeline schedules, fault tolerance,
@@ -25,7 +30,7 @@ from torchtitan.tools.errors import CheckpointError, ConfigError
 from torchtitan.trainer.effects import check_effects
 
 
-def _at_least(pairs, low: int = 1) -> None:
+def _at_least(pairs, low: float = 1) -> None:
     for key, n in pairs:
         if n < low:
             raise ConfigError(f"{key} must be >= {low}, got {n}")
@@ -33,28 +38,63 @@ def _at_least(pairs, low: int = 1) -> None:
 
 def check_config(cfg: JobConfig) -> None:
     """Checks across keys that need neither the model nor the world size."""
+    _check_counts(cfg)
+    _check_optimization(cfg)
+    _check_profiling_and_ac(cfg)
+    if cfg.fault_tolerance.enable:
+        _check_fault_tolerance_config(cfg)
+    check_effects(cfg)
+
+
+def _check_counts(cfg: JobConfig) -> None:
+    """Step counts, sizes, degrees and timeouts: a 0 would divide by zero or time out at once mid-run."""
     t, p, v, ft = cfg.training, cfg.parallelism, cfg.validation, cfg.fault_tolerance
     _at_least((("training.local_batch_size", t.local_batch_size), ("training.seq_len", t.seq_len),
                ("training.steps", t.steps), ("training.gc_freq", t.gc_freq), ("metrics.log_freq", cfg.metrics.log_freq),
                ("validation.freq", v.freq), ("checkpoint.interval", cfg.checkpoint.interval),
                ("profiling.profile_freq", cfg.profiling.profile_freq),
+               ("comm.init_timeout_seconds", cfg.comm.init_timeout_seconds),
+               ("comm.train_timeout_seconds", cfg.comm.train_timeout_seconds),
+               ("fault_tolerance.timeout_seconds", ft.timeout_seconds),
+               ("fault_tolerance.quorum_timeout_seconds", ft.quorum_timeout_seconds),
                *((f"parallelism.{k}", getattr(p, k)) for k in (
                    "data_parallel_replicate_degree", "tensor_parallel_degree", "pipeline_parallel_degree",
                    "context_parallel_degree", "pipeline_parallel_microbatch_size", "expert_parallel_degree"))))
     _at_least((("lr_scheduler.warmup_steps", cfg.lr_scheduler.warmup_steps),
-               ("checkpoint.keep_latest_k", cfg.checkpoint.keep_latest_k)), low=0)
+               ("checkpoint.keep_latest_k", cfg.checkpoint.keep_latest_k),
+               ("training.loss_chunk_size", t.loss_chunk_size)), low=0)
     for key, n in (("validation.seq_len", v.seq_len), ("validation.local_batch_size", v.local_batch_size),
                    ("validation.steps", v.steps), ("parallelism.data_parallel_shard_degree",
                                                    p.data_parallel_shard_degree)):
         if n == 0 or n < -1:
             raise ConfigError(f"{key} must be -1 or >= 1, got {n}")
+
+
+def _check_optimization(cfg: JobConfig) -> None:
+    """Optimizer, LR schedule and spike guard values torch would reject mid-build, or that make no schedule."""
+    t, o, lr = cfg.training, cfg.optimizer, cfg.lr_scheduler
+    _at_least((("optimizer.lr", o.lr), ("optimizer.eps", o.eps), ("optimizer.weight_decay", o.weight_decay)), low=0)
+    for key, beta in (("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {beta}")
+    for key, x in (("lr_scheduler.min_lr_factor", lr.min_lr_factor), ("lr_scheduler.decay_ratio", lr.decay_ratio)):
+        if x is not None and not 0 <= x <= 1:
+            raise ConfigError(f"{key} must be in [0, 1], got {x}")
+    if lr.total_steps is not None and lr.total_steps < t.steps:
+        raise ConfigError(f"lr_scheduler.total_steps = {lr.total_steps} must be at least training.steps = {t.steps} "
+                          f"(or unset): the schedule would end before the run")
     if t.spike_guard_sigma < 0 or t.spike_guard_window < 2:
         raise ConfigError(f"training.spike_guard_sigma must be >= 0 and training.spike_guard_window >= 2, got "
                           f"{t.spike_guard_sigma} and {t.spike_guard_window}")
-    decay = cfg.lr_scheduler.decay_ratio
-    if decay is not None and not 0 <= decay <= 1:
-        raise ConfigError(f"lr_scheduler.decay_ratio must be in [0, 1] (or unset), got {decay}")
-    ac = cfg.activation_checkpoint
+
+
+def _check_profiling_and_ac(cfg: JobConfig) -> None:
+    prof, ac = cfg.profiling, cfg.activation_checkpoint
+    _at_least((("profiling.profiler_active", prof.profiler_active),))
+    _at_least((("profiling.profiler_warmup", prof.profiler_warmup),), low=0)
+    if prof.profiler_active > prof.profile_freq:
+        raise ConfigError(f"profiling.profiler_active = {prof.profiler_active} must be at most profiling.profile_freq "
+                          f"= {prof.profile_freq}")
     if ac.mode == "selective" and ac.selective_ac_option != "op":
         if not ac.selective_ac_option.isdigit() or int(ac.selective_ac_option) < 1:
             raise ConfigError("activation_checkpoint.selective_ac_option must be 'op' or a positive integer, got "
@@ -62,9 +102,6 @@ def check_config(cfg: JobConfig) -> None:
     for c in cfg.compile.components:
         if c not in ("model", "loss"):
             raise ConfigError(f"compile.components: {c!r} is not one of model, loss")
-    if ft.enable:
-        _check_fault_tolerance_config(cfg)
-    check_effects(cfg)
 
 
 def _check_fault_tolerance_config(cfg: JobConfig) -> None:
@@ -233,8 +270,8 @@ def check_layout(cfg: JobConfig, spec: TrainSpec, args: DecoderArgs, dims: Paral
     validation after its defaults. A dry run (comm.mode = fake_backend) reads no tokenizer, data or checkpoint."""
     p, t = cfg.parallelism, cfg.training
     label = f"{cfg.model.name} {cfg.model.flavor}"
-    on_cuda = device_type == "cuda"
     dry_run = cfg.comm.mode == "fake_backend"
+    on_cuda = device_type == "cuda" or dry_run  # a dry run plans the GPU job (GPU-only features are not applied)
     if cfg.checkpoint.create_seed_checkpoint:
         if dims.world_size > 1:
             raise ConfigError(f"checkpoint.create_seed_checkpoint needs a single process (NGPU=1 and all parallel "
@@ -249,7 +286,7 @@ def check_layout(cfg: JobConfig, spec: TrainSpec, args: DecoderArgs, dims: Paral
         raise ConfigError("training.fused_output_loss cannot run with tensor_parallel_degree > 1: the output layer is "
                           "vocab-sharded there and its loss runs under loss parallel; use loss_chunk_size alone")
     compiled = cfg.compile.enable and "model" in cfg.compile.components
-    _check_pipeline(cfg, args, label, on_cpu=not on_cuda and not dry_run, compiled=compiled)
+    _check_pipeline(cfg, args, label, on_cpu=not on_cuda, compiled=compiled)
     if p.enable_async_tensor_parallel and not (cfg.compile.enable and on_cuda):
         raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and compile.enable")
     if "float8" in cfg.model.converters and not on_cuda:

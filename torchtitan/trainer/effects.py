@@ -1,10 +1,11 @@
 """Options that the user set but that have no effect in this configuration: an error naming what they need.
 
 Each requirement says which keys need which setting (their switch). A key the user set whose switch is off
-is an error, with one exception: a key from the config file whose switch was turned off on the command line
-(`--checkpoint.no-enable` for a quick try of a production config) is reported as a note instead, because the
-command line cannot remove a key from the file. Only keys the user set to something other than the default
-count.
+is an error, with one exception: a key from a config file whose switch was set explicitly (in a file, e.g.
+`[validation] enable = false` above its settings, or turned off on the command line, `--checkpoint.no-enable`
+for a quick try of a production config) is reported as a note instead: the file keeps the settings for when the
+switch is on, and the command line cannot remove a key from a file. Only keys the user set to something other
+than the default count.
 
 Options whose effect depends on where the job runs (the device, or a world size that leaves FSDP out) are
 logged by trainer/checks.py (layout_notes), so one config runs on a CPU box and on a cluster.
@@ -41,6 +42,7 @@ _VALIDATION_OPTIONS = ("freq", "steps", "dataset", "dataset_path", "seq_len", "l
 _FT_OPTIONS = ("replica_id", "group_size", "min_replica_size", "lighthouse", "timeout_seconds",
                "quorum_timeout_seconds", "log_weight_digest", "semi_sync_method")
 _DILOCO_OPTIONS = ("sync_steps", "outer_lr", "outer_momentum")
+_WANDB_OPTIONS = ("wandb_project", "wandb_entity", "wandb_run_name", "wandb_group", "wandb_tags", "wandb_mode")
 
 REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(tuple(f"fault_tolerance.{k}" for k in _FT_OPTIONS), "fault_tolerance.enable",
@@ -89,8 +91,12 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement(("compile.components",), "compile.enable", lambda c: c.compile.enable, "compile.enable = true"),
     Requirement(("metrics.save_tb_folder",), "metrics.enable_tensorboard", lambda c: c.metrics.enable_tensorboard,
                 "metrics.enable_tensorboard = true"),
+    Requirement(tuple(f"metrics.{k}" for k in _WANDB_OPTIONS), "metrics.enable_wandb",
+                lambda c: c.metrics.enable_wandb, "metrics.enable_wandb = true"),
     Requirement(("profiling.save_traces_folder",), "profiling.enable_profiling", lambda c: c.profiling.enable_profiling,
                 "profiling.enable_profiling = true"),
+    Requirement(("profiling.profiler_active", "profiling.profiler_warmup"), "profiling.enable_profiling",
+                lambda c: c.profiling.enable_profiling, "profiling.enable_profiling = true"),
     Requirement(("profiling.profile_freq",), "profiling.enable_profiling",
                 lambda c: c.profiling.enable_profiling or c.profiling.enable_memory_snapshot,
                 "profiling.enable_profiling or profiling.enable_memory_snapshot = true"),
@@ -114,13 +120,13 @@ def _unmet(cfg: JobConfig):
 def check_effects(cfg: JobConfig) -> None:
     """Raise for the first option set by the user that would do nothing (see the module doc)."""
     for key, req in _unmet(cfg):
-        if cfg.set_by[key] == "cli" or cfg.set_by.get(req.switch) != "cli":
+        if cfg.set_by[key] == "cli" or req.switch not in cfg.set_by:
             where = "the command line" if cfg.set_by[key] == "cli" else cfg.set_by[key]
             raise ConfigError(f"{key} (set in {where}) has no effect here: it needs {req.needs}; set that or "
                               f"remove {key}")
 
 
 def effect_notes(cfg: JobConfig) -> list[str]:
-    """The options from the config file that a command-line switch turned off (logged, not errors)."""
-    return [f"{key} (from {cfg.set_by[key]}) has no effect: {req.switch} was changed on the command line"
+    """The options from a config file whose switch was set off explicitly (logged, not errors)."""
+    return [f"{key} (from {cfg.set_by[key]}) has no effect: {req.switch} is off"
             for key, req in _unmet(cfg)]

@@ -94,15 +94,19 @@ def make_plan(cfg: JobConfig, world_size: int, device_type: str | None = None) -
     check_layout(cfg, spec, args, dims, device_type=device_type, validation_shape=validation_shape)
     batch = BatchPlan.build(local_batch_size=t.local_batch_size, global_batch_size=t.global_batch_size,
                             seq_len=t.seq_len, dp=dims.dp, groups=ft.group_size if ft.enable else 1)
-    notes = [*effect_notes(cfg), *layout_notes(cfg, dims, device_type)]
+    notes = [*cfg.notes, *effect_notes(cfg), *layout_notes(cfg, dims, device_type)]
     compile_loss = compile_loss_enabled(cfg, dims.tp)
     if cfg.compile.enable and "loss" in cfg.compile.components and not compile_loss:
         notes.append("compile: the loss stays eager under tensor-parallel loss_parallel (trainer/plan.py)")
     dry_run = cfg.comm.mode == "fake_backend"
+    float8 = "float8" in cfg.model.converters
+    if dry_run and (float8 or cfg.parallelism.enable_async_tensor_parallel):
+        notes.append("dry run: float8 and async TP need a GPU and are not applied; the plan and memory are those of "
+                     "the model without them")
     return Plan(device_type=device_type, dims=dims, spec=spec, model_args=args, batch=batch,
                 validation_shape=validation_shape, fsdp=fsdp_settings(cfg, dims, device_type, dry_run),
                 autocast=autocast_dtype(cfg, dims, device_type),
-                compile_loss=compile_loss, float8="float8" in cfg.model.converters,
+                compile_loss=compile_loss, float8=float8 and not dry_run,
                 seed=t.seed if t.seed is not None else 0, dry_run=dry_run,
                 notes=tuple(notes))
 
@@ -113,7 +117,7 @@ def check_job(argv: list[str] | None, world_size: int | None, env=None) -> tuple
     (EXIT_CONFIG_ERROR)."""
     try:
         cfg = load_config(argv, env)
-        if cfg.job.print_config:
+        if cfg.job.print_config and cfg.set_by.get("job.print_config") == "cli":
             print(to_toml(cfg, origins=True))
             return 0
         if world_size is None:

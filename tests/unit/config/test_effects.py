@@ -45,6 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
      "activation_checkpoint.selective_ac_option", 'mode = "selective"'),
     (["--compile.components", "model"], "compile.components", "compile.enable = true"),
     (["--metrics.save_tb_folder", "x"], "metrics.save_tb_folder", "metrics.enable_tensorboard = true"),
+    (["--metrics.wandb_project", "p"], "metrics.wandb_project", "metrics.enable_wandb = true"),
+    (["--metrics.wandb_mode", "offline"], "metrics.wandb_mode", "metrics.enable_wandb = true"),
 ])
 def test_an_option_without_its_switch_is_an_error(args, key, needs):
     with pytest.raises(ConfigError, match=rf"^{key} \(set in the command line\) has no effect here: it needs .*"
@@ -58,9 +60,17 @@ def test_the_same_options_with_their_switch_load():
                  "--parallelism.disable_loss_parallel"], env={})
 
 
-def test_a_file_option_whose_switch_the_command_line_turned_off_is_a_note(tmp_path):
+def test_wandb_options_with_enable_wandb_load():
+    cfg = checked(["--metrics.enable_wandb", "--metrics.wandb_project", "p", "--metrics.wandb_tags", "a,b",
+                   "--metrics.wandb_mode", "offline"], env={})
+    assert (cfg.metrics.wandb_project, cfg.metrics.wandb_tags, cfg.metrics.wandb_mode) == ("p", ["a", "b"], "offline")
+
+
+def test_a_file_option_whose_switch_is_set_off_is_a_note(tmp_path):
     """The command line cannot remove a key from the file: a quick run of a production config without
-    checkpointing must still start, and says what it ignores."""
+    checkpointing must still start, and says what it ignores. A file that turns a feature off explicitly above
+    its settings (torchtitan's own configs do: `[validation] enabled = false`, `freq = 5`) keeps them for later:
+    a note too. A setting whose switch nobody set is an error: the switch was forgotten."""
     path = tmp_path / "c.toml"
     path.write_text("[checkpoint]\nenable = true\ninterval = 100\nkeep_latest_k = 3\n")
     cfg = checked(["--job.config_file", str(path), "--checkpoint.no-enable"], env={})
@@ -69,6 +79,9 @@ def test_a_file_option_whose_switch_the_command_line_turned_off_is_a_note(tmp_pa
     with pytest.raises(ConfigError, match="checkpoint.interval .set in the command line. has no effect"):
         checked(["--job.config_file", str(path), "--checkpoint.no-enable", "--checkpoint.interval", "5"], env={})
     path.write_text("[checkpoint]\nenable = false\ninterval = 100\n")
+    assert effect_notes(checked(["--job.config_file", str(path)], env={})) == [
+        f"checkpoint.interval (from {path}) has no effect: checkpoint.enable is off"]
+    path.write_text("[checkpoint]\ninterval = 100\n")
     with pytest.raises(ConfigError, match="checkpoint.interval .set in .*c.toml. has no effect"):
         checked(["--job.config_file", str(path)], env={})
 

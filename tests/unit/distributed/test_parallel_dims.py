@@ -38,6 +38,17 @@ def test_no_mesh_means_no_groups():
     assert not d.has_mesh and d.group("dp") is None and d.local_rank("cp") == 0
 
 
+@pytest.mark.parametrize("ep,cp,shard,ok", [(2, 1, 4, True), (4, 2, 4, True), (3, 1, 4, False), (2, 4, 2, False),
+                                             (8, 1, 4, False)])
+def test_expert_parallel_degree_is_validated(ep, cp, shard, ok):
+    p = Parallelism(expert_parallel_degree=ep, context_parallel_degree=cp, data_parallel_shard_degree=shard)
+    if ok:
+        assert ParallelDims.from_config(p, shard * cp).ep == ep
+    else:
+        with pytest.raises(ConfigError, match="expert_parallel_degree"):
+            ParallelDims.from_config(p, shard * cp)
+
+
 _MESH = """
 import json, os, torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore

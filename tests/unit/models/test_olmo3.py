@@ -1,8 +1,9 @@
 """OLMo 3: logits equal transformers' Olmo3ForCausalLM when the sliding window is shorter than the prompt, with
 plain RoPE and with YaRN on the full-attention layers (the released 65K-context models); HF -> DCP -> HF is
 bitwise and keeps the RoPE config; our export loads in transformers; layer_types <-> attention_pattern, and what
-an import refuses; YaRN's frequencies and attention factor equal transformers'; model args survive a marker;
-scripts/generate.py greedy-decodes an OLMo 3 HF folder as transformers does."""
+an import refuses; model args survive a marker; scripts/generate.py greedy-decodes an OLMo 3 HF folder as
+transformers does. (YaRN's frequencies: tests/unit/models/common/test_rope.py; both RoPE tables on every pipeline
+stage: tests/unit/distributed/test_pipeline.py.)"""
 from __future__ import annotations
 
 import copy
@@ -17,9 +18,8 @@ from tests.reference import hf_tensors, import_hf, save_random_hf
 from torchtitan.checkpoint import CheckpointError
 from torchtitan.checkpoint.formats.hf import read_hf_config, write_hf_folder
 from torchtitan.checkpoint.io import MARKER, model_args_from_dict, model_args_to_dict
-from torchtitan.distributed.pipeline import prune_to_stage
 from torchtitan.models import get_train_spec
-from torchtitan.models.common.rope import RopeScaling, YarnScaling, rope_cache, rope_frequencies
+from torchtitan.models.common.rope import RopeScaling, YarnScaling
 from torchtitan.models.llama3 import LlamaModelArgs, llama3_flavors
 from torchtitan.models.olmo3 import Olmo3ModelArgs, Olmo3StateDictAdapter, olmo3_flavors
 
@@ -105,33 +105,6 @@ def test_logits_equal_transformers_with_yarn(tmp_path, case):
             model = info.spec.build_model(changed)
             model.load_state_dict(ours.state_dict())
             assert (model.eval()(tokens) - ref).abs().max().item() > 1e-3
-
-
-@pytest.mark.parametrize("params", [
-    dict(factor=8.0, original_max_position_embeddings=8192, attention_factor=1.2079441541679836),  # OLMo 3
-    dict(factor=4.0, original_max_position_embeddings=16),
-    dict(factor=32.0, original_max_position_embeddings=4096, beta_fast=16.0, beta_slow=2.0, mscale=1.0,
-         mscale_all_dim=0.5),
-    dict(factor=32.0, original_max_position_embeddings=4096, truncate=False),  # gpt-oss's untruncated ramp
-    dict(factor=1.0, original_max_position_embeddings=64),  # no attention factor; a factor-1 ramp changes nothing
-])
-@pytest.mark.parametrize("head_dim,theta", [(128, 500000.0), (16, 1000.0), (64, 150000.0)])
-def test_yarn_frequencies_and_attention_factor_equal_transformers(params, head_dim, theta):
-    from transformers.modeling_rope_utils import _compute_yarn_parameters
-
-    # A flat rope_parameters (Llama's) is where transformers 5.24 reads `truncate`; Olmo3's keyed one ignores it.
-    config = transformers.LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, max_position_embeddings=65536,
-                                      rope_parameters={"rope_type": "yarn", "rope_theta": theta, **params})
-    want_freqs, want_factor = _compute_yarn_parameters(config)
-    scaling = YarnScaling(**params)
-    freqs = rope_frequencies(head_dim, theta, scaling)
-    assert freqs.dtype == torch.float64
-    torch.testing.assert_close(freqs.float(), want_freqs, rtol=2e-6, atol=0)  # theirs is computed in float32
-    assert scaling.attention_scale == want_factor
-    table = rope_cache(head_dim, 64, theta, scaling)
-    angles = torch.outer(torch.arange(64, dtype=torch.float64), freqs)
-    want = torch.stack([angles.cos(), angles.sin()], dim=-1) * want_factor
-    assert table.dtype == torch.float32 and torch.equal(table, want.float())
 
 
 def test_hf_to_dcp_to_hf_is_bitwise(tmp_path):
@@ -305,20 +278,6 @@ def test_markers_written_before_yarn_still_read_as_llama_scaling():
     del d["rope_scaling"]["kind"], d["rope_scaling_layers"]  # what older markers hold
     back = model_args_from_dict(LlamaModelArgs, d)
     assert back == args and isinstance(back.rope_scaling, RopeScaling)
-
-
-def test_each_layer_gets_its_rope_table_on_every_pipeline_stage():
-    args = dataclasses.replace(olmo3_flavors["debugmodel"], max_seq_len=256)
-    model = get_train_spec("olmo3").build_model(args)
-    model.init_weights(buffer_device="cpu", seed=0)
-    assert not torch.equal(model.rope_cache, model.plain_rope_cache)
-    assert [model.layer_rope(i) is model.rope_cache for i in range(4)] == [False, False, False, True]
-    tokens = torch.randint(0, args.vocab_size, (2, 160))  # past the window (64) and the original length (64)
-    with torch.no_grad():
-        want = model(tokens)
-        # Stage 0 holds only sliding layers, stage 1 a sliding and the full one.
-        first, last = prune_to_stage(model, ["0", "1"], True, False), prune_to_stage(model, ["2", "3"], False, True)
-        assert torch.equal(last(first(tokens)), want)
 
 
 def test_generate_script_matches_transformers_on_an_hf_folder(tmp_path):

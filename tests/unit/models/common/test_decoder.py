@@ -1,5 +1,6 @@
-"""The one decoder's own numbers, for every family: parameter count against transformers' model of the same
-config, FLOPs per token against torch's FLOP counter on a real forward + backward."""
+"""The one decoder (models/common/decoder.py): its own numbers for every family (parameter count against
+transformers' model of the same config, FLOPs per token against torch's FLOP counter on a real forward +
+backward), MoE layers in a dense family, and a RoPE table that is computed, never saved."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchtitan.models import get_train_spec, model_names
+from torchtitan.models.common.decoder import Decoder
+from torchtitan.models.common.moe import MoEArgs
+from torchtitan.models.llama3 import Llama3StateDictAdapter, llama3_flavors
+from torchtitan.tools.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 
@@ -67,3 +72,26 @@ def test_flops_per_token_charges_sliding_layers_their_window():
     saved = 12 * args.n_heads * args.head_dim * sliding * (1024 - args.sliding_window)
     assert full.flops_per_token(1024) - model.flops_per_token(1024) == saved
     assert full.flops_per_token(args.sliding_window) == model.flops_per_token(args.sliding_window)
+
+
+def test_a_dense_family_takes_experts():
+    """The MoE layer is a decoder option: Llama 3 with experts in every layer but the first trains, and its HF
+    export is refused by name (transformers' Llama has no experts)."""
+    args = dataclasses.replace(llama3_flavors["debugmodel"], n_layers=3,
+                               moe=MoEArgs(num_experts=4, top_k=2, hidden_dim=64, n_dense_layers=1))
+    torch.manual_seed(0)
+    model = Decoder(args)
+    model.init_weights(seed=0)
+    kinds = [type(b.feed_forward).__name__ for b in model.layers.values()]
+    assert kinds == ["FeedForward", "MoE", "MoE"]
+    model(torch.randint(0, args.vocab_size, (2, 16))).float().logsumexp(-1).mean().backward()
+    assert model.layers["2"].feed_forward.experts.w1.grad.abs().sum() > 0
+    assert model.num_params(active=True) < model.num_params()
+    with pytest.raises(CheckpointError, match="no mixture-of-experts"):
+        Llama3StateDictAdapter(args).check_expressible()
+
+
+def test_rope_table_not_in_state_dict():
+    with torch.device("meta"):
+        model = Decoder(llama3_flavors["debugmodel"])
+    assert not any("rope" in k or "freqs" in k for k in model.state_dict())

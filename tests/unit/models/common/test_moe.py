@@ -1,28 +1,15 @@
-"""The MoE layer against hand-written references: routing, expert outputs, balance losses and their gradients,
-activation checkpointing, the expert bias. In float64 on one process (layouts: tests/integration/test_moe_parity.py)."""
+"""The MoE layer (models/common/moe.py) against hand-written references: routing, expert outputs, balance losses
+and their gradients, activation checkpointing, the expert bias. In float64 on one process (layouts:
+tests/integration/test_moe_parity.py; the expert-bias update: tests/unit/trainer/test_balance.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from torchtitan.config.job_config import MoETraining, Parallelism
-from torchtitan.distributed.parallel_dims import ParallelDims
+from tests.moe_helpers import DIM, HIDDEN, E, K, tiny_moe
 from torchtitan.models.common.layers import FeedForward
 from torchtitan.models.common.moe import MoE, MoEArgs
-from torchtitan.tools.errors import ConfigError
-from torchtitan.trainer.balance import ExpertBalance
-
-DIM, E, K, HIDDEN = 12, 6, 2, 10
-
-
-def _moe(score_func: str = "softmax", norm_topk_prob: bool = False, expert_bias: bool = False) -> MoE:
-    torch.manual_seed(0)
-    moe = MoE(DIM, MoEArgs(num_experts=E, top_k=K, hidden_dim=HIDDEN, score_func=score_func,
-                           norm_topk_prob=norm_topk_prob, expert_bias=expert_bias)).double()
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.4)
-    return moe
 
 
 def _reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +33,7 @@ def _reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("score_func,norm_topk_prob,expert_bias",
                          [("softmax", False, False), ("softmax", True, False), ("sigmoid", True, True)])
 def test_output_equals_token_by_token_reference(score_func, norm_topk_prob, expert_bias):
-    moe = _moe(score_func, norm_topk_prob, expert_bias)
+    moe = tiny_moe(score_func, norm_topk_prob, expert_bias)
     if expert_bias:
         moe.router.expert_bias = torch.linspace(-0.3, 0.3, E, dtype=torch.float64)  # changes the choice
     x = torch.randn(2, 9, DIM, dtype=torch.float64)
@@ -70,7 +57,7 @@ def test_shared_expert_adds_a_dense_swiglu_for_every_token():
 
 
 def test_expert_bias_moves_the_choice_not_the_weights():
-    moe = _moe("sigmoid", expert_bias=True)
+    moe = tiny_moe("sigmoid", expert_bias=True)
     x = torch.randn(32, DIM, dtype=torch.float64)
     _, scores, plain, _ = moe.router(x)
     moe.router.expert_bias = torch.zeros(E, dtype=torch.float64)
@@ -96,7 +83,7 @@ def _explicit_aux(moe: MoE, x: torch.Tensor, lb_weight: float, z_weight: float, 
 def test_balance_loss_gradients_equal_the_explicit_losses(fixed_counts):
     """The aux losses reach the router through AuxLoss's backward exactly as if added to the loss; with fixed
     counts (the routing pass) f comes from them, P from this micro-batch, both over the global token count."""
-    moe = _moe()
+    moe = tiny_moe()
     x = torch.randn(20, DIM, dtype=torch.float64)
     st = moe.balance
     st.load_balance_weight, st.z_loss_weight, st.n_tokens, st.grad_scale = 0.3, 0.05, 80.0, 2.0
@@ -113,7 +100,7 @@ def test_balance_loss_gradients_equal_the_explicit_losses(fixed_counts):
 
 
 def test_no_aux_loss_without_gradients_or_while_recording():
-    moe = _moe()
+    moe = tiny_moe()
     moe.balance.load_balance_weight = 1.0
     x = torch.randn(10, DIM, dtype=torch.float64)
     with torch.no_grad():
@@ -126,7 +113,7 @@ def test_no_aux_loss_without_gradients_or_while_recording():
 
 
 def test_activation_checkpointing_counts_each_token_once():
-    moe = _moe()
+    moe = tiny_moe()
     moe.balance.load_balance_weight = moe.balance.z_loss_weight = 0.1
     x = torch.randn(16, DIM, dtype=torch.float64, requires_grad=True)
     moe(x).square().sum().backward()
@@ -136,75 +123,3 @@ def test_activation_checkpointing_counts_each_token_once():
     checkpoint(moe, x, use_reentrant=False).square().sum().backward()
     assert torch.equal(moe.balance.counts, plain[0]) and torch.equal(moe.balance.load_balance_sum, plain[1])
     torch.testing.assert_close(moe.router.gate.weight.grad, plain[2], rtol=0, atol=0)
-
-
-def test_expert_bias_update_moves_load_toward_balance_unless_skipped():
-    moe = _moe("sigmoid", expert_bias=True)
-    moe.router.expert_bias = torch.zeros(E, dtype=torch.float32)
-    dims = ParallelDims.from_config(Parallelism(), 1)
-    balance = ExpertBalance([torch.nn.ModuleDict({"moe": moe})], MoETraining(expert_bias_update_rate=0.01), dims,
-                            global_tokens=40, device=torch.device("cpu"))
-    balance.begin_step(None)
-    moe(torch.randn(40, DIM, dtype=torch.float64))
-    counts = moe.balance.counts.clone()
-    balance.end_step(torch.tensor(True))
-    assert torch.equal(moe.router.expert_bias, torch.zeros(E))  # a skipped step leaves the bias
-    balance.end_step(torch.tensor(False))
-    expected = 0.01 * torch.sign(counts.mean() - counts)
-    torch.testing.assert_close(moe.router.expert_bias, expected.float())
-    metrics = balance.metrics()
-    assert metrics["expert_imbalance"] == round((counts.max() / counts.mean()).item(), 4)
-
-
-@pytest.mark.parametrize("ep,cp,shard,ok", [(2, 1, 4, True), (4, 2, 4, True), (3, 1, 4, False), (2, 4, 2, False),
-                                             (8, 1, 4, False)])
-def test_expert_parallel_degree_is_validated(ep, cp, shard, ok):
-    p = Parallelism(expert_parallel_degree=ep, context_parallel_degree=cp, data_parallel_shard_degree=shard)
-    if ok:
-        assert ParallelDims.from_config(p, shard * cp).ep == ep
-    else:
-        with pytest.raises(ConfigError, match="expert_parallel_degree"):
-            ParallelDims.from_config(p, shard * cp)
-
-
-def test_a_dense_family_takes_experts():
-    """The MoE layer is a decoder option: Llama 3 with experts in every layer but the first trains, and its HF
-    export is refused by name (transformers' Llama has no experts)."""
-    import dataclasses
-
-    from torchtitan.models.common.decoder import Decoder
-    from torchtitan.models.llama3 import Llama3StateDictAdapter, llama3_flavors
-    from torchtitan.tools.errors import CheckpointError
-
-    args = dataclasses.replace(llama3_flavors["debugmodel"], n_layers=3,
-                               moe=MoEArgs(num_experts=4, top_k=2, hidden_dim=64, n_dense_layers=1))
-    torch.manual_seed(0)
-    model = Decoder(args)
-    model.init_weights(seed=0)
-    kinds = [type(b.feed_forward).__name__ for b in model.layers.values()]
-    assert kinds == ["FeedForward", "MoE", "MoE"]
-    model(torch.randint(0, args.vocab_size, (2, 16))).float().logsumexp(-1).mean().backward()
-    assert model.layers["2"].feed_forward.experts.w1.grad.abs().sum() > 0
-    assert model.num_params(active=True) < model.num_params()
-    with pytest.raises(CheckpointError, match="no mixture-of-experts"):
-        Llama3StateDictAdapter(args).check_expressible()
-
-
-@pytest.mark.parametrize("extra,message", [
-    (["--model.name", "llama3", "--moe.router_z_loss_weight", "0.01"], "llama3 debugmodel is a dense model"),
-    (["--moe.expert_bias_update_rate", "0.01"], "has no expert bias"),
-    (["--moe.load_balance_loss_weight", "0", "--moe.load_balance_scope", "micro_batch"],
-     "needs moe.load_balance_loss_weight > 0"),
-])
-def test_moe_options_without_effect_are_one_line_errors(extra, message):
-    import os
-
-    from torchtitan.config import load_config
-    from torchtitan.trainer.plan import make_plan
-
-    config = os.path.join(os.path.dirname(__file__), "..", "..", "..", "train_configs", "olmoe_debug.toml")
-    make_plan(load_config(["--job.config_file", config], env={}), 1)
-    # The file's [moe] keys under a dense flavor picked on the command line pass (the benchmark's comparator).
-    make_plan(load_config(["--job.config_file", config, "--model.flavor", "debugmodel-dense"], env={}), 1)
-    with pytest.raises(ConfigError, match=message):
-        make_plan(load_config(["--job.config_file", config, *extra], env={}), 1)
