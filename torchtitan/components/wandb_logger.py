@@ -68,27 +68,40 @@ def init_kwargs(cfg: MetricsConfig, folder: str, env: Mapping[str, str],
             "dir": folder}  # wandb puts its run folder in {dir}/wandb
 
 
-def open_wandb_run(cfg: MetricsConfig, folder: str, run_config: dict | None, env: Mapping[str, str] | None = None):
-    """Start the W&B run for the metrics written to `folder`; the caller logs to it and finishes it."""
+def _wandb():
     try:
         import wandb
     except ImportError:
         raise ConfigError("metrics.enable_wandb needs the wandb package: pip install wandb") from None
-    env = os.environ if env is None else env
+    return wandb
 
-    @functools.cache  # asked at most once: wandb prints a line each time it finds a key
-    def has_credentials() -> bool:
-        # wandb's own lookup (WANDB_API_KEY, an identity token file, its settings file, the netrc entry of
-        # WANDB_BASE_URL's host); with prompt and verify off it neither asks nor touches the network.
-        try:
-            return wandb.login(prompt=False, verify=False)
-        except wandb.errors.AuthenticationError as e:
-            raise ConfigError(f"metrics.enable_wandb: the W&B credentials are unusable: {e}") from None
 
-    kwargs = init_kwargs(cfg, folder, env, has_credentials)
-    if kwargs["mode"] == "online" and not has_credentials():
+@functools.cache  # asked at most once per process: wandb prints a line each time it finds a key
+def _has_credentials() -> bool:
+    wandb = _wandb()
+    # wandb's own lookup (WANDB_API_KEY, an identity token file, its settings file, the netrc entry of
+    # WANDB_BASE_URL's host); with prompt and verify off it neither asks nor touches the network.
+    try:
+        return wandb.login(prompt=False, verify=False)
+    except wandb.errors.AuthenticationError as e:
+        raise ConfigError(f"metrics.enable_wandb: the W&B credentials are unusable: {e}") from None
+
+
+def check_wandb(cfg: MetricsConfig, folder: str, env: Mapping[str, str] | None = None) -> dict:
+    """The wandb.init arguments, or the one-line ConfigError a run would otherwise hit on rank 0 alone (no wandb
+    package, a bad WANDB_MODE, online without credentials): trainer/checks.py calls it on every rank first."""
+    _wandb()
+    kwargs = init_kwargs(cfg, folder, os.environ if env is None else env, _has_credentials)
+    if kwargs["mode"] == "online" and not _has_credentials():
         raise ConfigError("metrics.wandb_mode online needs W&B credentials: set WANDB_API_KEY or run `wandb login` "
                           "(or use metrics.wandb_mode = \"offline\" and `wandb sync` later)")
+    return kwargs
+
+
+def open_wandb_run(cfg: MetricsConfig, folder: str, run_config: dict | None, env: Mapping[str, str] | None = None):
+    """Start the W&B run for the metrics written to `folder`; the caller logs to it and finishes it."""
+    wandb = _wandb()
+    kwargs = check_wandb(cfg, folder, env)
     known = wandb.Settings.model_fields
     settings = wandb.Settings(**{k: v for k, v in _QUIET_SETTINGS.items() if k in known})
     run = wandb.init(config=run_config or {}, settings=settings, **kwargs)

@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from torchtitan.components.wandb_logger import check_wandb
 from torchtitan.config.job_config import JobConfig, MoETraining
 from torchtitan.distributed import pipeline
 from torchtitan.distributed.parallel_dims import ParallelDims
@@ -293,6 +294,8 @@ def check_layout(cfg: JobConfig, spec: TrainSpec, args: DecoderArgs, dims: Paral
         raise ConfigError("model.converters float8 needs a CUDA GPU with float8 support (torchao)")
     if not dry_run:
         _check_files(cfg)
+        if cfg.metrics.enable_wandb:
+            check_wandb(cfg.metrics, cfg.job.dump_folder)
     if cfg.validation.enable:
         _check_validation(cfg, dims, *validation_shape, dry_run)
 

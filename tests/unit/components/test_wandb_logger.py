@@ -232,3 +232,15 @@ def test_training_run_logs_every_metrics_jsonl_scalar_to_wandb(tmp_path, no_netw
     assert config["training"]["steps"] == 4 and config["metrics"]["enable_wandb"] is True
     assert config["job"]["dump_folder"] == dump
     assert "W&B: offline run e2e" in proc.stdout + proc.stderr
+
+
+def test_online_without_credentials_stops_every_rank_before_training(tmp_path, no_network):
+    """Checked in preflight on every rank (trainer/checks.py), not by rank 0 alone while the others wait in a
+    collective: through run_train.sh it is one line and exit 2 before torchrun starts."""
+    env = {"WANDB_MODE": "online", "NETRC": str(no_network / "netrc"), "WANDB_CONFIG_DIR": str(no_network / "config")}
+    proc = run_train_sh(2, str(tmp_path / "run"), ["--metrics.enable_wandb", "--metrics.wandb_mode", "online"],
+                        extra_env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        "error: metrics.wandb_mode online needs W&B credentials: set WANDB_API_KEY or run `wandb login` (or use "
+        "metrics.wandb_mode = \"offline\" and `wandb sync` later)"]
