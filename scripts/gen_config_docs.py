@@ -93,7 +93,10 @@ TORCHTITAN_HEADER = """
 torchtitan 0.2.x TOML job configs run unchanged. Its keys that have the same name and meaning as ours need
 nothing; nested tables (`[quantize.linear.float8]`, `[training.dataloader]`) are read as dotted keys; every
 other key of torchtitan 0.2.2's job config (and the older names its train configs carry) is listed below
-(`torchtitan/config/torchtitan_keys.py`). None is ignored silently. Value conversions: `training.dataset =
+(`torchtitan/config/torchtitan_keys.py`). None is ignored silently. A setting that came under a torchtitan name
+and acts only behind a switch that is off (e.g. `[quantize.linear.float8]` without the float8 converter,
+`[validation]` settings with `enable = false`) is logged at start, as torchtitan's own loader took it. Qwen3 and
+DeepSeek-V3 configs of 0.2.2 load too; they run once those families exist. Value conversions: `training.dataset =
 "c4_test"` (torchtitan's bundled C4 sample) reads our bundled offline corpus; `c4_validation` is C4's
 validation split; `model.converters = ["quantize.linear.float8"]` is our `float8`;
 `fault_tolerance.process_group_timeout_ms` becomes whole seconds; `semi_sync_method = "local_sgd"` is an error

@@ -342,6 +342,9 @@ class JobConfig:
     set_by = MappingProxyType({})
     # What loading accepted with no effect (torchtitan keys, config/torchtitan_keys.py): logged at start.
     notes = ()
+    # Keys set under a torchtitan name (config/torchtitan_keys.py), canonical: trainer/effects.py logs those whose
+    # switch is off instead of refusing them.
+    torchtitan_keys = frozenset()
 
 
 # Classic key locations, kept so older configs and commands keep working.

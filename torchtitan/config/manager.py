@@ -124,13 +124,16 @@ def _canonical_key(key: str) -> str:
 
 def _set(cfg: JobConfig, key: str, raw: Any, from_cli: bool, notes: list[str]) -> str | None:
     """Set one key; returns its canonical name (None: a torchtitan key accepted with nothing to set)."""
-    if key in TORCHTITAN_KEYS:
+    torchtitan_name = key in TORCHTITAN_KEYS
+    if torchtitan_name:
         key, raw, note = translate(key, raw, from_cli)
         if note:
             notes.append(note)
         if key is None:
             return None
     key = _canonical_key(key)
+    if torchtitan_name:
+        cfg.torchtitan_keys = cfg.torchtitan_keys | {key}
     section, name = key.split(".", 1)
     sec = getattr(cfg, section)
     f = _field_map(type(sec))[name]

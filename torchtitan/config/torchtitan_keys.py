@@ -7,7 +7,10 @@ and meaning as ours. Nothing is ignored silently:
   Unsupported(d, w) accepted at torchtitan's default `d`, which asks for nothing we do not do; any other value
                     is an error saying why and what to use instead (w);
   NoEffect(w)       accepted with any value, because it changes nothing about training here; the run logs w.
-Nested tables (`[quantize.linear.float8]`, `[training.dataloader]`) are flattened to dotted keys.
+Nested tables (`[quantize.linear.float8]`, `[training.dataloader]`) are flattened to dotted keys. A setting
+that came in under a torchtitan name and acts only behind a switch that is off (`[quantize.linear.float8]`
+without the float8 converter) is logged, not refused (trainer/effects.py): torchtitan's configs keep such
+settings for features they leave off, and its loader took them.
 docs/config.md has the table for users.
 """
 from __future__ import annotations
@@ -128,12 +131,15 @@ TORCHTITAN_KEYS: dict[str, Alias | Unsupported | NoEffect] = {
         Alias("float8.precompute_float8_dynamic_scale_for_fsdp"),
     "quantize.linear.float8.filter_fqns": Alias("float8.filter_fqns"),
     "quantize.linear.float8.emulate": Unsupported(False, "float8 runs on GPUs with float8 support only"),
-    "quantize.linear.mx.mxfp8_dim1_cast_kernel_choice": Unsupported("triton", _MX),
-    "quantize.linear.mx.recipe_name": Unsupported("mxfp8_cublas", _MX),
-    "quantize.linear.mx.filter_fqns": Unsupported(["output"], _MX),
-    "quantize.grouped_mm.float8.fqns": Unsupported([], "experts run in bf16 grouped matmuls"),
-    "quantize.grouped_mm.mx.recipe_name": Unsupported("mxfp8", _MX),
-    "quantize.grouped_mm.mx.fqns": Unsupported([], _MX),
+    # Settings of converters we do not have: they act only with the converter, which model.converters refuses by
+    # name, so without it they change nothing (torchtitan's configs keep them with the converter commented out).
+    "quantize.linear.mx.mxfp8_dim1_cast_kernel_choice": NoEffect(_MX),
+    "quantize.linear.mx.recipe_name": NoEffect(_MX),
+    "quantize.linear.mx.filter_fqns": NoEffect(_MX),
+    "quantize.grouped_mm.float8.fqns": NoEffect("experts run in bf16 grouped matmuls (no float8 grouped-mm "
+                                                "converter)"),
+    "quantize.grouped_mm.mx.recipe_name": NoEffect(_MX),
+    "quantize.grouped_mm.mx.fqns": NoEffect(_MX),
     # [comm]
     "comm.trace_buf_size": NoEffect("set TORCH_NCCL_TRACE_BUFFER_SIZE for NCCL's flight recorder"),
     "comm.save_traces_folder": NoEffect("NCCL flight-recorder dumps follow TORCH_NCCL_DEBUG_INFO_TEMP_FILE"),

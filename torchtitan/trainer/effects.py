@@ -4,8 +4,9 @@ Each requirement says which keys need which setting (their switch). A key the us
 is an error, with one exception: a key from a config file whose switch was set explicitly (in a file, e.g.
 `[validation] enable = false` above its settings, or turned off on the command line, `--checkpoint.no-enable`
 for a quick try of a production config) is reported as a note instead: the file keeps the settings for when the
-switch is on, and the command line cannot remove a key from a file. Only keys the user set to something other
-than the default count.
+switch is on, and the command line cannot remove a key from a file. A key set under a torchtitan name
+(config/torchtitan_keys.py) whose switch is off is a note too: torchtitan's configs keep such settings and its
+loader took them. Only keys the user set to something other than the default count.
 
 Options whose effect depends on where the job runs (the device, or a world size that leaves FSDP out) are
 logged by trainer/checks.py (layout_notes), so one config runs on a CPU box and on a cluster.
@@ -120,7 +121,7 @@ def _unmet(cfg: JobConfig):
 def check_effects(cfg: JobConfig) -> None:
     """Raise for the first option set by the user that would do nothing (see the module doc)."""
     for key, req in _unmet(cfg):
-        if cfg.set_by[key] == "cli" or req.switch not in cfg.set_by:
+        if cfg.set_by[key] == "cli" or (req.switch not in cfg.set_by and key not in cfg.torchtitan_keys):
             where = "the command line" if cfg.set_by[key] == "cli" else cfg.set_by[key]
             raise ConfigError(f"{key} (set in {where}) has no effect here: it needs {req.needs}; set that or "
                               f"remove {key}")
