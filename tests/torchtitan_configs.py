@@ -1,5 +1,7 @@
-"""Key sets of torchtitan 0.2.2's own train configs (torchtitan/models/llama3/train_configs/*.toml at
-its v0.2.2 release, 2026-02-20), as tables of values: what a user brings, without the files' text."""
+"""Key sets of torchtitan 0.2.2's own train configs (torchtitan/models/{llama3,qwen3,deepseek_v3}/train_configs/
+*.toml at its v0.2.2 release, 2026-02-20), as tables of values: what a user brings, without the files' text."""
+
+from torchtitan.config.manager import toml_value
 
 DEBUG_MODEL = {
  'job': {'dump_folder': './outputs', 'description': 'Llama 3 debug training', 'print_config': False},
@@ -399,20 +401,11 @@ JOB_CONFIG_KEYS = (
 
 def write_toml(table: dict, path) -> str:
     """Write a config table as TOML (nested tables as [a.b.c] headers); returns the path."""
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
-
     lines = []
 
     def emit(name: str, body: dict) -> None:
         lines.append(f"[{name}]")
-        lines.extend(f"{k} = {value(v)}" for k, v in body.items() if not isinstance(v, dict))
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in body.items() if not isinstance(v, dict))
         lines.append("")
         for k, v in body.items():
             if isinstance(v, dict):

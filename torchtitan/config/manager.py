@@ -270,13 +270,14 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
     return cfg
 
 
-def _fmt(v) -> str:
+def toml_value(v) -> str:
+    """One value in TOML syntax (scalars and lists of them)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)
 
 
@@ -287,7 +288,7 @@ def to_toml(cfg: JobConfig, origins: bool = False) -> str:
     for section, values in asdict(cfg).items():
         out.append(f"[{section}]")
         for k, v in values.items():
-            line = f"# {k} is unset" if v is None else f"{k} = {_fmt(v)}"
+            line = f"# {k} is unset" if v is None else f"{k} = {toml_value(v)}"
             if origins:
                 origin = cfg.set_by.get(f"{section}.{k}", "default")
                 line = f"{line:<60}  # {'command line' if origin == 'cli' else origin}"
