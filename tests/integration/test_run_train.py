@@ -73,10 +73,10 @@ def test_bad_degree_fails_before_launch(tmp_path):
      "create_seed_checkpoint needs a single process"),
     (1, ["--model.flavor", "9T"], "model.flavor '9T' is not a llama3 flavor"),
     (1, ["--checkpoint.enable", "--checkpoint.initial_load_path", "/nonexistent/step-3"],
-     "checkpoint.initial_load_path /nonexistent/step-3: no such folder"),
-    (1, ["--training.document_rope_restart"], "needs training.document_masking = true"),
+     "checkpoint.initial_load_path /nonexistent/step-3: no such file or folder"),
+    (1, ["--training.document_rope_restart"], "needs data.document_masking = true"),
     (2, ["--training.dataset", "memmap", "--training.memmap_paths", __file__, "--training.document_masking"],
-     "training.document_masking on memmap data needs model.tokenizer_path"),
+     "data.document_masking on memmap data needs model.tokenizer_path"),
 ])
 def test_config_errors_are_one_line_before_torchrun(tmp_path, ngpu, args, fragment):
     """The launcher validates in one process: no worker, no process group, no torchrun traceback."""
@@ -110,7 +110,7 @@ def test_short_sequences_validate_without_setting_validation_seq_len(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     validations = [r for r in read_metrics(dump) if "validation_loss" in r]
     assert [r["step"] for r in validations] == [1, 2]
-    assert all(r["validation_tokens"] == 8 * 255 for r in validations)  # one batch of training's 8 x 256
+    assert all(r["validation_tokens"] == 8 * 256 for r in validations)  # one batch of training's 8 x 256 windows
 
 
 def test_global_batch_with_replica_groups_is_a_preflight_error(tmp_path):
