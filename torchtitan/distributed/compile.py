@@ -10,5 +10,5 @@ def apply_compile(model: nn.Module) -> None:
     parallel's ring sends messages from inside its autograd.Function): one graph break there."""
     for name, block in list(model.layers.items()):
         # Eager pieces: a context-parallel ring (messages inside an autograd.Function), MoE dispatch (host sync).
-        eager_core = not getattr(block.attention.sdpa, "traceable", True) or hasattr(block.feed_forward, "experts")
+        eager_core = not block.attention.sdpa.traceable or block.feed_forward.is_moe
         model.layers[name] = torch.compile(block, fullgraph=not eager_core)

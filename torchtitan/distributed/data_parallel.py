@@ -53,7 +53,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype, 
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         last = i == len(blocks) - 1
-        if expert_mesh is not None and hasattr(block.feed_forward, "experts"):
+        if expert_mesh is not None and block.feed_forward.is_moe:
             fully_shard(block.feed_forward.experts, **{**kw, "mesh": expert_mesh},
                         shard_placement_fn=_even_expert_shards(expert_mesh),
                         reshard_after_forward=reshard_after_forward and not last)

@@ -18,7 +18,6 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import PrepareModuleInput
 
 from torchtitan.ops.moe import combine, sort_by_expert
 
@@ -59,7 +58,7 @@ def _distribute(module: nn.Module, name: str, mesh: DeviceMesh, placements: list
 
 def moe_layers(model: nn.Module) -> list[nn.Module]:
     """The MoE feed-forwards of a decoder (or of its pipeline stage)."""
-    return [b.feed_forward for b in model.layers.values() if hasattr(b.feed_forward, "experts")]
+    return [b.feed_forward for b in model.layers.values() if b.feed_forward.is_moe]
 
 
 def apply_moe_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
@@ -78,11 +77,6 @@ def apply_moe_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
             moe.experts.grad_scale = 1.0 / mesh["ep"].size()
         if "tp" in names:
             _distribute(moe.router.gate, "weight", mesh["tp"], [Replicate()])
-
-
-def moe_tp_input() -> PrepareModuleInput:
-    """The TP plan entry of a MoE feed-forward: it takes this rank's sequence shard as a local tensor."""
-    return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_output=True)
 
 
 def reduce_partial_grads(params: list[torch.Tensor]) -> None:

@@ -12,6 +12,8 @@ _TRAIN_SPEC_MODULES = {
     "olmo2": "torchtitan.models.olmo2",
     "olmo3": "torchtitan.models.olmo3",
     "olmoe": "torchtitan.models.olmoe",
+    "qwen3": "torchtitan.models.qwen3",
+    "qwen3_moe": "torchtitan.models.qwen3_moe",
 }
 
 

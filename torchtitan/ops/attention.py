@@ -62,6 +62,8 @@ class AttentionCore(nn.Module):
     window are skipped and no (S x S) mask is built. documents: (B, S) document ids of the whole sequence.
     """
 
+    traceable = True  # torch.compile may trace it (context parallel's ring may not)
+
     def __init__(self, mask: AttentionMask = CAUSAL, backend: str = "default"):
         super().__init__()
         self.mask, self.backend = mask, backend

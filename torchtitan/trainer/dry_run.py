@@ -150,7 +150,7 @@ def mesh_line(dims: ParallelDims) -> str:
 
 def expert_lines(model: nn.Module, parts: list[nn.Module], dims: ParallelDims) -> list[str]:
     """How a MoE model's experts are laid out over the mesh, and a warning where FSDP pads their shards."""
-    moe = getattr(model.args, "moe", None)
+    moe = model.args.moe
     if moe is None:
         return []
     fsdp = dims.dp_shard * dims.cp

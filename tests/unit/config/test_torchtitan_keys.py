@@ -102,11 +102,19 @@ def test_torchtitan_llama3_configs_plan_unchanged(tmp_path, table, world):
 
 @pytest.mark.parametrize("name", sorted(OTHER_FAMILIES))
 def test_torchtitan_qwen3_and_deepseek_configs_load(tmp_path, name):
-    """Every key of torchtitan 0.2.2's Qwen3 and DeepSeek-V3 configs is accepted; what stops them is the family
-    alone, named in one line (the families are added on the decoder's seams)."""
+    """Every key of torchtitan 0.2.2's Qwen3 and DeepSeek-V3 configs is accepted. The Qwen3 dense ones plan at
+    8 ranks as they are; torchtitan's one qwen3 name also covers its MoE flavors, ours are qwen3_moe's: that
+    file stops at its flavor, the DeepSeek-V3 ones at their family, each named in one line."""
     table = OTHER_FAMILIES[name]
     path = write_toml(table, tmp_path / "c.toml")
     cfg = load_config(["--job.config_file", path, "--comm.mode", "fake_backend"], env={})
     check_config(cfg)
-    with pytest.raises(ConfigError, match=rf"^model.name '{table['model']['name']}' is not"):
-        make_plan(cfg, 8, device_type="cpu")
+    if name == "qwen3_moe_debug":
+        with pytest.raises(ConfigError, match=r"^model.flavor 'debugmodel_moe' is not a qwen3 flavor; valid: "):
+            make_plan(cfg, 8, device_type="cpu")
+    elif name.startswith("qwen3"):
+        plan = make_plan(cfg, 8, device_type="cpu")
+        assert plan.spec.name == "qwen3" and cfg.model.flavor == table["model"]["flavor"]
+    else:
+        with pytest.raises(ConfigError, match=rf"^model.name '{table['model']['name']}' is not"):
+            make_plan(cfg, 8, device_type="cpu")

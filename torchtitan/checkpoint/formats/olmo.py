@@ -184,7 +184,7 @@ def olmo_to_native(weights: dict[str, torch.Tensor], family: str, args) -> dict[
             raise CheckpointError(f"OLMo checkpoint has no {key!r} (keys look like: {sorted(weights)[:4]})")
         return w.pop(key)
 
-    q_dim, kv_dim = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    q_dim, kv_dim = args.n_heads * args.attn_head_dim, args.kv_heads * args.attn_head_dim
     out = {"tok_embeddings.weight": take("transformer.wte.weight")}
     for i in range(args.n_layers):
         b, n = f"transformer.blocks.{i}.", f"layers.{i}."

@@ -50,9 +50,18 @@ def permute_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, head_dim // 2, *in_dim).transpose(1, 2).reshape(out_dim, *in_dim)
 
 
+def _pattern(template: str) -> re.Pattern:
+    """A name template ({} for each index) as a regex capturing the indices."""
+    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
+
+
 def _compile(table: dict[str, str], reverse: bool) -> list[tuple[re.Pattern, str]]:
     pairs = [(v, k) if reverse else (k, v) for k, v in table.items()]
-    return [(re.compile("^" + re.escape(src).replace(r"\{\}", r"(\d+)") + "$"), dst) for src, dst in pairs]
+    return [(_pattern(src), dst) for src, dst in pairs]
+
+
+def _few(items: list[int]) -> str:
+    return (", ".join(map(str, items[:4])) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")) or "none"
 
 
 def hf_rope_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -113,11 +122,15 @@ class StateDictAdapter(ABC):
     hf_model_type: ClassVar[str]
     hf_architecture: ClassVar[str]
     to_hf_table: ClassVar[dict[str, str]]
+    # MoE families: native (E, out, in) expert stack -> the HF name of one expert's slice (the first {} is the
+    # layer, the second the expert). HF files hold one tensor per expert; an export unstacks, an import stacks.
+    expert_stacks: ClassVar[dict[str, str]] = {}
 
     def __init__(self, args: DecoderArgs):
         self.args = args
         self._to_hf = _compile(self.to_hf_table, reverse=False)
         self._from_hf = _compile(self.to_hf_table, reverse=True)
+        self._stacks = [(_pattern(native), native, _pattern(hf), hf) for native, hf in self.expert_stacks.items()]
 
     def check_expressible(self) -> None:
         """CheckpointError if transformers' model class of this family cannot express these args. The base: a
@@ -136,13 +149,25 @@ class StateDictAdapter(ABC):
         return None
 
     def hf_key(self, key: str) -> str:
+        if any(p.match(key) for p, _, _, _ in self._stacks):
+            raise CheckpointError(f"parameter {key!r} is one HF tensor per expert; map it with to_hf, not hf_key")
         out = self._rename(key, self._to_hf)
         if out is None:
             raise CheckpointError(f"parameter {key!r} has no HF name in the {self.hf_model_type} mapping")
         return out
 
     def native_key(self, hf_key: str) -> str | None:
-        return self._rename(hf_key, self._from_hf)
+        """The native tensor an HF tensor goes into (for an expert's slice: its stack)."""
+        stacked = self._stacked_slice(hf_key)
+        return stacked[0] if stacked else self._rename(hf_key, self._from_hf)
+
+    def _stacked_slice(self, hf_key: str) -> tuple[str, int] | None:
+        """(native stack name, expert index) of an HF expert tensor, else None."""
+        for _, native, hf_pattern, _ in self._stacks:
+            m = hf_pattern.match(hf_key)
+            if m:
+                return native.format(m.group(1)), int(m.group(2))
+        return None
 
     def transform_to_hf(self, key: str, value: torch.Tensor) -> torch.Tensor:
         return value
@@ -151,29 +176,62 @@ class StateDictAdapter(ABC):
         return value
 
     def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """HF tensors from native ones: whole state dicts or whole blocks (an expert stack becomes one tensor
+        per expert; a caller that wants only names or shapes passes meta tensors)."""
         self.check_expressible()
         if self.args.tie_word_embeddings:
             state_dict = {k: v for k, v in state_dict.items() if k != "output.weight"}
-        return {self.hf_key(k): self.transform_to_hf(k, v) for k, v in state_dict.items()}
+        out = {}
+        for k, v in state_dict.items():
+            stack = next(((p, hf) for p, _, _, hf in self._stacks if p.match(k)), None)
+            if stack is None:
+                out[self.hf_key(k)] = self.transform_to_hf(k, v)
+                continue
+            layer = stack[0].match(k).group(1)
+            # A copy per expert: older safetensors releases refuse to save views of one storage; the copy costs
+            # one layer's experts, the export's unit of memory anyway.
+            out.update({stack[1].format(layer, e): w.clone() for e, w in enumerate(v.unbind(0))})
+        return out
 
     def from_hf(self, hf_state_dict: dict[str, torch.Tensor], hf_tied: bool = False) -> dict[str, torch.Tensor]:
         """Native tensors from HF ones. hf_tied: the HF config ties the output to the embedding."""
+        self.check_expressible()
         if self.args.tie_word_embeddings:
             # Some exporters write lm_head.weight for tied models too; the embedding is the one weight.
             hf_state_dict = {k: v for k, v in hf_state_dict.items() if k != "lm_head.weight"}
-        out = {}
+        out, slices = {}, {}
         for hk, v in hf_state_dict.items():
+            stacked = self._stacked_slice(hk)
+            if stacked is not None:
+                slices.setdefault(stacked[0], {})[stacked[1]] = v
+                continue
             k = self.native_key(hk)
             if k is None:
                 if hk.endswith(HF_DERIVED_SUFFIXES):
                     continue
                 raise CheckpointError(f"HF tensor {hk!r} has no native name for this model ({self.hf_model_type})")
             out[k] = self.transform_from_hf(k, v)
+        out.update(self._stack_experts(slices))
         if "output.weight" not in out and "tok_embeddings.weight" in out:
             if self.args.tie_word_embeddings:
                 out["output.weight"] = out["tok_embeddings.weight"]
             elif hf_tied:
                 out["output.weight"] = out["tok_embeddings.weight"].clone()
+        return out
+
+    def _stack_experts(self, slices: dict[str, dict[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        out = {}
+        n = self.args.moe.num_experts if self.args.moe is not None else 0
+        for key, experts in slices.items():
+            if sorted(experts) != list(range(n)):
+                missing = sorted(set(range(n)) - set(experts))
+                extra = sorted(set(experts) - set(range(n)))
+                raise CheckpointError(f"{len(experts)} HF expert tensors for {key!r} but the model has {n} experts "
+                                      f"(0..{n - 1}): missing {_few(missing)}, unexpected {_few(extra)}")
+            shapes = {tuple(t.shape) for t in experts.values()}
+            if len(shapes) > 1:
+                raise CheckpointError(f"HF tensors of {key!r}: the experts differ in shape ({sorted(shapes)})")
+            out[key] = torch.stack([experts[e] for e in range(n)])
         return out
 
     # ----------------------------------------------------------------- config
@@ -191,6 +249,7 @@ class StateDictAdapter(ABC):
             "num_hidden_layers": a.n_layers,
             "num_attention_heads": a.n_heads,
             "num_key_value_heads": a.kv_heads,
+            **({"head_dim": a.head_dim} if a.head_dim is not None else {}),
             "hidden_act": "silu",
             "max_position_embeddings": a.max_seq_len,
             # Top-level rope_theta is what transformers 4.x reads; 5.x converts it to rope_parameters.
@@ -228,9 +287,12 @@ class StateDictAdapter(ABC):
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"HF checkpoint {source}: config.json lacks a field "
                                   f"or has a bad value ({e})") from None
-        if config.get("head_dim") not in (None, dim // heads):
-            raise CheckpointError(f"HF checkpoint {source}: head_dim {config['head_dim']} != hidden_size / heads; "
-                                  f"our models derive head_dim from dim")
+        try:
+            head_dim = int(config.get("head_dim") or dim // heads)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"HF checkpoint {source}: head_dim {config['head_dim']!r} is not an int") from None
+        if head_dim != dim // heads:
+            out["head_dim"] = head_dim
         return out
 
     @classmethod

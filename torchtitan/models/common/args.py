@@ -19,6 +19,10 @@ NORMS = ("rms", "layernorm")  # layernorm: OLMo 1's non-parametric LayerNorm
 BLOCKS = ("pre_norm", "reordered_norm")  # reordered_norm: OLMo 2 (norm after attention and after the MLP)
 ROPE_LAYOUTS = ("interleaved", "half")  # Meta's adjacent pairs / GPT-NeoX and HF rotate-half
 FEED_FORWARDS = ("swiglu",)
+ATTENTIONS = ("gqa",)  # the attention slot's kinds (models/common/layers.py build_attention)
+# QK-norm: "width" normalizes the whole q (k) projection before the head split (OLMo 2, OLMoE); "head"
+# normalizes each head over head_dim (Qwen3, Gemma 3), one weight of head_dim shared by every head.
+QK_NORMS = ("width", "head")
 INITS = ("llama", "olmo", "olmo2")  # see models/common/init.py
 LAYER_ATTENTION = ("full", "sliding")  # entries of attention_pattern
 ROPE_SCALING_LAYERS = ("all", "full")  # which layers rope_scaling applies to (OLMo 3: full-attention ones only)
@@ -32,6 +36,7 @@ class DecoderArgs(ABC):
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: int | None = None
+    head_dim: int | None = None  # None: dim // n_heads (Qwen3 and Gemma 3 set it apart from the width)
     vocab_size: int = 128256
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
@@ -44,7 +49,8 @@ class DecoderArgs(ABC):
     sdpa_backend: str = "default"
     norm: str = "rms"
     block: str = "pre_norm"
-    qk_norm: bool = False  # RMSNorm over the whole q (k) projection, before the head split (OLMo 2)
+    attention: str = "gqa"
+    qk_norm: str | None = None  # one of QK_NORMS, or None (a bool from older checkpoint markers: True = "width")
     clip_qkv: float | None = None  # clamp q, k, v to [-clip, clip] (OLMo 1.7)
     rope_layout: str = "interleaved"
     feed_forward: str = "swiglu"
@@ -61,10 +67,16 @@ class DecoderArgs(ABC):
 
     def __post_init__(self) -> None:
         for name, valid in (("norm", NORMS), ("block", BLOCKS), ("rope_layout", ROPE_LAYOUTS),
-                            ("feed_forward", FEED_FORWARDS), ("init", INITS),
+                            ("feed_forward", FEED_FORWARDS), ("init", INITS), ("attention", ATTENTIONS),
                             ("rope_scaling_layers", ROPE_SCALING_LAYERS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"model args {name} = {getattr(self, name)!r} is not one of {', '.join(valid)}")
+        if isinstance(self.qk_norm, bool):
+            self.qk_norm = "width" if self.qk_norm else None
+        if self.qk_norm not in (None, *QK_NORMS):
+            raise ValueError(f"model args qk_norm = {self.qk_norm!r} is not one of {', '.join(QK_NORMS)} (or None)")
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            raise ValueError(f"model args head_dim = {self.head_dim}: RoPE needs an even head_dim >= 2")
         self.attention_pattern = tuple(self.attention_pattern)  # a list after a JSON round trip
         bad = sorted(set(self.attention_pattern) - set(LAYER_ATTENTION))
         if bad:
@@ -80,8 +92,9 @@ class DecoderArgs(ABC):
         """Width of the feed-forward hidden layer (a field in some families, derived in others)."""
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def attn_head_dim(self) -> int:
+        """The width of one attention head: head_dim, or dim // n_heads where it is not set."""
+        return self.head_dim or self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -102,7 +115,7 @@ class DecoderArgs(ABC):
         return self.rope_scaling
 
     def layer_is_moe(self, layer_id: int) -> bool:
-        return self.moe is not None and layer_id >= self.moe.n_dense_layers
+        return self.moe is not None and self.moe.is_moe_layer(layer_id)
 
     def attention_mask(self, layer_id: int) -> AttentionMask:
         """Which keys layer `layer_id` attends to: causal, or causal within the sliding window."""
@@ -116,4 +129,5 @@ class DecoderArgs(ABC):
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUN_SETTINGS}
         out["ffn_hidden_dim"] = self.ffn_hidden_dim
         out["n_kv_heads"] = self.kv_heads
+        out["head_dim"] = self.attn_head_dim
         return out

@@ -5,16 +5,18 @@ stages set tok_embeddings / norm / output to None for the pieces they do not own
 and the ModuleDict keyed by layer index keeps FQNs stable when layers are removed.
 Weight tying lives here only: `tie_weights()` makes the output use the embedding's
 parameter, and whoever replaces parameters (to_empty, tensor parallel) calls it
-again. The module knows nothing about parallelism.
+again. Blocks and their slots declare their tensor-parallel plans (`norm_tp_plan`, `tp_plan`);
+models/common/parallelize.py applies them.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import SequenceParallel
 
 from torchtitan.models.common.args import DecoderArgs
 from torchtitan.models.common.init import INIT_SCHEMES, ParameterInit
-from torchtitan.models.common.layers import Attention, build_feed_forward, build_norm
+from torchtitan.models.common.layers import build_attention, build_feed_forward, build_norm
 from torchtitan.models.common.rope import rope_cache
 
 
@@ -24,7 +26,7 @@ class Block(nn.Module):
     def __init__(self, layer_id: int, args: DecoderArgs):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args, layer_id)
+        self.attention = build_attention(args, layer_id)
         self.feed_forward = build_feed_forward(args, layer_id)
         self.build_norms(args)
 
@@ -35,6 +37,11 @@ class Block(nn.Module):
     def norms(self) -> list[nn.Module]:
         """Every norm of the block (their weights start at one)."""
         return [self.attention_norm, self.ffn_norm, *self.attention.norms()]
+
+    def norm_tp_plan(self) -> dict:
+        """The block's own norms under TP: sequence-parallel, their DTensor output feeding the slots'
+        PrepareModuleInput."""
+        return {"attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None = None,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,6 +58,12 @@ class ReorderedNormBlock(Block):
 
     def norms(self) -> list[nn.Module]:
         return [self.post_attention_norm, self.post_ffn_norm, *self.attention.norms()]
+
+    def norm_tp_plan(self) -> dict:
+        """The post-norms sit on the residual branch and hand back plain local tensors, so the residual add
+        sees two plain (B, S/tp, D) tensors."""
+        return {"post_attention_norm": SequenceParallel(use_local_output=True),
+                "post_ffn_norm": SequenceParallel(use_local_output=True)}
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None = None,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,7 +111,7 @@ class Decoder(nn.Module):
         if a.rope_scaling is not None and any(a.layer_rope_scaling(i) is None for i in range(a.n_layers)):
             tables["plain_rope_cache"] = None
         for name, scaling in tables.items():
-            table = rope_cache(a.head_dim, a.max_seq_len, a.rope_theta, scaling, device=device)
+            table = rope_cache(a.attn_head_dim, a.max_seq_len, a.rope_theta, scaling, device=device)
             self.register_buffer(name, table, persistent=False)
 
     def layer_rope(self, layer_id: int) -> torch.Tensor:
@@ -116,9 +129,7 @@ class Decoder(nn.Module):
         seed = torch.initial_seed() if seed is None else seed
         INIT_SCHEMES[self.args.init](self, ParameterInit(self, seed))
         for block in self.layers.values():
-            router = getattr(block.feed_forward, "router", None)
-            if router is not None and router.expert_bias is not None:
-                router.expert_bias.zero_()  # to_empty left it uninitialized
+            block.feed_forward.reset_buffers()  # to_empty left them uninitialized
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,9 +153,9 @@ class Decoder(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per weight that multiplies activations (every parameter but the
-        embedding, the output counted even when tied) plus attention's 12 L H Dh S (causality halves
-        nothing here, matching torchtitan's accounting so MFU numbers are comparable; a sliding-window
-        layer counts min(S, window) keys instead of S)."""
+        embedding, the output counted even when tied) plus each layer's attention core as its attention kind
+        declares it (GQA: 12 H Dh keys; causality halves nothing here, matching torchtitan's accounting so MFU
+        numbers are comparable; a sliding-window layer counts min(S, window) keys instead of S)."""
         a = self.args
         # A token passes through top_k of the num_experts experts: charge their share of the expert weights.
         active = a.moe.top_k / a.moe.num_experts if a.moe is not None else 1.0
@@ -152,6 +163,7 @@ class Decoder(nn.Module):
                       for name, p in self.named_parameters(remove_duplicate=False)
                       if not name.startswith("tok_embeddings."))
         # A sliding-window layer's query sees at most `window` keys: charge it min(S, window) keys.
-        keys = sum(min(seq_len, a.sliding_window) if a.layer_attention(i) == "sliding" else seq_len
-                   for i in range(a.n_layers))
-        return 6 * weights + 12 * a.n_heads * a.head_dim * keys
+        core = sum(block.attention.core_flops_per_token(
+            min(seq_len, a.sliding_window) if a.layer_attention(int(i)) == "sliding" else seq_len)
+            for i, block in self.layers.items())
+        return 6 * weights + core

@@ -77,10 +77,10 @@ def init_llama(model: nn.Module, draw: ParameterInit) -> None:
         depth = (layer_id + 1) if a.depth_init else a.n_layers
         out_std = 0.02 / (2 * depth) ** 0.5
         _reset_norms(block)
-        attn, ffn = block.attention, block.feed_forward.projections()
-        for w in (attn.wq.weight, attn.wk.weight, attn.wv.weight, *ffn["w1"], *ffn["router"]):
+        attn, ffn = block.attention.projections(), block.feed_forward.projections()
+        for w in (*attn["in"], *ffn["w1"], *ffn["router"]):
             draw.trunc_normal(w, a.init_std)
-        for w in (attn.wo.weight, *ffn["w2"], *ffn["w3"]):
+        for w in (*attn["out"], *ffn["w2"], *ffn["w3"]):
             draw.trunc_normal(w, out_std)
     if model.norm is not None:
         model.norm.reset_parameters()
@@ -100,11 +100,11 @@ def init_olmo(model: nn.Module, draw: ParameterInit) -> None:
     sqrt(2 (layer + 1)), embeddings 1/sqrt(dim); everything truncated at 3 sigma."""
     _init_olmo_embeddings(model, draw, 1.0 / math.sqrt(model.args.dim))
     for layer_id, block in _blocks(model):
-        attn, ffn = block.attention, block.feed_forward.projections()
+        attn, ffn = block.attention.projections(), block.feed_forward.projections()
         # fan_in: the last dim of an (out, in) matrix, also of an (E, out, in) expert stack
-        for w in (attn.wq.weight, attn.wk.weight, attn.wv.weight, *ffn["w1"], *ffn["w3"], *ffn["router"]):
+        for w in (*attn["in"], *ffn["w1"], *ffn["w3"], *ffn["router"]):
             draw.trunc_normal(w, 1.0 / math.sqrt(w.shape[-1]), cutoff=3)
-        for w in (attn.wo.weight, *ffn["w2"]):
+        for w in (*attn["out"], *ffn["w2"]):
             draw.trunc_normal(w, 1.0 / math.sqrt(2 * w.shape[-1] * (layer_id + 1)), cutoff=3)
         _reset_norms(block)
     if model.norm is not None:
@@ -116,9 +116,8 @@ def init_olmo2(model: nn.Module, draw: ParameterInit) -> None:
     std = model.args.init_std
     _init_olmo_embeddings(model, draw, std)
     for _, block in _blocks(model):
-        attn, ffn = block.attention, block.feed_forward.projections()
-        ffn_weights = [w for ws in ffn.values() for w in ws]
-        for w in (attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.wo.weight, *ffn_weights):
+        roles = {**block.attention.projections(), **block.feed_forward.projections()}
+        for w in (w for ws in roles.values() for w in ws):
             draw.trunc_normal(w, std, cutoff=3)
         _reset_norms(block)
     if model.norm is not None:

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import PrepareModuleInput
 
 from torchtitan.ops.grouped_mm import grouped_mm
 from torchtitan.ops.moe import LocalDispatch, ScaleGrad, local_weight
@@ -28,6 +30,8 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 
 @dataclass
 class MoEArgs:
+    """The experts of the MoE layers; which layers are MoE: `is_moe_layer`."""
+
     num_experts: int = 8
     top_k: int = 2
     hidden_dim: int = 1024  # width of each expert's SwiGLU
@@ -36,12 +40,24 @@ class MoEArgs:
     expert_bias: bool = False  # aux-loss-free balancing: a per-expert bias added to the scores for the choice
     shared_expert_hidden_dim: int = 0  # > 0: a dense SwiGLU every token also goes through
     n_dense_layers: int = 0  # the first layers keep a dense feed-forward (DeepSeek-V3 style)
+    # Qwen3-MoE's layer selection: every sparse_step-th layer is MoE (decoder_sparse_step), except the layers
+    # listed in dense_layer_ids (mlp_only_layers), which keep a dense feed-forward.
+    sparse_step: int = 1
+    dense_layer_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        self.dense_layer_ids = tuple(self.dense_layer_ids)  # a list after a JSON round trip
+        if self.sparse_step < 1:
+            raise ValueError(f"model args moe.sparse_step = {self.sparse_step}; it must be >= 1")
         if self.score_func not in SCORE_FUNCS:
             raise ValueError(f"model args moe.score_func = {self.score_func!r} is not one of {', '.join(SCORE_FUNCS)}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"model args moe.top_k = {self.top_k} must be in 1..num_experts ({self.num_experts})")
+
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return (layer_id >= self.n_dense_layers and layer_id not in self.dense_layer_ids
+                and (layer_id + 1) % self.sparse_step == 0)
 
 
 @dataclass
@@ -138,6 +154,8 @@ class Router(nn.Module):
 class MoE(nn.Module):
     """Router + grouped experts (+ an optional shared expert) in place of a block's SwiGLU."""
 
+    is_moe = True
+
     def __init__(self, dim: int, args: MoEArgs, shared_expert: nn.Module | None = None):
         super().__init__()
         self.num_experts, self.top_k = args.num_experts, args.top_k
@@ -156,6 +174,17 @@ class MoE(nn.Module):
             for role, ws in self.shared_expert.projections().items():
                 out[role] += ws
         return out
+
+    def tp_plan(self) -> dict:
+        """Under TP each rank routes its own sequence shard, a local tensor; the expert (and shared-expert)
+        weights are placed by distributed/expert_parallel.py apply_moe_parallel."""
+        return {"": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
+                                       use_local_output=True)}
+
+    def reset_buffers(self) -> None:
+        """The expert bias after to_empty: zero (a checkpoint load then sets the run's)."""
+        if self.router.expert_bias is not None:
+            self.router.expert_bias.zero_()
 
     @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ The order is the design: TP rewrites the linears into DTensors first, CP swaps
 the attention core, converters swap the remaining linears, AC wraps blocks that
 already hold their final modules, compile traces those wrapped blocks, and FSDP
 shards last over whatever parameters remain. The TP plan is read off the
-decoder's structure (pre-norm or reordered-norm blocks, QK-norm or not), so every
-family shares it. The model code knows nothing about any of this.
+blocks' declarations (each block, attention kind and feed-forward kind says how it
+is sharded), so every family shares it. The model code knows nothing about any of this.
 """
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
@@ -27,43 +25,18 @@ from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.context_parallel import apply_cp
 from torchtitan.distributed.data_parallel import FSDPSettings, apply_ddp, apply_fsdp
-from torchtitan.distributed.expert_parallel import apply_moe_parallel, moe_layers, moe_tp_input
+from torchtitan.distributed.expert_parallel import apply_moe_parallel, moe_layers
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.tensor_parallel import EmbeddingParallel, HeadShardedRMSNorm, enable_async_tp
-from torchtitan.models.common.decoder import ReorderedNormBlock
 
 
 def block_tp_plan(block: nn.Module) -> dict:
-    """Sequence-parallel norms, column-sharded input projections, row-sharded output projections.
-
-    Attention.forward(x, rope, positions, documents) is called positionally: the last three stay plain
-    tensors. Pre-norm blocks hand the norms' DTensor output to PrepareModuleInput; OLMo 2's
-    post-norms sit on the residual branch and hand back plain local tensors, so the residual
-    add sees two plain (B, S/tp, D) tensors.
-    """
-    plan = {
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                        desired_input_layouts=(Replicate(), None, None, None)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-    }
-    if hasattr(block.feed_forward, "experts"):
-        plan["feed_forward"] = moe_tp_input()  # the MoE's weights: distributed/expert_parallel.py
-    else:
-        plan.update({
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-            "feed_forward.w3": ColwiseParallel(),
-        })
-    if isinstance(block, ReorderedNormBlock):
-        plan["post_attention_norm"] = SequenceParallel(use_local_output=True)
-        plan["post_ffn_norm"] = SequenceParallel(use_local_output=True)
-    else:
-        plan["attention_norm"] = SequenceParallel()
-        plan["ffn_norm"] = SequenceParallel()
+    """The block's plan, assembled from what its parts declare: the norms' (`norm_tp_plan`), the attention
+    slot's and the feed-forward slot's (`tp_plan`, relative to the slot; "" is the slot itself)."""
+    plan = dict(block.norm_tp_plan())
+    for slot in ("attention", "feed_forward"):
+        for name, style in getattr(block, slot).tp_plan().items():
+            plan[f"{slot}.{name}" if name else slot] = style
     return plan
 
 
@@ -90,7 +63,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, async_t
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_tp_plan(block))
         attn = block.attention
-        if attn.qk_norm:
+        if attn.qk_norm == "width":
             attn.q_norm = HeadShardedRMSNorm(attn.q_norm, tp_mesh)
             attn.k_norm = HeadShardedRMSNorm(attn.k_norm, tp_mesh)
     model.tie_weights()

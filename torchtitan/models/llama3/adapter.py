@@ -51,7 +51,7 @@ class Llama3StateDictAdapter(StateDictAdapter):
         if a.rope_scaling is not None:
             scaling = hf_rope_scaling(a.rope_scaling)
             rope = {**scaling, "rope_theta": a.rope_theta}
-        return {"head_dim": a.head_dim, "rms_norm_eps": a.norm_eps, "mlp_bias": False, "rope_scaling": scaling,
+        return {"head_dim": a.attn_head_dim, "rms_norm_eps": a.norm_eps, "mlp_bias": False, "rope_scaling": scaling,
                 "rope_parameters": rope, "dtype": dtype}
 
     @classmethod

@@ -18,7 +18,7 @@ class Olmo2ModelArgs(DecoderArgs):
     rope_theta: float = 500000.0
     max_seq_len: int = 4096
     block: str = "reordered_norm"
-    qk_norm: bool = True
+    qk_norm: str | None = "width"
     rope_layout: str = "half"
     init: str = "olmo2"
 

@@ -6,7 +6,7 @@ feed-forward a mixture of experts. HF files hold one tensor per expert,
 what transformers 5.x save_pretrained writes although it fuses the experts in memory); ours stacks each
 projection's experts into one (E, out, in) tensor. So an export unstacks and an import stacks: to_hf / from_hf
 take whole state dicts or whole blocks (every caller passes those), and a caller that wants only names or
-shapes passes meta tensors through them.
+shapes passes meta tensors through them (the stacking is models/common/adapter.py's, from `expert_stacks`).
 
 What OLMoE's HF format cannot say is refused by name, never dropped: a shared expert, sigmoid scores, an
 expert bias, dense leading layers, RoPE scaling, sliding windows, and clip_qkv (transformers' Olmoe clips after
@@ -14,10 +14,7 @@ the QK-norm, our attention before it).
 """
 from __future__ import annotations
 
-import re
 from typing import Any
-
-import torch
 
 from torchtitan.models.common.adapter import HF_DECODER_TABLE, hf_rope_params
 from torchtitan.models.common.args import DecoderArgs
@@ -27,7 +24,7 @@ from torchtitan.models.olmoe.args import OlmoeModelArgs
 from torchtitan.tools.errors import CheckpointError
 
 # Native expert stack -> the HF name of one expert's slice: the first {} is the layer, the second the expert.
-STACKED_TO_HF = {
+HF_EXPERT_STACKS = {
     "layers.{}.feed_forward.experts.w1": "model.layers.{}.mlp.experts.{}.gate_proj.weight",
     "layers.{}.feed_forward.experts.w3": "model.layers.{}.mlp.experts.{}.up_proj.weight",
     "layers.{}.feed_forward.experts.w2": "model.layers.{}.mlp.experts.{}.down_proj.weight",
@@ -36,13 +33,6 @@ STACKED_TO_HF = {
 HF_DEFAULTS = {"num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False, "rms_norm_eps": 1e-5,
                "rope_theta": 10000.0}
 ROUTER_AUX_LOSS_COEF = 0.01  # the released model's; transformers applies it only when asked for router logits
-
-
-def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
-
-
-_STACKS = [(_pattern(native), native, _pattern(hf), hf) for native, hf in STACKED_TO_HF.items()]
 
 
 def hf_cannot_express(a: DecoderArgs) -> list[str]:
@@ -56,11 +46,13 @@ def hf_cannot_express(a: DecoderArgs) -> list[str]:
         (m.score_func != "softmax", f"moe.score_func = {m.score_func!r} (softmax only)"),
         (m.expert_bias, "moe.expert_bias = True (no expert bias)"),
         (m.n_dense_layers > 0, f"moe.n_dense_layers = {m.n_dense_layers} (every layer MoE)"),
+        (m.sparse_step != 1 or m.dense_layer_ids != (), "moe.sparse_step / dense_layer_ids leave dense layers "
+         "(every layer MoE)"),
         (a.clip_qkv is not None, f"clip_qkv = {a.clip_qkv} (transformers clips after the QK-norm, we before)"),
         (a.rope_scaling is not None, "rope_scaling is set (plain RoPE only)"),
         (a.sliding_window is not None, f"sliding_window = {a.sliding_window} (full attention only)"),
-        ((a.norm, a.block, a.qk_norm, a.rope_layout) != ("rms", "pre_norm", True, "half"),
-         "norm/block/qk_norm/rope_layout differ from rms/pre_norm/True/half"),
+        ((a.norm, a.block, a.qk_norm, a.rope_layout) != ("rms", "pre_norm", "width", "half"),
+         "norm/block/qk_norm/rope_layout differ from rms/pre_norm/width/half"),
     ]
     return [msg for bad, msg in checks if bad]
 
@@ -77,6 +69,7 @@ class OlmoeStateDictAdapter(OlmoStateDictAdapter):
         "layers.{}.feed_forward.router.gate.weight": "model.layers.{}.mlp.gate.weight",
         "norm.weight": "model.norm.weight",
     }
+    expert_stacks = HF_EXPERT_STACKS
     args_cls: type[DecoderArgs] = OlmoeModelArgs
     # OLMo's GPT-NeoX-20B tokenizer ids, as in OLMoE-1B-7B-0924's config.json.
     token_ids = OlmoStateDictAdapter.token_ids
@@ -86,55 +79,6 @@ class OlmoeStateDictAdapter(OlmoStateDictAdapter):
         if problems:
             raise CheckpointError(f"model args {'; '.join(problems)}: OLMoE's HF format (OlmoeForCausalLM) cannot "
                                   f"express this; keep the checkpoint in DCP")
-
-    # ------------------------------------------------------------------ names
-    def native_key(self, hf_key: str) -> str | None:
-        """The native tensor an HF tensor goes into (for an expert's slice: its stack)."""
-        stacked = _stacked_slice(hf_key)
-        return stacked[0] if stacked else super().native_key(hf_key)
-
-    def hf_key(self, key: str) -> str:
-        if any(p.match(key) for p, _, _, _ in _STACKS):
-            raise CheckpointError(f"parameter {key!r} is one HF tensor per expert; map it with to_hf, not hf_key")
-        return super().hf_key(key)
-
-    def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.check_expressible()
-        out = {}
-        for k, v in state_dict.items():
-            stack = next(((p, hf) for p, _, _, hf in _STACKS if p.match(k)), None)
-            if stack is None:
-                out.update(super().to_hf({k: v}))
-                continue
-            layer = stack[0].match(k).group(1)
-            # A copy per expert: older safetensors releases refuse to save views of one storage (0.8, installed
-            # here, accepts them); the copy costs one layer's experts, the export's unit of memory anyway.
-            out.update({stack[1].format(layer, e): w.clone() for e, w in enumerate(v.unbind(0))})
-        return out
-
-    def from_hf(self, hf_state_dict: dict[str, torch.Tensor], hf_tied: bool = False) -> dict[str, torch.Tensor]:
-        self.check_expressible()
-        slices: dict[str, dict[int, torch.Tensor]] = {}
-        rest = {}
-        for hk, v in hf_state_dict.items():
-            stacked = _stacked_slice(hk)
-            if stacked is None:
-                rest[hk] = v
-            else:
-                slices.setdefault(stacked[0], {})[stacked[1]] = v
-        out = super().from_hf(rest, hf_tied=hf_tied)
-        n = self.args.moe.num_experts
-        for key, experts in slices.items():
-            if sorted(experts) != list(range(n)):
-                missing = sorted(set(range(n)) - set(experts))
-                extra = sorted(set(experts) - set(range(n)))
-                raise CheckpointError(f"{len(experts)} HF expert tensors for {key!r} but the model has {n} experts "
-                                      f"(0..{n - 1}): missing {_few(missing)}, unexpected {_few(extra)}")
-            shapes = {tuple(t.shape) for t in experts.values()}
-            if len(shapes) > 1:
-                raise CheckpointError(f"HF tensors of {key!r}: the experts differ in shape ({sorted(shapes)})")
-            out[key] = torch.stack([experts[e] for e in range(n)])
-        return out
 
     # ----------------------------------------------------------------- config
     def family_hf_config(self, dtype: str) -> dict[str, Any]:
@@ -181,19 +125,6 @@ class OlmoeStateDictAdapter(OlmoStateDictAdapter):
                             rope_theta=float(rope.get("rope_theta", HF_DEFAULTS["rope_theta"])))
 
 
-def _few(items: list[int]) -> str:
-    return (", ".join(map(str, items[:4])) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")) or "none"
-
-
 def _hf_value(config: dict[str, Any], key: str) -> Any:
     """config[key], or OlmoeConfig's default where the file leaves it out or null."""
     return HF_DEFAULTS[key] if config.get(key) is None else config[key]
-
-
-def _stacked_slice(hf_key: str) -> tuple[str, int] | None:
-    """(native stack name, expert index) of an HF expert tensor, else None."""
-    for _, native, hf_pattern, _ in _STACKS:
-        m = hf_pattern.match(hf_key)
-        if m:
-            return native.format(m.group(1)), int(m.group(2))
-    return None

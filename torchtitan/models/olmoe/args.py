@@ -19,7 +19,7 @@ class OlmoeModelArgs(DecoderArgs):
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
-    qk_norm: bool = True
+    qk_norm: str | None = "width"
     rope_layout: str = "half"
     init: str = "olmo2"
     moe: MoEArgs | None = field(default_factory=lambda: MoEArgs(num_experts=64, top_k=8, hidden_dim=1024))

@@ -69,7 +69,7 @@ def test_flops_per_token_charges_sliding_layers_their_window():
     full = spec.build_model(args_full)
     sliding = sum(args.layer_attention(i) == "sliding" for i in range(args.n_layers))
     assert sliding == 3 and args.sliding_window < 1024
-    saved = 12 * args.n_heads * args.head_dim * sliding * (1024 - args.sliding_window)
+    saved = 12 * args.n_heads * args.attn_head_dim * sliding * (1024 - args.sliding_window)
     assert full.flops_per_token(1024) - model.flops_per_token(1024) == saved
     assert full.flops_per_token(args.sliding_window) == model.flops_per_token(args.sliding_window)
 
