@@ -70,6 +70,33 @@ def test_dry_run_prints_sharded_memory(flavor):
         assert abs(int(param_bytes) / expected - 1) < 0.03, f"pp rank {rank}: {param_bytes} bytes vs ~{expected:.0f}"
 
 
+# The families on the decoder's seams at the world sizes their configs are written for: config, NGPU, the
+# flavor's parameter count (tests/unit/models/test_<family>.py ties it to the published one), the mesh line.
+FAMILY_CASES = {
+    "qwen3-32B": ("qwen3_32b.toml", 64, 32_762_123_264, "pp 1 x dp_replicate 1 x dp_shard 64 x cp 1 x tp 1"),
+    "qwen3_moe-235B-A22B": ("qwen3_moe_235b_a22b.toml", 256, 235_093_634_560,
+                            "pp 1 x dp_replicate 1 x dp_shard_mod_ep 32 x dp_shard_in_ep 8 x cp 1 x tp 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_family_dry_runs_shard_every_parameter(case):
+    """Every rank holds 1/world of the parameters (experts over ep x efsdp, dense weights over all data ranks),
+    and the printed per-rank memory adds up: parameters, gradients and AdamW state in float32."""
+    config, ngpu, params, mesh = FAMILY_CASES[case]
+    proc = _dry_run(config, ngpu)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout)
+    total = TOTAL.search(proc.stdout)
+    assert total and _int(total.group(1)) == params and int(total.group(2)) == ngpu, proc.stdout
+    assert f"mesh: {mesh}" in proc.stdout
+    (row,) = _table(proc.stdout)
+    assert abs(_int(row["params"]) * ngpu / params - 1) < 0.01, row
+    assert _int(row["param bytes"]) == 4 * _int(row["params"])
+    gib = _int(row["param bytes"]) / GIB
+    assert float(row["AdamW GiB"]) == pytest.approx(2 * gib, abs=0.01)
+
+
 def test_dry_run_rejects_an_impossible_pipeline():
     """A schedule constraint fails in preflight, one line naming the fix, before any process group."""
     proc = _dry_run("llama3_405b.toml", 512, "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble")
