@@ -3,7 +3,8 @@
 From one seed checkpoint of each family's debug config (train_configs/<family>_debug.toml), FSDP2, TP2, PP2
 and CP2 (and, for the MoE families, EP2 and EP2 x TP2) train 4 steps on the same global batch (4 x 64
 tokens) and must match the one-process run within 1e-5 in every step's loss and the first gradient norm.
-The MoE families run with their balance losses on. All families share one parity_driver.py launch per world
+The MoE families run with their balance losses on. Families that tie the output to the embedding
+(Gemma 3) skip PP2: preflight refuses it in one line. All families share one parity_driver.py launch per world
 size (1, 2, 4).
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 from tests import launch
 
 TOL = 1e-5
-FAMILIES = {"qwen3": False, "qwen3_moe": True}  # name -> has experts
+FAMILIES = {"qwen3": False, "qwen3_moe": True, "gemma3": False}  # name -> has experts
+TIED = {"gemma3"}  # tied embeddings: no pipeline parallel (test_pipeline_refuses_tied_families)
 FSDP = ["--parallelism.data_parallel_shard_degree", "-1"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
 CP2 = ["--parallelism.context_parallel_degree", "2"]
@@ -37,8 +39,12 @@ LAYOUTS: dict[str, tuple[int, list[str], bool]] = {
     "ep2": (2, FSDP + EP2 + _bs(2), True),
     "ep2_tp2": (4, FSDP + EP2 + TP2 + _bs(2), True),
 }
-CASES = [(f, name) for f, moe in FAMILIES.items() for name, (_, _, moe_only) in LAYOUTS.items()
-         if name != "single" and (moe or not moe_only)]
+def _runs(family: str, name: str) -> bool:
+    _, args, moe_only = LAYOUTS[name]
+    return (FAMILIES[family] or not moe_only) and not (family in TIED and args == PP2 + _bs(4))
+
+
+CASES = [(f, name) for f in FAMILIES for name in LAYOUTS if name != "single" and _runs(f, name)]
 COMMON = [*launch.TINY, "--training.steps", "4", "--metrics.enable_jsonl=false", "--checkpoint.enable",
           "--comm.init_timeout_seconds", "120", "--comm.train_timeout_seconds", "60"]
 
@@ -60,8 +66,8 @@ def parity(tmp_path_factory) -> dict:
     for world in (1, 2, 4):
         layouts = {f"{family}/{name}": ["--job.config_file", _config(family), "--checkpoint.initial_load_path",
                                         seeds[family], *args]
-                   for family, moe in FAMILIES.items() for name, (w, args, moe_only) in LAYOUTS.items()
-                   if w == world and (moe or not moe_only)}
+                   for family in FAMILIES for name, (w, args, _) in LAYOUTS.items()
+                   if w == world and _runs(family, name)}
         spec = {"common": COMMON, "dump_root": os.path.join(tmp, f"runs{world}"),
                 "layouts": {k.replace("/", "-"): v for k, v in layouts.items()}}
         proc, out = launch.run_parity_driver(world, spec, os.path.join(tmp, f"spec{world}.json"),
@@ -106,3 +112,13 @@ def test_reference_learns(parity: dict, family: str):
     """Guards against vacuous parity: the one-process run's loss falls over its 4 steps."""
     losses = parity[f"{family}-single"]["loss"]
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize("family", sorted(TIED))
+def test_pipeline_refuses_tied_families(tmp_path, family):
+    """Through run_train.sh: one line naming the key, exit 2, before any process group."""
+    proc = launch.run_train_sh(2, str(tmp_path), ["--job.config_file", _config(family), *PP2])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {family} debugmodel ties the embedding and output weights, which pipeline parallel "
+                      f"would place on different stages; set pipeline_parallel_degree = 1"], proc.stderr[-3000:]

@@ -13,6 +13,7 @@ _TRAIN_SPEC_MODULES = {
     "olmo3": "torchtitan.models.olmo3",
     "olmoe": "torchtitan.models.olmoe",
     "qwen3": "torchtitan.models.qwen3",
+    "gemma3": "torchtitan.models.gemma3",
     "qwen3_moe": "torchtitan.models.qwen3_moe",
 }
 

@@ -12,13 +12,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from torchtitan.models.common.moe import MoEArgs
-from torchtitan.models.common.rope import RopeScaling, YarnScaling
+from torchtitan.models.common.rope import LinearScaling, RopeScaling, YarnScaling
 from torchtitan.ops.attention import CAUSAL, AttentionMask
 
-NORMS = ("rms", "layernorm")  # layernorm: OLMo 1's non-parametric LayerNorm
-BLOCKS = ("pre_norm", "reordered_norm")  # reordered_norm: OLMo 2 (norm after attention and after the MLP)
+# layernorm: OLMo 1's non-parametric LayerNorm; rms_plus_one: Gemma's RMSNorm, scaled by (1 + w) in float32 with
+# w starting at zero (every norm of the model, the QK-norms included).
+NORMS = ("rms", "layernorm", "rms_plus_one")
+# reordered_norm: OLMo 2 (norm after attention and after the MLP); sandwich: Gemma 3 (norms before and after both)
+BLOCKS = ("pre_norm", "reordered_norm", "sandwich")
 ROPE_LAYOUTS = ("interleaved", "half")  # Meta's adjacent pairs / GPT-NeoX and HF rotate-half
-FEED_FORWARDS = ("swiglu",)
+FEED_FORWARDS = ("swiglu", "geglu")  # geglu: GELU (tanh approximation) gate, Gemma's
 ATTENTIONS = ("gqa",)  # the attention slot's kinds (models/common/layers.py build_attention)
 # QK-norm: "width" normalizes the whole q (k) projection before the head split (OLMo 2, OLMoE); "head"
 # normalizes each head over head_dim (Qwen3, Gemma 3), one weight of head_dim shared by every head.
@@ -40,10 +43,12 @@ class DecoderArgs(ABC):
     vocab_size: int = 128256
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: RopeScaling | YarnScaling | None = None
+    rope_scaling: RopeScaling | YarnScaling | LinearScaling | None = None
     # "full": only the full-attention layers scale their RoPE, the sliding ones keep plain RoPE with the same
     # theta (transformers' Olmo3 applies a config's rope_scaling that way).
     rope_scaling_layers: str = "all"
+    # The sliding-window layers' own RoPE theta, never scaled (Gemma 3: 10,000 locally, rope_theta globally).
+    rope_local_theta: float | None = None
     max_seq_len: int = 8192
     tie_word_embeddings: bool = False
     sdpa_backend: str = "default"
@@ -52,6 +57,9 @@ class DecoderArgs(ABC):
     attention: str = "gqa"
     qk_norm: str | None = None  # one of QK_NORMS, or None (a bool from older checkpoint markers: True = "width")
     clip_qkv: float | None = None  # clamp q, k, v to [-clip, clip] (OLMo 1.7)
+    # Softmax scale query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5 (Gemma 3).
+    query_pre_attn_scalar: int | None = None
+    scale_embeddings: bool = False  # embedding output multiplied by sqrt(dim) (Gemma)
     rope_layout: str = "interleaved"
     feed_forward: str = "swiglu"
     init: str = "llama"
@@ -85,6 +93,8 @@ class DecoderArgs(ABC):
             raise ValueError(f"model args sliding_window = {self.sliding_window}; it must be >= 1 (or None)")
         if "sliding" in self.attention_pattern and self.sliding_window is None:
             raise ValueError("model args attention_pattern has sliding layers but sliding_window is not set")
+        if self.moe is not None and self.feed_forward != "swiglu":
+            raise ValueError(f"model args feed_forward = {self.feed_forward!r}: experts are SwiGLUs (swiglu)")
 
     @property
     @abstractmethod
@@ -108,11 +118,18 @@ class DecoderArgs(ABC):
             return "sliding"
         return self.attention_pattern[layer_id % len(self.attention_pattern)]
 
-    def layer_rope_scaling(self, layer_id: int) -> RopeScaling | YarnScaling | None:
+    def layer_rope_scaling(self, layer_id: int) -> RopeScaling | YarnScaling | LinearScaling | None:
         """The RoPE scaling of layer `layer_id`: rope_scaling, or None where rope_scaling_layers leaves it out."""
         if self.rope_scaling_layers == "full" and self.layer_attention(layer_id) != "full":
             return None
+        if self.rope_local_theta is not None and self.layer_attention(layer_id) == "sliding":
+            return None
         return self.rope_scaling
+
+    def layer_rope_theta(self, layer_id: int) -> float:
+        if self.rope_local_theta is not None and self.layer_attention(layer_id) == "sliding":
+            return self.rope_local_theta
+        return self.rope_theta
 
     def layer_is_moe(self, layer_id: int) -> bool:
         return self.moe is not None and self.moe.is_moe_layer(layer_id)

@@ -10,6 +10,8 @@ models/common/parallelize.py applies them.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.distributed.tensor.parallel import SequenceParallel
@@ -71,7 +73,29 @@ class ReorderedNormBlock(Block):
         return h + self.post_ffn_norm(self.feed_forward(h))
 
 
-BLOCK_CLASSES = {"pre_norm": Block, "reordered_norm": ReorderedNormBlock}
+class SandwichNormBlock(Block):
+    """Gemma 3's block: norms before and after attention and the MLP, h = x + post(attn(pre(x)))."""
+
+    def build_norms(self, args: DecoderArgs) -> None:
+        self.attention_norm, self.post_attention_norm = build_norm(args), build_norm(args)
+        self.ffn_norm, self.post_ffn_norm = build_norm(args), build_norm(args)
+
+    def norms(self) -> list[nn.Module]:
+        return [self.attention_norm, self.post_attention_norm, self.ffn_norm, self.post_ffn_norm,
+                *self.attention.norms()]
+
+    def norm_tp_plan(self) -> dict:
+        """Pre-norms as in the pre-norm block (DTensor output into the slots), post-norms as OLMo 2's (plain
+        local output onto the residual)."""
+        return {**Block.norm_tp_plan(self), **ReorderedNormBlock.norm_tp_plan(self)}
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), rope, positions, documents))
+        return h + self.post_ffn_norm(self.feed_forward(self.ffn_norm(h)))
+
+
+BLOCK_CLASSES = {"pre_norm": Block, "reordered_norm": ReorderedNormBlock, "sandwich": SandwichNormBlock}
 
 
 class Decoder(nn.Module):
@@ -103,21 +127,31 @@ class Decoder(nn.Module):
     def is_tied(self) -> bool:
         return self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None
 
-    def _build_rope_tables(self, device) -> None:
-        """rope_cache, RoPE as the args scale it, and plain_rope_cache where some layers skip the scaling
-        (OLMo 3: YaRN on the full-attention layers only). Non-persistent: never in a checkpoint."""
+    def _rope_tables(self) -> dict[tuple, str]:
+        """(theta, scaling) of each distinct RoPE the layers use -> its buffer name: rope_cache for rope_theta
+        with rope_scaling, plain_rope_cache where layers skip the scaling (OLMo 3: YaRN on the full-attention
+        layers only), local_rope_cache for the sliding layers' own theta (Gemma 3)."""
         a = self.args
-        tables = {"rope_cache": a.rope_scaling}
-        if a.rope_scaling is not None and any(a.layer_rope_scaling(i) is None for i in range(a.n_layers)):
-            tables["plain_rope_cache"] = None
-        for name, scaling in tables.items():
-            table = rope_cache(a.attn_head_dim, a.max_seq_len, a.rope_theta, scaling, device=device)
+        tables = {(a.rope_theta, _key(a.rope_scaling)): "rope_cache"}
+        for i in range(a.n_layers):
+            theta, scaling = a.layer_rope_theta(i), a.layer_rope_scaling(i)
+            if (theta, _key(scaling)) not in tables:
+                tables[(theta, _key(scaling))] = "plain_rope_cache" if theta == a.rope_theta else "local_rope_cache"
+        return tables
+
+    def _build_rope_tables(self, device) -> None:
+        """Non-persistent: never in a checkpoint."""
+        a = self.args
+        for (theta, _), name in self._rope_tables().items():
+            scaling = a.rope_scaling if name == "rope_cache" else None
+            table = rope_cache(a.attn_head_dim, a.max_seq_len, theta, scaling, device=device)
             self.register_buffer(name, table, persistent=False)
 
     def layer_rope(self, layer_id: int) -> torch.Tensor:
         """The RoPE table of layer `layer_id` (the keys of `layers` are global layer indices, on every stage)."""
         a = self.args
-        return self.rope_cache if a.layer_rope_scaling(layer_id) is a.rope_scaling else self.plain_rope_cache
+        key = (a.layer_rope_theta(layer_id), _key(a.layer_rope_scaling(layer_id)))
+        return getattr(self, self._rope_tables()[key])
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | str | None = None, seed: int | None = None) -> None:
@@ -136,7 +170,13 @@ class Decoder(nn.Module):
         """tokens: (B, S) ids, or (B, S, dim) activations on a later pipeline stage. positions: the tokens' RoPE
         positions (None: 0..S-1). documents: (B, S_global) document ids; attention then stays inside
         documents (trainer/documents.py)."""
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(tokens)
+            if self.args.scale_embeddings:
+                # sqrt(dim) rounded to the activations' dtype first, as Gemma does.
+                h = h * float(torch.tensor(self.args.dim ** 0.5, dtype=h.dtype))
+        else:
+            h = tokens
         for layer_id, layer in self.layers.items():
             h = layer(h, self.layer_rope(int(layer_id)), positions, documents)
         h = self.norm(h) if self.norm is not None else h
@@ -167,3 +207,8 @@ class Decoder(nn.Module):
             min(seq_len, a.sliding_window) if a.layer_attention(int(i)) == "sliding" else seq_len)
             for i, block in self.layers.items())
         return 6 * weights + core
+
+
+def _key(scaling) -> tuple | None:
+    """A hashable stand-in for a RoPE scaling (dataclasses with eq are unhashable)."""
+    return None if scaling is None else (type(scaling).__name__, *dataclasses.astuple(scaling))

@@ -1,4 +1,4 @@
-"""The pieces of a decoder block: norms, attention (with optional QK-norm and clipping), SwiGLU.
+"""The pieces of a decoder block: norms, attention (with optional QK-norm and clipping), gated MLPs.
 
 Parameter names are Meta's Llama names (attention.wq/wk/wv/wo, feed_forward.w1/w2/w3)
 for every family, so parallelism plans, checkpoints and tools read the same FQNs.
@@ -39,9 +39,36 @@ class NonParametricLayerNorm(nn.Module):
         return f"{self.dim}, eps={self.eps}"
 
 
+class PlusOneRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + w) in float32, w starting at zero (transformers' Gemma3RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
 def build_norm(args: DecoderArgs, dim: int | None = None) -> nn.Module:
     dim = dim or args.dim
+    if args.norm == "rms_plus_one":
+        return PlusOneRMSNorm(dim, args.norm_eps)
     return nn.RMSNorm(dim, eps=args.norm_eps) if args.norm == "rms" else NonParametricLayerNorm(dim, args.norm_eps)
+
+
+def _qk_norm(args: DecoderArgs, dim: int) -> nn.Module:
+    """QK-norms are RMSNorms: Gemma's (1 + w) one in a Gemma model, torch's otherwise."""
+    return PlusOneRMSNorm(dim, args.norm_eps) if args.norm == "rms_plus_one" else nn.RMSNorm(dim, eps=args.norm_eps)
 
 
 class Attention(nn.Module):
@@ -66,12 +93,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_width, args.dim, bias=False)
         if args.qk_norm == "width":
             # Over the whole projection, before the head split, as OLMo 2 and transformers' Olmo2 do.
-            self.q_norm = nn.RMSNorm(q_width, eps=args.norm_eps)
-            self.k_norm = nn.RMSNorm(kv_width, eps=args.norm_eps)
+            self.q_norm, self.k_norm = _qk_norm(args, q_width), _qk_norm(args, kv_width)
         elif args.qk_norm == "head":
             # Per head over head_dim, one weight for every head (Qwen3, Gemma 3).
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps)
+            self.q_norm, self.k_norm = _qk_norm(args, self.head_dim), _qk_norm(args, self.head_dim)
+        # q scaled so that the core's head_dim ** -0.5 becomes query_pre_attn_scalar ** -0.5 (Gemma 3); None where
+        # they are equal (every core, context parallel's included, then sees q as is).
+        scalar = args.query_pre_attn_scalar
+        self.q_scale = (self.head_dim / scalar) ** 0.5 if scalar is not None and scalar != self.head_dim else None
         self.sdpa = AttentionCore(args.attention_mask(layer_id), args.sdpa_backend)
 
     def norms(self) -> list[nn.Module]:
@@ -118,6 +147,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, rope, positions), self.rope(k, rope, positions)
+        if self.q_scale is not None:
+            q = q * self.q_scale
         v = v.view(bs, seqlen, -1, self.head_dim)
         # Grouped K/V heads go to the core as they are: it repeats them where its kernel needs it, and
         # context parallel passes the smaller tensors between ranks.
@@ -133,19 +164,28 @@ def build_attention(args: DecoderArgs, layer_id: int) -> nn.Module:
     return ATTENTION_CLASSES[args.attention](args, layer_id)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+GATES = {"swiglu": F.silu, "geglu": gelu_tanh}
+
+
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is HF's gate_proj, w3 its up_proj."""
+    """Gated MLP: w2(gate(w1 x) * w3 x), gate SiLU (SwiGLU) or tanh-GELU (GeGLU); w1 is HF's gate_proj, w3 its
+    up_proj."""
 
     is_moe = False
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, kind: str = "swiglu"):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.gate = GATES[kind]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.gate(self.w1(x)) * self.w3(x))
 
     def projections(self) -> dict[str, list[torch.Tensor]]:
         """The weights by role, for init schemes: w1 (gate), w3 (up), w2 (down) as (out, in) matrices."""
@@ -168,4 +208,4 @@ def build_feed_forward(args: DecoderArgs, layer_id: int) -> nn.Module:
         m = args.moe
         shared = FeedForward(args.dim, m.shared_expert_hidden_dim) if m.shared_expert_hidden_dim else None
         return MoE(args.dim, m, shared)
-    return FeedForward(args.dim, args.ffn_hidden_dim)
+    return FeedForward(args.dim, args.ffn_hidden_dim, args.feed_forward)

@@ -4,9 +4,10 @@ The table is a non-persistent buffer: torchtitan once saved `freqs_cis` in
 checkpoints and every converted checkpoint broke; we recompute it in
 `init_weights` after `to_empty`.
 
-Two frequency scalings: Llama 3.1's (`RopeScaling`) and YaRN (`YarnScaling`, the
-released 65K-context OLMo 3 models). Each names itself in a `kind` field, so the
-args dict of a checkpoint marker says which one to rebuild (checkpoint/io.py).
+Three frequency scalings: Llama 3.1's (`RopeScaling`), YaRN (`YarnScaling`, the
+released 65K-context OLMo 3 models) and linear interpolation (`LinearScaling`, Gemma 3).
+Each names itself in a `kind` field, so the args dict of a checkpoint marker says which
+one to rebuild (checkpoint/io.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     kind: str = field(default="llama3", init=False)
+
+
+@dataclass
+class LinearScaling:
+    """Position interpolation: every frequency divided by `factor` (transformers' "linear"; Gemma 3's full-attention
+    layers at 4B and up)."""
+
+    factor: float = 8.0
+    kind: str = field(default="linear", init=False)
 
 
 @dataclass
@@ -59,6 +69,9 @@ class YarnScaling:
         return get_mscale(self.factor)
 
 
+AnyRopeScaling = RopeScaling | YarnScaling | LinearScaling
+
+
 def _yarn_frequencies(freqs: torch.Tensor, head_dim: int, theta: float, s: YarnScaling) -> torch.Tensor:
     def correction_dim(rotations: float) -> float:
         """The dimension whose frequency turns `rotations` times over the original context."""
@@ -76,12 +89,14 @@ def _yarn_frequencies(freqs: torch.Tensor, head_dim: int, theta: float, s: YarnS
     return freqs / s.factor * (1 - keep) + freqs * keep
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | YarnScaling | None = None) -> torch.Tensor:
+def rope_frequencies(head_dim: int, theta: float, scaling: AnyRopeScaling | None = None) -> torch.Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if scaling is None:
         return freqs
     if isinstance(scaling, YarnScaling):
         return _yarn_frequencies(freqs, head_dim, theta, scaling)
+    if isinstance(scaling, LinearScaling):
+        return freqs / scaling.factor
     low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
     high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wavelen = 2 * math.pi / freqs
@@ -93,7 +108,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | YarnSca
     return torch.where(mid, (1 - smooth) * freqs / scaling.factor + smooth * freqs, scaled)
 
 
-def rope_cache(head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling | YarnScaling | None = None,
+def rope_cache(head_dim: int, max_seq_len: int, theta: float, scaling: AnyRopeScaling | None = None,
                device: torch.device | str | None = None) -> torch.Tensor:
     """(max_seq_len, head_dim // 2, 2) table of cos and sin, in float32 (YaRN's attention factor included)."""
     freqs = rope_frequencies(head_dim, theta, scaling).to(device)
