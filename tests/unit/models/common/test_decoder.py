@@ -32,6 +32,8 @@ def test_num_params_equals_transformers(name, tied):
     spec, args = _debug(name)
     if tied and name == "llama3":
         pytest.skip("our Llama keeps the output separate (an HF tied Llama is untied on import)")
+    if not tied and name == "gemma3":
+        pytest.skip("Gemma always ties the output to the embedding (an untied export is refused)")
     args.tie_word_embeddings = tied
     ours = spec.build_meta_model(args)
     config = transformers.AutoConfig.for_model(**spec.adapter(args).hf_config())
