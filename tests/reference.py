@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
-                    documents: torch.Tensor | None = None) -> torch.Tensor:
+                    documents: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention over (B, H, S, D) with every mask spelled out: causal, an optional sliding window (key k
-    visible to query q when q - k < window) and optional (B, S) document ids; grouped K/V heads repeated."""
+    visible to query q when q - k < window) and optional (B, S) document ids; grouped K/V heads repeated. sinks:
+    (H,) logits appended to every row's scores and dropped after the softmax (gpt-oss's eager attention)."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     s = q.shape[2]
@@ -21,7 +22,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     if documents is not None:
         allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is None:
+        return scores.softmax(-1) @ v
+    column = sinks.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    return torch.cat([scores, column], dim=-1).softmax(-1)[..., :-1] @ v
 
 
 def hf_tensors(folder) -> dict[str, torch.Tensor]:

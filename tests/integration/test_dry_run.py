@@ -76,6 +76,8 @@ FAMILY_CASES = {
     "qwen3-32B": ("qwen3_32b.toml", 64, 32_762_123_264, "pp 1 x dp_replicate 1 x dp_shard 64 x cp 1 x tp 1"),
     "qwen3_moe-235B-A22B": ("qwen3_moe_235b_a22b.toml", 256, 235_093_634_560,
                             "pp 1 x dp_replicate 1 x dp_shard_mod_ep 32 x dp_shard_in_ep 8 x cp 1 x tp 1"),
+    "gpt_oss-120B": ("gpt_oss_120b.toml", 64, 116_829_156_672,
+                     "pp 1 x dp_replicate 1 x dp_shard_mod_ep 8 x dp_shard_in_ep 8 x cp 1 x tp 1"),
 }
 
 

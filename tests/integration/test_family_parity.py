@@ -16,7 +16,7 @@ import pytest
 from tests import launch
 
 TOL = 1e-5
-FAMILIES = {"qwen3": False, "qwen3_moe": True, "gemma3": False}  # name -> has experts
+FAMILIES = {"qwen3": False, "qwen3_moe": True, "gemma3": False, "gpt_oss": True}  # name -> has experts
 TIED = {"gemma3"}  # tied embeddings: no pipeline parallel (test_pipeline_refuses_tied_families)
 FSDP = ["--parallelism.data_parallel_shard_degree", "-1"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]

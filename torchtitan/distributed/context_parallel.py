@@ -151,18 +151,18 @@ class ContextParallelAttention(AttentionCore):
 
     @torch.compiler.disable  # point-to-point messages inside an autograd.Function: run eagerly
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                documents: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         chunk = q.shape[2] // 2
         q_spans = rank_spans(self.cp_size, self.cp_rank, chunk)
         if self.ring is not None:
             kv_spans = tuple(rank_spans(self.cp_size, (self.cp_rank - s) % self.cp_size, chunk)
                              for s in range(self.cp_size))
-            return blockwise_attention(q, k, v, BlockPlan(self.mask, q_spans, kv_spans, self.ring), documents)
+            return blockwise_attention(q, k, v, BlockPlan(self.mask, q_spans, kv_spans, self.ring), documents, sinks)
         k = _exchange(k, self.group, dim=2)
         v = _exchange(v, self.group, dim=2)
         kv_spans = tuple(span for r in range(self.cp_size)
                          for span in rank_spans(self.cp_size, r, chunk, offset=2 * chunk * r))
-        return blockwise_attention(q, k, v, BlockPlan(self.mask, q_spans, (kv_spans,)), documents)
+        return blockwise_attention(q, k, v, BlockPlan(self.mask, q_spans, (kv_spans,)), documents, sinks)
 
     def extra_repr(self) -> str:
         return f"cp={self.cp_size}, rotate_method={self.rotate_method}, {super().extra_repr()}"

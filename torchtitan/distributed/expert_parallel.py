@@ -68,7 +68,7 @@ def apply_moe_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
     names = mesh.mesh_dim_names
     expert_placements = [Shard(0) if n == "ep" else Replicate() for n in names]
     for moe in moe_layers(model):
-        for name in ("w1", "w2", "w3"):
+        for name, _ in list(moe.experts.named_parameters(recurse=False)):  # weights and biases, (E, ...)
             _distribute(moe.experts, name, mesh, expert_placements)
         if "ep" in names:
             moe.dispatcher = AllToAllDispatch(mesh["ep"].get_group(), moe.num_experts)
@@ -76,7 +76,8 @@ def apply_moe_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
             # ranks (their tokens all come to the expert) and FSDP averages them over the rest only.
             moe.experts.grad_scale = 1.0 / mesh["ep"].size()
         if "tp" in names:
-            _distribute(moe.router.gate, "weight", mesh["tp"], [Replicate()])
+            for name, _ in list(moe.router.gate.named_parameters(recurse=False)):
+                _distribute(moe.router.gate, name, mesh["tp"], [Replicate()])
 
 
 def reduce_partial_grads(params: list[torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ _TRAIN_SPEC_MODULES = {
     "olmoe": "torchtitan.models.olmoe",
     "qwen3": "torchtitan.models.qwen3",
     "gemma3": "torchtitan.models.gemma3",
+    "gpt_oss": "torchtitan.models.gpt_oss",
     "qwen3_moe": "torchtitan.models.qwen3_moe",
 }
 

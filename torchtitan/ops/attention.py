@@ -58,8 +58,9 @@ class AttentionCore(nn.Module):
     """The swappable core: (B, H, S, D) queries, (B, Hkv, S, D) keys/values -> (B, H, S, D).
 
     Plain causal attention runs SDPA with is_causal (no mask tensor: the flash and cuDNN kernels stay
-    eligible). A sliding window or document masking runs blockwise (ops/blockwise.py): tiles outside the
-    window are skipped and no (S x S) mask is built. documents: (B, S) document ids of the whole sequence.
+    eligible). A sliding window, document masking or attention sinks run blockwise (ops/blockwise.py): tiles
+    outside the window are skipped and no (S x S) mask is built. documents: (B, S) document ids of the whole
+    sequence.
     """
 
     traceable = True  # torch.compile may trace it (context parallel's ring may not)
@@ -69,15 +70,16 @@ class AttentionCore(nn.Module):
         self.mask, self.backend = mask, backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
-        if self.mask.kind == "causal" and documents is None:
+                documents: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """sinks: (H,) learned per-head logits in the softmax denominators (attention sinks), or None."""
+        if self.mask.kind == "causal" and documents is None and sinks is None:
             rep = q.shape[1] // k.shape[1]
             if rep > 1:
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             with sdpa_context(self.backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         spans = tiles(q.shape[2], LOCAL_TILE)
-        return blockwise_attention(q, k, v, BlockPlan(self.mask, spans, (spans,)), documents)
+        return blockwise_attention(q, k, v, BlockPlan(self.mask, spans, (spans,)), documents, sinks)
 
     def extra_repr(self) -> str:
         window = f", window={self.mask.window}" if self.mask.window else ""

@@ -6,7 +6,8 @@ sees any key), full, causal (the same span on both sides) or masked (a sliding
 window's edge or a document boundary crosses it). Full and causal pairs run the
 fused kernels without a mask; a masked pair builds the mask of that pair only, so
 nothing of size (S x S) exists. Pair outputs merge with an online softmax:
-out = sum_i exp(lse_i - lse) out_i, lse = logsumexp_i lse_i.
+out = sum_i exp(lse_i - lse) out_i, lse = logsumexp_i lse_i. Attention sinks (a learned logit per head
+in every softmax denominator) are a last block of value zero and log-sum-exp the sink.
 
 The backward recomputes pair by pair from the merged output and log-sum-exp
 (P = exp(QK^T - lse) of a pair is its share of the global softmax), so it keeps
@@ -227,7 +228,7 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
 
 class BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, documents, plan: BlockPlan):
+    def forward(ctx, q, k, v, documents, plan: BlockPlan, sinks):
         scale = q.shape[-1] ** -0.5
         rep = q.shape[1] // k.shape[1]
         b, h, sq, d = q.shape
@@ -252,17 +253,21 @@ class BlockwiseAttention(torch.autograd.Function):
                 _merge(out[:, :, rows], lse[:, :, rows], o, l_)
             if pending is not None:
                 piece = plan.ring.finish(pending)
+        if sinks is not None:
+            # A learned logit per head in every row's softmax denominator: a key with value zero, merged last.
+            sink = sinks.to(acc).view(1, h, 1).expand(b, h, sq)
+            _merge(out, lse, torch.zeros_like(out), sink.contiguous())
         out = out.to(q.dtype)
         # Rows that saw no key (none in practice: a token always sees itself) keep out = 0 and get lse = 0,
         # so the backward's exp(s - lse) is 0 for their masked scores rather than nan.
         lse = torch.where(torch.isfinite(lse), lse, 0.0)
-        ctx.save_for_backward(q, k, v, out, lse, documents)
+        ctx.save_for_backward(q, k, v, out, lse, documents, sinks)
         ctx.plan, ctx.extras = plan, extras
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, documents = ctx.saved_tensors
+        q, k, v, out, lse, documents, sinks = ctx.saved_tensors
         plan: BlockPlan = ctx.plan
         scale = q.shape[-1] ** -0.5
         rep = q.shape[1] // k.shape[1]
@@ -291,17 +296,23 @@ class BlockwiseAttention(torch.autograd.Function):
                 grads = plan.ring.finish(plan.ring.start(grads))
             if pending is not None:
                 piece = plan.ring.finish(pending)
-        return dq.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None
+        dsinks = None
+        if sinks is not None:
+            # The sink is a key of value zero: d logit = p_sink (0 - rowsum(dout * out)), summed over the rows.
+            p_sink = torch.exp(sinks.to(acc).view(1, -1, 1) - lse)
+            dsinks = -(p_sink * (dout.to(acc) * out.to(acc)).sum(-1)).sum((0, 2)).to(sinks.dtype)
+        return dq.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, dsinks
 
 
 def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
-                        documents: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of (B, H, Sq, D) queries over (B, Hkv, Sk, D) keys/values (grouped heads allowed) by `plan`."""
+                        documents: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of (B, H, Sq, D) queries over (B, Hkv, Sk, D) keys/values (grouped heads allowed) by `plan`.
+    sinks: (H,) learned logits, one per head, added to every row's softmax denominator (gpt-oss)."""
     if plan.kernel is None:
         plan = BlockPlan(plan.mask, plan.q_spans, plan.kv_spans, plan.ring, kernel_for(q))
     # No .contiguous() here: the inputs are views of RoPE's outputs (heads transposed), which autograd keeps
     # anyway; a copy would be saved a second time. Kernels take strided inputs; sends copy what they send.
-    return BlockwiseAttention.apply(q, k, v, documents, plan)
+    return BlockwiseAttention.apply(q, k, v, documents, plan, sinks)
 
 
 def tiles(seq_len: int, tile: int) -> tuple[Span, ...]:

@@ -1,9 +1,10 @@
 """Context-parallel attention on real gloo ranks equals full attention, forward and backward.
 
 One launch of 2 and one of 4 processes (torch.multiprocessing, gloo) run every case: both
-rotate methods, grouped K/V heads, sliding windows that cross chunk boundaries, and
-document masking. Each rank compares its rows of the output and its share of the
-gradients with a single-process dense reference computed from the same seed.
+rotate methods, grouped K/V heads, sliding windows that cross chunk boundaries, document
+masking, and attention sinks (their gradient summed over the ranks). Each rank compares its
+rows of the output and its share of the gradients with a single-process dense reference
+computed from the same seed.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from tests.reference import dense_attention
 from torchtitan.distributed.context_parallel import ContextParallelAttention, chunk_ids, shard_sequence
 from torchtitan.ops.masks import CAUSAL, AttentionMask
 
-CASES = [  # (rotate method, window, documents)
-    ("alltoall", None, False), ("allgather", None, False),
-    ("alltoall", 5, False), ("alltoall", 24, False), ("allgather", 11, False),
-    ("alltoall", None, True), ("allgather", None, True), ("alltoall", 9, True),
+CASES = [  # (rotate method, window, documents, attention sinks)
+    ("alltoall", None, False, False), ("allgather", None, False, False),
+    ("alltoall", 5, False, False), ("alltoall", 24, False, False), ("allgather", 11, False, False),
+    ("alltoall", None, True, False), ("allgather", None, True, False), ("alltoall", 9, True, False),
+    ("alltoall", 5, False, True), ("allgather", None, True, True),
 ]
 
 
@@ -38,24 +40,31 @@ def _worker(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         group = dist.group.WORLD
-        for method, window, docs in CASES:
+        for method, window, docs, sinks in CASES:
             torch.manual_seed(0)
             q = torch.randn(2, 4, 48, 8, dtype=torch.float64, requires_grad=True)
             k, v = (torch.randn(2, 2, 48, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+            sink = (torch.randn(4, dtype=torch.float64) * 2).requires_grad_() if sinks else None
             documents = None
             if docs:  # documents of 7, 20, 21 tokens / one of 48: boundaries inside chunks and on them
                 documents = torch.stack([torch.tensor([0] * 7 + [1] * 20 + [2] * 21),
                                          torch.zeros(48, dtype=torch.long)])
             g = torch.randn(2, 4, 48, 8, dtype=torch.float64)
-            ref = dense_attention(q, k, v, window, documents)
-            ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+            ref = dense_attention(q, k, v, window, documents, sink)
+            ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v, *([sink] if sinks else [])))
             mask = CAUSAL if window is None else AttentionMask("sliding_window", window)
             core = ContextParallelAttention(group, method, mask)
             lq, lk, lv = (_local(t, world, rank).detach().requires_grad_() for t in (q, k, v))
+            ls = sink.detach().requires_grad_() if sinks else None
             # The model hands the core heads-transposed views of (B, S, H, D) tensors: strided, not contiguous.
-            out = core(*(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (lq, lk, lv)), documents)
-            grads = torch.autograd.grad((out * _local(g, world, rank)).sum(), (lq, lk, lv))
-            case = f"cp{world} {method} window={window} documents={docs}"
+            out = core(*(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (lq, lk, lv)), documents, sinks=ls)
+            grads = torch.autograd.grad((out * _local(g, world, rank)).sum(), (lq, lk, lv, *([ls] if sinks else [])))
+            case = f"cp{world} {method} window={window} documents={docs} sinks={sinks}"
+            if sinks:  # each rank's share of the sinks' gradient is over its queries: their sum is the whole
+                dsink = grads[-1].clone()
+                dist.all_reduce(dsink, group=group)
+                torch.testing.assert_close(dsink, ref_grads[-1], msg=f"{case} dsinks differs")
+                grads, ref_grads = grads[:-1], ref_grads[:-1]
             for what, got, want in zip(("output", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
                 torch.testing.assert_close(got, _local(want, world, rank), msg=f"{case} {what} differs")
     finally:

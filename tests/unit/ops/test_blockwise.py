@@ -37,22 +37,29 @@ def test_pair_kinds_follow_positions():
 
 
 @pytest.mark.parametrize("kernel", ["cpu", "math"])
-@pytest.mark.parametrize("window,tile,docs", [(None, 8, False), (None, 40, False), (5, 8, False), (13, 8, False),
-                                              (None, 8, True), (6, 16, True), (40, 7, True)])
-def test_local_blockwise_matches_dense(kernel, window, tile, docs):
+@pytest.mark.parametrize("window,tile,docs,sinks", [
+    (None, 8, False, False), (None, 40, False, False), (5, 8, False, False), (13, 8, False, False),
+    (None, 8, True, False), (6, 16, True, False), (40, 7, True, False),
+    (None, 8, False, True), (5, 8, False, True), (6, 16, True, True)])
+def test_local_blockwise_matches_dense(kernel, window, tile, docs, sinks):
+    """Forward and backward; with attention sinks (a per-head logit in every denominator) their gradient too."""
     torch.manual_seed(0)
     q = torch.randn(2, 4, 40, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, 2, 40, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    sink = torch.randn(4, dtype=torch.float64, requires_grad=True) * 2 if sinks else None
     documents = documents_of([[5, 20, 15], [40]]) if docs else None
     mask = CAUSAL if window is None else AttentionMask("sliding_window", window)
     spans = tiles(40, tile)
     plan = BlockPlan(mask, spans, (spans,), None, Kernel(kernel))
-    out = blockwise_attention(q, k, v, plan, documents)
-    ref = dense_attention(q, k, v, window, documents)
+    out = blockwise_attention(q, k, v, plan, documents, sink)
+    ref = dense_attention(q, k, v, window, documents, sink)
     torch.testing.assert_close(out, ref)
+    if sinks:  # the sinks are in play: without them the output differs
+        assert (out - dense_attention(q, k, v, window, documents)).abs().max() > 1e-2
     g = torch.randn_like(ref)
-    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    inputs = (q, k, v, sink) if sinks else (q, k, v)
+    grads = torch.autograd.grad((out * g).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * g).sum(), inputs)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
 

@@ -41,13 +41,13 @@ def _pairs(mask: AttentionMask, documents: bool, seq: int = SEQ) -> list[str]:
     return [kind for k in spans for q in spans if (kind := pair_kind(mask, q, k, documents)) != SKIP]
 
 
-def _forward_backward(q, k, v, mask: AttentionMask, documents=None):
+def _forward_backward(q, k, v, mask: AttentionMask, documents=None, sinks=None):
     """BlockwiseAttention's forward then backward, as autograd would call them (autograd itself cannot run on
     fake CUDA tensors)."""
     spans = tiles(q.shape[2], TILE)
     plan = BlockPlan(mask, spans, (spans,), None, kernel_for(q))
     ctx = Ctx()
-    out = BlockwiseAttention.forward(ctx, q, k, v, documents, plan)
+    out = BlockwiseAttention.forward(ctx, q, k, v, documents, plan, sinks)
     grads = BlockwiseAttention.backward(ctx, torch.empty_like(out))
     return plan, out, grads
 

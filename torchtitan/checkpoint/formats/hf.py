@@ -185,22 +185,23 @@ def model_from_hf_config(config: dict, folder: str, name: str | None = None) -> 
 # --------------------------------------------------------------------- HF <-> native
 def hf_native_shapes(folder: str, adapter: StateDictAdapter) -> dict[str, tuple]:
     """Native name -> (shape,) of an HF folder, from the headers; unmappable names kept as reported extras.
-    Where the adapter names several HF tensors into one native tensor (MoE experts, one HF tensor each),
-    its from_hf joins their meta tensors: the shape is whatever it makes of them, at no memory cost."""
+    Where the adapter joins several HF tensors into one native tensor (MoE experts, one HF tensor each) or splits
+    one into several (gpt-oss's fused gate/up experts), its from_hf does so on meta tensors: the shapes are
+    whatever it makes of them, at no memory cost."""
     shapes = {hk: shape for hk, (shape, _) in read_hf_shapes(folder).items() if not hk.endswith(HF_DERIVED_SUFFIXES)}
     sources: dict[str, list[str]] = {}
     for hk in shapes:
         sources.setdefault(adapter.native_key(hk) or hk, []).append(hk)
     out = {}
     for key, hks in sources.items():
-        if len(hks) == 1:
-            out[key] = (shapes[hks[0]],)
+        if len(hks) == 1 and adapter.native_key(hks[0]) is None:
+            out[key] = (shapes[hks[0]],)  # no native name: reported by the caller's shape check
             continue
         try:
             joined = adapter.from_hf({hk: torch.empty(shapes[hk], device="meta") for hk in hks})
         except CheckpointError as e:
             raise CheckpointError(f"HF checkpoint {folder}: {e}") from None
-        out[key] = (joined[key].shape,)
+        out.update({k: (v.shape,) for k, v in joined.items()})
     if hf_tied(folder) and "output.weight" not in out and "tok_embeddings.weight" in out:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out

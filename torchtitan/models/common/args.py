@@ -57,6 +57,8 @@ class DecoderArgs(ABC):
     attention: str = "gqa"
     qk_norm: str | None = None  # one of QK_NORMS, or None (a bool from older checkpoint markers: True = "width")
     clip_qkv: float | None = None  # clamp q, k, v to [-clip, clip] (OLMo 1.7)
+    attention_bias: bool = False  # biases on the q, k, v and output projections (gpt-oss)
+    attention_sinks: bool = False  # a learned logit per head in every softmax denominator (gpt-oss)
     # Softmax scale query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5 (Gemma 3).
     query_pre_attn_scalar: int | None = None
     scale_embeddings: bool = False  # embedding output multiplied by sqrt(dim) (Gemma)

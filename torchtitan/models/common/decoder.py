@@ -162,8 +162,9 @@ class Decoder(nn.Module):
         self.tie_weights()
         seed = torch.initial_seed() if seed is None else seed
         INIT_SCHEMES[self.args.init](self, ParameterInit(self, seed))
-        for block in self.layers.values():
-            block.feed_forward.reset_buffers()  # to_empty left them uninitialized
+        for block in self.layers.values():  # what the schemes leave alone; to_empty left it uninitialized
+            block.attention.reset_extras()
+            block.feed_forward.reset_buffers()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 documents: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 
 from torchtitan.models.common.args import DecoderArgs
@@ -87,10 +87,13 @@ class Attention(nn.Module):
                                                                      args.clip_qkv, args.qk_norm)
         self.rope = ROPE[args.rope_layout]
         q_width, kv_width = args.n_heads * self.head_dim, args.kv_heads * self.head_dim
-        self.wq = nn.Linear(args.dim, q_width, bias=False)
-        self.wk = nn.Linear(args.dim, kv_width, bias=False)
-        self.wv = nn.Linear(args.dim, kv_width, bias=False)
-        self.wo = nn.Linear(q_width, args.dim, bias=False)
+        bias = args.attention_bias
+        self.wq = nn.Linear(args.dim, q_width, bias=bias)
+        self.wk = nn.Linear(args.dim, kv_width, bias=bias)
+        self.wv = nn.Linear(args.dim, kv_width, bias=bias)
+        self.wo = nn.Linear(q_width, args.dim, bias=bias)
+        # One logit per head (tensor parallel shards it with the heads: models/common/parallelize.py).
+        self.sinks = nn.Parameter(torch.empty(args.n_heads)) if args.attention_sinks else None
         if args.qk_norm == "width":
             # Over the whole projection, before the head split, as OLMo 2 and transformers' Olmo2 do.
             self.q_norm, self.k_norm = _qk_norm(args, q_width), _qk_norm(args, kv_width)
@@ -109,6 +112,13 @@ class Attention(nn.Module):
     def projections(self) -> dict[str, list[torch.Tensor]]:
         """The weights by role, for init schemes: "in" (q, k, v) and "out" (o), as (out, in) matrices."""
         return {"in": [self.wq.weight, self.wk.weight, self.wv.weight], "out": [self.wo.weight]}
+
+    def reset_extras(self) -> None:
+        """What init schemes leave alone, after to_empty: projection biases and sinks start at zero (a sink of
+        zero is one extra key of value zero with logit 0)."""
+        for p in (self.wq.bias, self.wk.bias, self.wv.bias, self.wo.bias, self.sinks):
+            if p is not None:
+                nn.init.zeros_(p)
 
     def tp_plan(self) -> dict:
         """Heads split over the TP ranks: q/k/v column-sharded, o row-sharded back to sequence shards.
@@ -152,7 +162,12 @@ class Attention(nn.Module):
         v = v.view(bs, seqlen, -1, self.head_dim)
         # Grouped K/V heads go to the core as they are: it repeats them where its kernel needs it, and
         # context parallel passes the smaller tensors between ranks.
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.sinks is None:
+            out = self.sdpa(q, k, v, documents)
+        else:
+            sinks = self.sinks.to_local() if isinstance(self.sinks, DTensor) else self.sinks
+            out = self.sdpa(q, k, v, documents, sinks=sinks)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
 

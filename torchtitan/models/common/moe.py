@@ -26,6 +26,9 @@ from torchtitan.ops.grouped_mm import grouped_mm
 from torchtitan.ops.moe import LocalDispatch, ScaleGrad, local_weight
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+# The experts' gated MLP: SwiGLU, or gpt-oss's clamped one (gate clamped above and up to +-limit,
+# gate * sigmoid(alpha * gate) * (up + 1)).
+EXPERT_GATES = ("swiglu", "clamped_swiglu")
 
 
 @dataclass
@@ -44,9 +47,16 @@ class MoEArgs:
     # listed in dense_layer_ids (mlp_only_layers), which keep a dense feed-forward.
     sparse_step: int = 1
     dense_layer_ids: tuple[int, ...] = ()
+    router_bias: bool = False  # the gate's linear map has a bias (gpt-oss)
+    expert_linear_bias: bool = False  # every expert projection has a bias (gpt-oss)
+    gate: str = "swiglu"  # one of EXPERT_GATES
+    swiglu_alpha: float = 1.702  # clamped_swiglu only
+    swiglu_limit: float = 7.0  # clamped_swiglu only
 
     def __post_init__(self) -> None:
         self.dense_layer_ids = tuple(self.dense_layer_ids)  # a list after a JSON round trip
+        if self.gate not in EXPERT_GATES:
+            raise ValueError(f"model args moe.gate = {self.gate!r} is not one of {', '.join(EXPERT_GATES)}")
         if self.sparse_step < 1:
             raise ValueError(f"model args moe.sparse_step = {self.sparse_step}; it must be >= 1")
         if self.score_func not in SCORE_FUNCS:
@@ -102,24 +112,54 @@ class AuxLoss(torch.autograd.Function):
 
 
 class GroupedExperts(nn.Module):
-    """num_experts SwiGLUs as three (E, out, in) weights: w1 (gate), w3 (up), w2 (down)."""
+    """num_experts gated MLPs as three (E, out, in) weights: w1 (gate), w3 (up), w2 (down), and with
+    expert_linear_bias their (E, out) biases b1, b3, b2."""
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int):
+    def __init__(self, dim: int, args: MoEArgs):
         super().__init__()
+        num_experts, hidden_dim = args.num_experts, args.hidden_dim
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        if args.expert_linear_bias:
+            self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim))
+            self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+            self.b3 = nn.Parameter(torch.empty(num_experts, hidden_dim))
+        else:
+            self.b1 = self.b2 = self.b3 = None
+        self.gate, self.alpha, self.limit = args.gate, args.swiglu_alpha, args.swiglu_limit
         # Expert parallel sets 1/ep: the experts' gradients sum over the expert group's tokens, and data
         # parallel averages them over the other data ranks only (distributed/expert_parallel.py).
         self.grad_scale = 1.0
 
+    def reset_biases(self) -> None:
+        for b in (self.b1, self.b2, self.b3):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, counts: torch.Tensor,
+                 rows: torch.Tensor | None) -> torch.Tensor:
+        out = grouped_mm(x, w, counts)
+        return out if b is None else out + b[rows]
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (T, dim) rows sorted by (local) expert; counts: rows per local expert."""
-        w1, w2, w3 = (local_weight(w) for w in (self.w1, self.w2, self.w3))
+        params = [local_weight(p) for p in (self.w1, self.w2, self.w3, self.b1, self.b2, self.b3) if p is not None]
         if self.grad_scale != 1.0:
-            w1, w2, w3 = (ScaleGrad.apply(w, self.grad_scale) for w in (w1, w2, w3))
-        h = F.silu(grouped_mm(x, w1, counts)) * grouped_mm(x, w3, counts)
-        return grouped_mm(h, w2, counts)
+            params = [ScaleGrad.apply(p, self.grad_scale) for p in params]
+        w1, w2, w3, *biases = params
+        b1, b2, b3 = biases if biases else (None, None, None)
+        rows = None
+        if biases:  # each row's local expert, for its bias (the row count is known: no host sync)
+            rows = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts,
+                                           output_size=x.shape[0])
+        gate, up = self._project(x, w1, b1, counts, rows), self._project(x, w3, b3, counts, rows)
+        if self.gate == "clamped_swiglu":
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            h = gate * torch.sigmoid(gate * self.alpha) * (up + 1)
+        else:
+            h = F.silu(gate) * up
+        return self._project(h, w2, b2, counts, rows)
 
 
 class Router(nn.Module):
@@ -127,7 +167,7 @@ class Router(nn.Module):
 
     def __init__(self, dim: int, args: MoEArgs):
         super().__init__()
-        self.gate = nn.Linear(dim, args.num_experts, bias=False)
+        self.gate = nn.Linear(dim, args.num_experts, bias=args.router_bias)
         self.score_func, self.top_k, self.norm_topk_prob = args.score_func, args.top_k, args.norm_topk_prob
         if args.expert_bias:
             # Learned outside autograd, between steps: state of the run, saved in checkpoints.
@@ -138,7 +178,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (T, dim) -> logits (T, E) in float32 or wider, scores (T, E), chosen experts (T, k), their
         weights (T, k)."""
-        logits = F.linear(x, local_weight(self.gate.weight))
+        bias = local_weight(self.gate.bias) if self.gate.bias is not None else None
+        logits = F.linear(x, local_weight(self.gate.weight), bias)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         scores = torch.softmax(logits, dim=-1) if self.score_func == "softmax" else torch.sigmoid(logits)
         if self.expert_bias is not None:
@@ -160,7 +201,7 @@ class MoE(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = args.num_experts, args.top_k
         self.router = Router(dim, args)
-        self.experts = GroupedExperts(dim, args.hidden_dim, args.num_experts)
+        self.experts = GroupedExperts(dim, args)
         self.shared_expert = shared_expert
         self.dispatcher = LocalDispatch()
         self.balance = BalanceState()
@@ -182,9 +223,13 @@ class MoE(nn.Module):
                                        use_local_output=True)}
 
     def reset_buffers(self) -> None:
-        """The expert bias after to_empty: zero (a checkpoint load then sets the run's)."""
+        """After to_empty: the expert bias (balancing state) and the projections' biases start at zero (a
+        checkpoint load then sets the run's)."""
         if self.router.expert_bias is not None:
             self.router.expert_bias.zero_()
+        if self.router.gate.bias is not None:
+            nn.init.zeros_(self.router.gate.bias)
+        self.experts.reset_biases()
 
     @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     SequenceParallel,
@@ -63,6 +63,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, async_t
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_tp_plan(block))
         attn = block.attention
+        if attn.sinks is not None:  # one per head: sharded with the heads, its gradient stays per shard
+            attn.sinks = nn.Parameter(distribute_tensor(attn.sinks.data, tp_mesh, [Shard(0)], src_data_rank=None))
         if attn.qk_norm == "width":
             attn.q_norm = HeadShardedRMSNorm(attn.q_norm, tp_mesh)
             attn.k_norm = HeadShardedRMSNorm(attn.k_norm, tp_mesh)
