@@ -78,6 +78,8 @@ FAMILY_CASES = {
                             "pp 1 x dp_replicate 1 x dp_shard_mod_ep 32 x dp_shard_in_ep 8 x cp 1 x tp 1"),
     "gpt_oss-120B": ("gpt_oss_120b.toml", 64, 116_829_156_672,
                      "pp 1 x dp_replicate 1 x dp_shard_mod_ep 8 x dp_shard_in_ep 8 x cp 1 x tp 1"),
+    "deepseek_v3-671B": ("deepseek_v3_671b.toml", 512, 671_026_404_352,
+                         "pp 1 x dp_replicate 1 x dp_shard_mod_ep 16 x dp_shard_in_ep 32 x cp 1 x tp 1"),
 }
 
 

@@ -15,6 +15,7 @@ _TRAIN_SPEC_MODULES = {
     "qwen3": "torchtitan.models.qwen3",
     "gemma3": "torchtitan.models.gemma3",
     "gpt_oss": "torchtitan.models.gpt_oss",
+    "deepseek_v3": "torchtitan.models.deepseek_v3",
     "qwen3_moe": "torchtitan.models.qwen3_moe",
 }
 

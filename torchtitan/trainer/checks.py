@@ -198,13 +198,17 @@ def _check_moe_options(cfg: JobConfig, args: DecoderArgs, label: str) -> None:
 
 def _check_model_fits(cfg: JobConfig, spec: TrainSpec, args: DecoderArgs, dims: ParallelDims, label: str) -> None:
     """Degrees against the model's heads, experts and layers; exports the model's HF format can express."""
+    if dims.tp > 1 and args.attention == "mla":
+        raise ConfigError(f"parallelism.tensor_parallel_degree = {dims.tp}: {label}'s multi-head latent attention "
+                          f"is not sharded by tensor parallel; use FSDP, expert, context or pipeline parallel "
+                          f"(tensor_parallel_degree = 1)")
     if args.n_heads % dims.tp or args.kv_heads % dims.tp:
         raise ConfigError(f"parallelism.tensor_parallel_degree = {dims.tp} must divide the model's {args.n_heads} "
                           f"attention heads and {args.kv_heads} KV heads ({label})")
     _check_moe_options(cfg, args, label)
     if dims.ep > 1 and args.moe is None:
         raise ConfigError(f"parallelism.expert_parallel_degree = {dims.ep} needs a mixture-of-experts model; {label} "
-                          f"is dense (olmoe is a MoE family)")
+                          f"is dense (olmoe, qwen3_moe, gpt_oss and deepseek_v3 are MoE families)")
     if args.moe is not None and args.moe.num_experts % dims.ep:
         raise ConfigError(f"parallelism.expert_parallel_degree = {dims.ep} must divide the {args.moe.num_experts} "
                           f"experts of {label}")

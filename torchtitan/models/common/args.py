@@ -11,6 +11,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from torchtitan.models.common.mla import MLAArgs
 from torchtitan.models.common.moe import MoEArgs
 from torchtitan.models.common.rope import LinearScaling, RopeScaling, YarnScaling
 from torchtitan.ops.attention import CAUSAL, AttentionMask
@@ -22,7 +23,9 @@ NORMS = ("rms", "layernorm", "rms_plus_one")
 BLOCKS = ("pre_norm", "reordered_norm", "sandwich")
 ROPE_LAYOUTS = ("interleaved", "half")  # Meta's adjacent pairs / GPT-NeoX and HF rotate-half
 FEED_FORWARDS = ("swiglu", "geglu")  # geglu: GELU (tanh approximation) gate, Gemma's
-ATTENTIONS = ("gqa",)  # the attention slot's kinds (models/common/layers.py build_attention)
+# The attention slot's kinds (models/common/layers.py build_attention): grouped-query attention, and DeepSeek's
+# multi-head latent attention (models/common/mla.py, shaped by `mla`).
+ATTENTIONS = ("gqa", "mla")
 # QK-norm: "width" normalizes the whole q (k) projection before the head split (OLMo 2, OLMoE); "head"
 # normalizes each head over head_dim (Qwen3, Gemma 3), one weight of head_dim shared by every head.
 QK_NORMS = ("width", "head")
@@ -74,6 +77,7 @@ class DecoderArgs(ABC):
     attention_pattern: tuple[str, ...] = ()
     # Mixture of experts in the feed-forward slot (models/common/moe.py); None: every layer dense.
     moe: MoEArgs | None = None
+    mla: MLAArgs | None = None  # the latent attention's shape (attention = "mla")
 
     def __post_init__(self) -> None:
         for name, valid in (("norm", NORMS), ("block", BLOCKS), ("rope_layout", ROPE_LAYOUTS),
@@ -95,6 +99,8 @@ class DecoderArgs(ABC):
             raise ValueError(f"model args sliding_window = {self.sliding_window}; it must be >= 1 (or None)")
         if "sliding" in self.attention_pattern and self.sliding_window is None:
             raise ValueError("model args attention_pattern has sliding layers but sliding_window is not set")
+        if (self.attention == "mla") != (self.mla is not None):
+            raise ValueError("model args attention = 'mla' and mla (its shape) go together")
         if self.moe is not None and self.feed_forward != "swiglu":
             raise ValueError(f"model args feed_forward = {self.feed_forward!r}: experts are SwiGLUs (swiglu)")
 
@@ -107,6 +113,11 @@ class DecoderArgs(ABC):
     def attn_head_dim(self) -> int:
         """The width of one attention head: head_dim, or dim // n_heads where it is not set."""
         return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def rope_head_dim(self) -> int:
+        """The width RoPE rotates: a whole head, or MLA's decoupled RoPE part."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.attn_head_dim
 
     @property
     def kv_heads(self) -> int:

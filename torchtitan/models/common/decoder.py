@@ -144,7 +144,7 @@ class Decoder(nn.Module):
         a = self.args
         for (theta, _), name in self._rope_tables().items():
             scaling = a.rope_scaling if name == "rope_cache" else None
-            table = rope_cache(a.attn_head_dim, a.max_seq_len, theta, scaling, device=device)
+            table = rope_cache(a.rope_head_dim, a.max_seq_len, theta, scaling, device=device)
             self.register_buffer(name, table, persistent=False)
 
     def layer_rope(self, layer_id: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 
 from torchtitan.models.common.args import DecoderArgs
+from torchtitan.models.common.mla import MultiHeadLatentAttention
 from torchtitan.models.common.moe import MoE
 from torchtitan.models.common.rope import apply_rope_half, apply_rope_interleaved
 from torchtitan.ops.attention import AttentionCore
@@ -171,7 +172,7 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
 
-ATTENTION_CLASSES = {"gqa": Attention}
+ATTENTION_CLASSES = {"gqa": Attention, "mla": MultiHeadLatentAttention}
 
 
 def build_attention(args: DecoderArgs, layer_id: int) -> nn.Module:

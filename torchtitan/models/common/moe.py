@@ -49,6 +49,11 @@ class MoEArgs:
     dense_layer_ids: tuple[int, ...] = ()
     router_bias: bool = False  # the gate's linear map has a bias (gpt-oss)
     expert_linear_bias: bool = False  # every expert projection has a bias (gpt-oss)
+    # Node-limited routing (DeepSeek-V3): experts in n_group groups, a token choosing among the topk_group groups
+    # whose two best (bias-shifted) scores sum highest.
+    n_group: int = 1
+    topk_group: int = 1
+    route_scale: float = 1.0  # the chosen experts' weights multiplied by it (routed_scaling_factor)
     gate: str = "swiglu"  # one of EXPERT_GATES
     swiglu_alpha: float = 1.702  # clamped_swiglu only
     swiglu_limit: float = 7.0  # clamped_swiglu only
@@ -57,6 +62,9 @@ class MoEArgs:
         self.dense_layer_ids = tuple(self.dense_layer_ids)  # a list after a JSON round trip
         if self.gate not in EXPERT_GATES:
             raise ValueError(f"model args moe.gate = {self.gate!r} is not one of {', '.join(EXPERT_GATES)}")
+        if self.n_group < 1 or self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"model args moe.n_group = {self.n_group} must divide num_experts ({self.num_experts}) "
+                             f"and moe.topk_group = {self.topk_group} be in 1..n_group")
         if self.sparse_step < 1:
             raise ValueError(f"model args moe.sparse_step = {self.sparse_step}; it must be >= 1")
         if self.score_func not in SCORE_FUNCS:
@@ -169,6 +177,7 @@ class Router(nn.Module):
         super().__init__()
         self.gate = nn.Linear(dim, args.num_experts, bias=args.router_bias)
         self.score_func, self.top_k, self.norm_topk_prob = args.score_func, args.top_k, args.norm_topk_prob
+        self.n_group, self.topk_group, self.route_scale = args.n_group, args.topk_group, args.route_scale
         if args.expert_bias:
             # Learned outside autograd, between steps: state of the run, saved in checkpoints.
             self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32))
@@ -182,13 +191,18 @@ class Router(nn.Module):
         logits = F.linear(x, local_weight(self.gate.weight), bias)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         scores = torch.softmax(logits, dim=-1) if self.score_func == "softmax" else torch.sigmoid(logits)
-        if self.expert_bias is not None:
-            indices = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
-            weights = scores.gather(1, indices)
-        else:
-            weights, indices = torch.topk(scores, self.top_k, dim=-1)
+        choice = scores + self.expert_bias if self.expert_bias is not None else scores
+        if self.n_group > 1:
+            groups = choice.view(choice.shape[0], self.n_group, -1)
+            best = groups.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = groups.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
+        indices = torch.topk(choice, self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.route_scale != 1.0:
+            weights = weights * self.route_scale
         return logits, scores, indices, weights
 
 
