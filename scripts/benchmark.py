@@ -7,6 +7,7 @@
     python scripts/benchmark.py loss                # peak memory and time of plain / chunked / fused loss (CPU)
     python scripts/benchmark.py cp --seq-lens 16384   # context parallel vs one process: memory and tokens/s
     python scripts/benchmark.py moe                 # MoE vs dense of the same active size; EP2 all-to-all share
+    python scripts/benchmark.py families            # each family's debug model vs a Llama of its active size (CPU)
 
 `rows` runs the real trainer (run_train.sh) per row, averages the logged steps after `--skip`, and prints
 tokens/s, TFLOP/s, MFU and peak memory. With `--baseline FOLDER`, torchtitan 0.2.2's anchor recipe
@@ -377,6 +378,77 @@ def cmd_moe(args) -> None:
         print(f"{name:>22s} {ngpu:5d} {step_s:7.3f} {job_tps:10.0f} {job_tps / base:9.2f} {share:>11s}", flush=True)
 
 
+FAMILIES = ("qwen3", "qwen3_moe", "gemma3", "gpt_oss", "deepseek_v3")
+
+
+def llama_of_active_size(args, active: int):
+    """A Llama 3 decoder with the family model's width, depth, heads and vocabulary whose SwiGLU width gives it
+    `active` parameters (the family model's parameters per token), the comparison's yardstick."""
+    import dataclasses
+
+    import torch
+
+    from torchtitan.models.llama3.args import LlamaModelArgs
+
+    llama = LlamaModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                           vocab_size=args.vocab_size, max_seq_len=args.max_seq_len, multiple_of=1)
+    with torch.device("meta"):
+        from torchtitan.models.common.decoder import Decoder
+        base = Decoder(dataclasses.replace(llama, ffn_dim_multiplier=1.0 / int(8 * args.dim / 3))).num_params()
+    # base has a 1-wide SwiGLU: each unit of width adds 3 x dim parameters per layer.
+    width = max(1, round((active - base) / (3 * args.dim * args.n_layers)) + 1)
+    return dataclasses.replace(llama, ffn_dim_multiplier=(width + 0.5) / int(8 * args.dim / 3))
+
+
+def _time_training(args, batch: int, seq_len: int, steps: int, skip: int) -> float:
+    """Mean seconds of a forward + backward + AdamW step after `skip` steps (one process, fp32)."""
+    import torch
+
+    from torchtitan.models.common.decoder import Decoder
+
+    torch.manual_seed(0)
+    model = Decoder(args)
+    model.init_weights(buffer_device="cpu", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, args.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.mean(times[skip:])
+
+
+def cmd_families(args) -> None:
+    """Each family's debug flavor against a Llama 3 decoder of the same width, depth, heads and parameters per
+    token (llama_of_active_size), one after the other in this process: model FLOPs per token (attention differs
+    where head_dim differs) and step time, as ratios family / Llama."""
+    import torch
+
+    from torchtitan.models import get_train_spec
+
+    torch.set_num_threads(args.threads)
+    print(f"global batch {args.batch} x {args.seq_len}, {args.steps} steps (mean after step {args.skip}), "
+          f"{args.threads} threads, float32, forward + backward + AdamW")
+    print(f"{'family':>12s} {'active params':>14s} {'llama ffn':>9s} {'FLOPs ratio':>11s} {'llama s':>8s} "
+          f"{'family s':>9s} {'time ratio':>10s}")
+    for family in args.families.split(","):
+        spec = get_train_spec(family)
+        fam = spec.model_args("debugmodel")
+        fam.max_seq_len = max(args.seq_len, 64)
+        active = spec.build_meta_model(fam).num_params(active=True)
+        llama = llama_of_active_size(fam, active)
+        t_llama = _time_training(llama, args.batch, args.seq_len, args.steps, args.skip)
+        t_fam = _time_training(fam, args.batch, args.seq_len, args.steps, args.skip)
+        flops = spec.build_meta_model(fam).flops_per_token(args.seq_len) / (
+            spec.build_meta_model(llama).flops_per_token(args.seq_len))
+        print(f"{family:>12s} {active:14,d} {llama.ffn_hidden_dim:9d} {flops:11.2f} {t_llama:8.3f} {t_fam:9.3f} "
+              f"{t_fam / t_llama:10.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -421,9 +493,16 @@ def main() -> None:
     m.add_argument("--batch", type=int, default=8, help="global batch (sequences), split over the EP2 ranks")
     m.add_argument("--steps", type=int, default=12)
     m.add_argument("--skip", type=int, default=4)
+    fa = sub.add_parser("families")
+    fa.add_argument("--families", default=",".join(FAMILIES))
+    fa.add_argument("--seq-len", type=int, default=256)
+    fa.add_argument("--batch", type=int, default=8)
+    fa.add_argument("--steps", type=int, default=10)
+    fa.add_argument("--skip", type=int, default=3)
+    fa.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "loss": cmd_loss, "cp": cmd_cp,
-     "moe": cmd_moe}[args.cmd](args)
+     "moe": cmd_moe, "families": cmd_families}[args.cmd](args)
 
 
 if __name__ == "__main__":

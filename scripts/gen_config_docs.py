@@ -96,7 +96,9 @@ other key of torchtitan 0.2.2's job config (and the older names its train config
 (`torchtitan/config/torchtitan_keys.py`). None is ignored silently. A setting that came under a torchtitan name
 and acts only behind a switch that is off (e.g. `[quantize.linear.float8]` without the float8 converter,
 `[validation]` settings with `enable = false`) is logged at start, as torchtitan's own loader took it. Qwen3 and
-DeepSeek-V3 configs of 0.2.2 load too; they run once those families exist. Value conversions: `training.dataset =
+DeepSeek-V3 configs of 0.2.2 run as they are, except two flavors named differently here (torchtitan's
+qwen3 `debugmodel_moe` is our `qwen3_moe` family; its DeepSeek-V3 `16B` has no flavor of ours: our `16B-A3B`
+is Moonlight's shape), each stopped in one line (docs/models.md). Value conversions: `training.dataset =
 "c4_test"` (torchtitan's bundled C4 sample) reads our bundled offline corpus; `c4_validation` is C4's
 validation split; `model.converters = ["quantize.linear.float8"]` is our `float8`;
 `fault_tolerance.process_group_timeout_ms` becomes whole seconds; `semi_sync_method = "local_sgd"` is an error

@@ -48,3 +48,20 @@ def test_every_gpu_row_is_a_valid_config():
         cfg = load_config(["--job.config_file", config, *overrides], env={})
         if "float8" not in overrides:  # float8 preflight wants CUDA and torchao
             make_plan(cfg, 1)
+
+
+def test_the_family_yardstick_has_the_family_models_active_size():
+    """benchmark.py families compares each debug flavor with a Llama of its width, depth, heads and parameters
+    per token: the Llama's count is within one SwiGLU unit (3 x dim x layers) of the family model's active one."""
+    from torchtitan.models import get_train_spec
+    from torchtitan.models.common.decoder import Decoder
+
+    bench = _bench()
+    for family in bench.FAMILIES:
+        spec = get_train_spec(family)
+        args = spec.model_args("debugmodel")
+        active = spec.build_meta_model(args).num_params(active=True)
+        llama = bench.llama_of_active_size(args, active)
+        assert (llama.dim, llama.n_layers, llama.n_heads, llama.vocab_size) == (
+            args.dim, args.n_layers, args.n_heads, args.vocab_size)
+        assert abs(Decoder(llama).num_params() - active) <= 3 * args.dim * args.n_layers, family

@@ -66,7 +66,8 @@ class Metrics:
 
 @dataclass
 class Model:
-    name: str = opt("llama3", "Model family, a key of the train-spec table (llama3, olmo, olmo2, olmo3, olmoe).")
+    name: str = opt("llama3", "Model family, a key of the train-spec table (llama3, olmo, olmo2, olmo3, olmoe, "
+                              "qwen3, qwen3_moe, gemma3, gpt_oss, deepseek_v3; docs/models.md).")
     flavor: str = opt("debugmodel", "Size preset of the model family.")
     tokenizer_path: str = opt("", "Tokenizer file or folder (tiktoken tokenizer.model, sentencepiece .model, HF "
                                   "tokenizer.json). Empty: the bundled debug tokenizer.")

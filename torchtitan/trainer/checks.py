@@ -26,6 +26,7 @@ from torchtitan.distributed import pipeline
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import NO_COMPILE_SCHEDULES, V_SCHEDULES, plan_stages
 from torchtitan.models.common.args import DecoderArgs
+from torchtitan.models.common.layers import ATTENTION_CLASSES
 from torchtitan.models.common.spec import TrainSpec
 from torchtitan.tools.errors import CheckpointError, ConfigError
 from torchtitan.trainer.effects import check_effects
@@ -198,8 +199,9 @@ def _check_moe_options(cfg: JobConfig, args: DecoderArgs, label: str) -> None:
 
 def _check_model_fits(cfg: JobConfig, spec: TrainSpec, args: DecoderArgs, dims: ParallelDims, label: str) -> None:
     """Degrees against the model's heads, experts and layers; exports the model's HF format can express."""
-    if dims.tp > 1 and args.attention == "mla":
-        raise ConfigError(f"parallelism.tensor_parallel_degree = {dims.tp}: {label}'s multi-head latent attention "
+    attention = ATTENTION_CLASSES[args.attention]
+    if dims.tp > 1 and not attention.tensor_parallel:
+        raise ConfigError(f"parallelism.tensor_parallel_degree = {dims.tp}: {label}'s {attention.description} "
                           f"is not sharded by tensor parallel; use FSDP, expert, context or pipeline parallel "
                           f"(tensor_parallel_degree = 1)")
     if args.n_heads % dims.tp or args.kv_heads % dims.tp:
@@ -208,7 +210,7 @@ def _check_model_fits(cfg: JobConfig, spec: TrainSpec, args: DecoderArgs, dims: 
     _check_moe_options(cfg, args, label)
     if dims.ep > 1 and args.moe is None:
         raise ConfigError(f"parallelism.expert_parallel_degree = {dims.ep} needs a mixture-of-experts model; {label} "
-                          f"is dense (olmoe, qwen3_moe, gpt_oss and deepseek_v3 are MoE families)")
+                          f"is dense (no experts)")
     if args.moe is not None and args.moe.num_experts % dims.ep:
         raise ConfigError(f"parallelism.expert_parallel_degree = {dims.ep} must divide the {args.moe.num_experts} "
                           f"experts of {label}")

@@ -81,6 +81,8 @@ class Attention(nn.Module):
     """
 
     kind = "gqa"
+    description = "grouped-query attention"
+    tensor_parallel = True  # tp_plan shards the heads
 
     def __init__(self, args: DecoderArgs, layer_id: int):
         super().__init__()

@@ -47,6 +47,8 @@ def _yarn_mscale(factor: float, mscale: float) -> float:
 
 class MultiHeadLatentAttention(nn.Module):
     kind = "mla"
+    description = "multi-head latent attention"
+    tensor_parallel = False  # trainer/checks.py refuses TP, naming this
 
     def __init__(self, args, layer_id: int):
         super().__init__()
