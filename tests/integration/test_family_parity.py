@@ -4,8 +4,8 @@ From one seed checkpoint of each family's debug config (train_configs/<family>_d
 and CP2 (and, for the MoE families, EP2 and EP2 x TP2) train 4 steps on the same global batch (4 x 64
 tokens) and must match the one-process run within 1e-5 in every step's loss and the first gradient norm.
 The MoE families run with their balance losses on. Families that tie the output to the embedding
-(Gemma 3) skip PP2, and DeepSeek-V3's latent attention skips TP: preflight refuses both in one line. All
-families share one parity_driver.py launch per world size (1, 2, 4).
+(Gemma 3) skip PP2: preflight refuses it in one line. All families share one parity_driver.py launch per
+world size (1, 2, 4).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ TOL = 1e-5
 # name -> has experts
 FAMILIES = {"qwen3": False, "qwen3_moe": True, "gemma3": False, "gpt_oss": True, "deepseek_v3": True}
 TIED = {"gemma3"}  # tied embeddings: no pipeline parallel (test_pipeline_refuses_tied_families)
-NO_TP = {"deepseek_v3"}  # latent attention: no tensor parallel (tests/unit/models/test_deepseek_v3.py)
 FSDP = ["--parallelism.data_parallel_shard_degree", "-1"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
 CP2 = ["--parallelism.context_parallel_degree", "2"]
@@ -43,8 +42,7 @@ LAYOUTS: dict[str, tuple[int, list[str], bool]] = {
 }
 def _runs(family: str, name: str) -> bool:
     _, args, moe_only = LAYOUTS[name]
-    return ((FAMILIES[family] or not moe_only) and not (family in TIED and args == PP2 + _bs(4))
-            and not (family in NO_TP and "tp2" in name))
+    return (FAMILIES[family] or not moe_only) and not (family in TIED and args == PP2 + _bs(4))
 
 
 CASES = [(f, name) for f in FAMILIES for name in LAYOUTS if name != "single" and _runs(f, name)]

@@ -78,6 +78,9 @@ def apply_moe_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
         if "tp" in names:
             for name, _ in list(moe.router.gate.named_parameters(recurse=False)):
                 _distribute(moe.router.gate, name, mesh["tp"], [Replicate()])
+            if moe.shared_expert is not None:  # replicated; each rank runs it on its own tokens
+                for linear in (moe.shared_expert.w1, moe.shared_expert.w2, moe.shared_expert.w3):
+                    _distribute(linear, "weight", mesh["tp"], [Replicate()])
 
 
 def reduce_partial_grads(params: list[torch.Tensor]) -> None:

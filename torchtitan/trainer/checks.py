@@ -214,9 +214,6 @@ def _check_model_fits(cfg: JobConfig, spec: TrainSpec, args: DecoderArgs, dims: 
     if args.moe is not None and args.moe.num_experts % dims.ep:
         raise ConfigError(f"parallelism.expert_parallel_degree = {dims.ep} must divide the {args.moe.num_experts} "
                           f"experts of {label}")
-    if args.moe is not None and args.moe.shared_expert_hidden_dim and dims.tp > 1:
-        raise ConfigError(f"{label} has a shared expert, which tensor parallel does not support yet; set "
-                          f"parallelism.tensor_parallel_degree = 1")
     if cfg.checkpoint.last_save_in_hf:
         try:
             spec.adapter(args).check_expressible()

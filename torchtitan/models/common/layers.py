@@ -19,6 +19,7 @@ from torchtitan.models.common.mla import MultiHeadLatentAttention
 from torchtitan.models.common.moe import MoE
 from torchtitan.models.common.rope import apply_rope_half, apply_rope_interleaved
 from torchtitan.ops.attention import AttentionCore
+from torchtitan.ops.moe import local_weight
 
 ROPE = {"interleaved": apply_rope_interleaved, "half": apply_rope_half}
 
@@ -141,6 +142,10 @@ class Attention(nn.Module):
             plan["k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         return plan
 
+    def tp_placements(self) -> dict[str, list]:
+        """Parameters placed outside the plan's parallel styles: none (the plan shards every projection)."""
+        return {}
+
     def core_flops_per_token(self, keys: int) -> float:
         """Training FLOPs of q k^T and p v for one query over `keys` keys (forward and backward)."""
         return 12 * self.n_heads * self.head_dim * keys
@@ -218,6 +223,12 @@ class FeedForward(nn.Module):
 
     def reset_buffers(self) -> None:
         """Non-parameter state to reset after to_empty (none)."""
+
+    def local_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward on local values of the weights: a MoE's shared expert under tensor parallel, whose weights are
+        replicated DTensors and whose tokens differ per rank (their gradients are summed over the ranks)."""
+        w1, w2, w3 = (local_weight(w.weight) for w in (self.w1, self.w2, self.w3))
+        return F.linear(self.gate(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
 def build_feed_forward(args: DecoderArgs, layer_id: int) -> nn.Module:

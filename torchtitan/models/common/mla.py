@@ -7,6 +7,7 @@ value head dim: values are zero-padded to the q/k width for the attention kernel
 and the padding is cut from the output. RoPE rotates adjacent pairs (DeepSeek's interleaved layout). Under YaRN
 the softmax scale carries mscale(factor, mscale_all_dim)^2, as DeepSeek's reference does.
 Like grouped-query attention, it declares its init roles, TP plan and FLOPs; context parallel swaps `sdpa`.
+Under tensor parallel each rank holds its heads' up-projections and computes the (replicated) latents itself.
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import PrepareModuleInput, RowwiseParallel
 
 from torchtitan.models.common.rope import YarnScaling, apply_rope_interleaved
 from torchtitan.ops.attention import AttentionCore
+from torchtitan.ops.moe import local_weight
 
 
 @dataclass
@@ -41,6 +45,14 @@ class MLAArgs:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return F.linear(x, local_weight(layer.weight))
+
+
+def _rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    return F.rms_norm(x, norm.normalized_shape, local_weight(norm.weight), norm.eps)
+
+
 def _yarn_mscale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
@@ -48,7 +60,7 @@ def _yarn_mscale(factor: float, mscale: float) -> float:
 class MultiHeadLatentAttention(nn.Module):
     kind = "mla"
     description = "multi-head latent attention"
-    tensor_parallel = False  # trainer/checks.py refuses TP, naming this
+    tensor_parallel = True
 
     def __init__(self, args, layer_id: int):
         super().__init__()
@@ -87,8 +99,24 @@ class MultiHeadLatentAttention(nn.Module):
         """No biases or sinks."""
 
     def tp_plan(self) -> dict:
-        """Not sharded by tensor parallel (trainer/checks.py refuses the combination, naming it)."""
-        return {}
+        """Heads split over the TP ranks. The module takes the whole sequence (a replicated DTensor) and the output
+        projection is row-sharded back to sequence shards; the other weights are placed by `tp_placements`."""
+        return {"": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                       desired_input_layouts=(Replicate(), None, None, None)),
+                "wo": RowwiseParallel(output_layouts=Shard(1))}
+
+    def tp_placements(self) -> dict[str, list]:
+        """Parameter -> its tensor-parallel placement, applied by models/common/parallelize.py: the per-head
+        up-projections sharded on their output rows (whole heads, as wq/wkv_b lay them out), the latent
+        projections and norms replicated. Every rank computes the latents from the whole input for its own heads,
+        so their gradients, and the input's, are partial sums over the ranks (`local_weight`)."""
+        heads = [Shard(0)]
+        out = {"wkv_b.weight": heads, "wkv_a.weight": [Replicate()], "kv_norm.weight": [Replicate()]}
+        if self.wq is not None:
+            out["wq.weight"] = heads
+        else:
+            out.update({"wq_b.weight": heads, "wq_a.weight": [Replicate()], "q_norm.weight": [Replicate()]})
+        return out
 
     def core_flops_per_token(self, keys: int) -> float:
         """q k^T over the q/k head dim and p v over the value head dim, forward and backward."""
@@ -96,15 +124,21 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor | None,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
+        # Under tensor parallel x and the weights are DTensors (tp_placements): work on local values (no-ops
+        # otherwise), the replicated ones with their gradients summed over the ranks.
+        x = local_weight(x)
         bs, seqlen, _ = x.shape
         m = self.m
-        q = self.wq(x) if self.wq is not None else self.wq_b(self.q_norm(self.wq_a(x)))
+        if self.wq is not None:
+            q = _linear(x, self.wq)
+        else:
+            q = _linear(_rms_norm(_linear(x, self.wq_a), self.q_norm), self.wq_b)
         q = q.view(bs, seqlen, -1, m.qk_head_dim)
         q_nope, q_rope = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
         q = torch.cat([q_nope, apply_rope_interleaved(q_rope, rope, positions)], dim=-1)
-        kv, k_rope = self.wkv_a(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        kv, k_rope = _linear(x, self.wkv_a).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         k_rope = apply_rope_interleaved(k_rope.unsqueeze(2), rope, positions)  # one head, shared by all
-        kv = self.wkv_b(self.kv_norm(kv)).view(bs, seqlen, -1, m.qk_nope_head_dim + m.v_head_dim)
+        kv = _linear(_rms_norm(kv, self.kv_norm), self.wkv_b).view(bs, seqlen, -1, m.qk_nope_head_dim + m.v_head_dim)
         k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
         if self.q_scale is not None:

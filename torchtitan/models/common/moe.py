@@ -256,7 +256,7 @@ class MoE(nn.Module):
         logits, scores, indices, weights = self.router(x)
         out = self.dispatcher(x, indices, weights, self.experts)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
+            out = out + self.shared_expert.local_forward(x)
         aux = self._aux_loss(logits, scores, indices)
         if aux is not None:
             out = AuxLoss.apply(out, aux, self.balance.grad_scale)

@@ -63,6 +63,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, async_t
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_tp_plan(block))
         attn = block.attention
+        for name, placements in attn.tp_placements().items():  # parameters the attention kind places itself
+            module_name, _, param = name.rpartition(".")
+            module = attn.get_submodule(module_name)
+            value = getattr(module, param)
+            setattr(module, param, nn.Parameter(distribute_tensor(value.data, tp_mesh, placements, src_data_rank=None),
+                                                requires_grad=value.requires_grad))
         if attn.sinks is not None:  # one per head: sharded with the heads, its gradient stays per shard
             attn.sinks = nn.Parameter(distribute_tensor(attn.sinks.data, tp_mesh, [Shard(0)], src_data_rank=None))
         if attn.qk_norm == "width":
