@@ -6,7 +6,7 @@ large enough that the clamps bite), alternating windows shorter than the prompt 
 the ramp's truncation, head_dim apart from hidden_size / heads, GQA: imported, our fp32 logits are within 1e-5;
 HF -> DCP -> HF is bitwise (the fused gate/up tensors split and fused back); transformers loads our export with
 our logits; greedy scripts/generate.py equals transformers' greedy generate. The released config.json files are
-the 20B and 120B flavors; their MXFP4 expert tensors are refused by name.
+the 20B and 120B flavors; their MXFP4 expert tensors import as transformers dequantizes them.
 """
 from __future__ import annotations
 
@@ -203,21 +203,43 @@ def test_released_configs_are_their_flavors(flavor, layers, experts, total, acti
     assert model.num_params(active=True, exclude_embedding=True) / 1e9 == pytest.approx(active, rel=0.03)
 
 
-def test_mxfp4_experts_are_refused_by_name(tmp_path):
+def test_mxfp4_experts_import_as_transformers_dequantizes_them(tmp_path):
+    """A folder laid out as the released ones (experts as MXFP4 blocks and scales, quantization_config mxfp4):
+    the import dequantizes them as transformers' own convert_moe_packed_tensors does, and the logits equal
+    transformers' model holding those dequantized weights."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
     src = tmp_path / "hf"
-    make_hf(src)
+    hf = make_hf(src)
+    g = torch.Generator().manual_seed(5)
     sd = hf_tensors(src)
-    del sd["model.layers.0.mlp.experts.gate_up_proj"]
-    sd["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(8, 64, 2, 16, dtype=torch.uint8)
-    sd["model.layers.0.mlp.experts.gate_up_proj_scales"] = torch.zeros(8, 64, 2, dtype=torch.uint8)
+    with torch.no_grad():
+        for layer in range(4):
+            for name, rows, cols in (("gate_up_proj", 64, 64), ("down_proj", 64, 32)):  # (E, rows, cols/32, 16)
+                key = f"model.layers.{layer}.mlp.experts.{name}"
+                blocks = torch.randint(0, 256, (8, rows, cols // 32, 16), dtype=torch.uint8, generator=g)
+                scales = torch.randint(120, 126, (8, rows, cols // 32), dtype=torch.uint8, generator=g)
+                dense = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+                assert dense.shape == sd[key].shape
+                getattr(hf.model.layers[layer].mlp.experts, name).copy_(dense)
+                del sd[key]
+                sd[key + "_blocks"], sd[key + "_scales"] = blocks, scales
     quantized = tmp_path / "quantized"
     quantized.mkdir()
     save_file(sd, quantized / "model.safetensors", metadata={"format": "pt"})
-    (quantized / "config.json").write_text((src / "config.json").read_text())
-    p = script("convert_hf_to_dcp.py", quantized, tmp_path / "out")
-    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert "is MXFP4-quantized" in p.stderr and "Mxfp4Config(dequantize=True)" in p.stderr
-    assert not (tmp_path / "out").exists()
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (quantized / "config.json").write_text(json.dumps(config))
+    _, ours = import_hf(quantized)
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-5, diff
+    p = script("convert_hf_to_dcp.py", quantized, tmp_path / "dcp")  # the converter reads it the same way
+    assert p.returncode == 0, p.stderr[-3000:]
+    with pytest.raises(CheckpointError, match=r"MXFP4 needs both"):
+        GptOssStateDictAdapter(ours.args).from_hf({"model.layers.0.mlp.experts.down_proj_blocks": sd[
+            "model.layers.0.mlp.experts.down_proj_blocks"]})
 
 
 @pytest.mark.parametrize("changes,message", [

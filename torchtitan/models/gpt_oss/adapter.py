@@ -5,8 +5,9 @@ one tensor (`mlp.experts.gate_up_proj`, gate columns 0, 2, 4, ..., up columns 1,
 `gate_up_proj_bias`, and `down_proj` / `down_proj_bias`; ours are the (E, out, in) stacks w1 (gate), w3 (up),
 w2 (down) and their biases b1, b3, b2. An export fuses, an import splits: to_hf / from_hf take whole state dicts
 or whole blocks (every caller passes those). The released checkpoints store the experts in MXFP4
-(`*_blocks` / `*_scales`, quantization_config.quant_method "mxfp4"): those are refused by name (have
-transformers dequantize them and save the folder again). What GptOssForCausalLM cannot say is refused too.
+(`*_blocks`: two FP4 codes per byte along the input dim, `*_scales`: a power-of-two exponent per 32 values,
+quantization_config.quant_method "mxfp4"): an import dequantizes them (exactly, into bfloat16) to the fused
+tensors first. What GptOssForCausalLM cannot say is refused by name.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ FUSED = {"gate_up_proj": ("w1", "w3"), "gate_up_proj_bias": ("b1", "b3"), "down_
          "down_proj_bias": ("b2",)}
 _HF_FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj(?:_bias)?|down_proj(?:_bias)?)$")
 _NATIVE_FUSED = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(w1|w2|w3|b1|b2|b3)$")
-_QUANTIZED = re.compile(r"_(blocks|scales)$")
+_MXFP4 = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.(?:gate_up_proj|down_proj))_(blocks|scales)$")
+# The 16 values of an FP4 (E2M1) code, by its 4 bits.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 TO_HF_LAYER_TYPE = {"sliding": "sliding_attention", "full": "full_attention"}
 TOKEN_IDS = {"eos_token_id": 200002, "pad_token_id": 199999}  # o200k_harmony, as in the released config.json
 ROUTER_AUX_LOSS_COEF = 0.9  # the released models'; transformers applies it only when asked for router logits
@@ -80,9 +83,9 @@ class GptOssStateDictAdapter(StateDictAdapter):
 
     # ------------------------------------------------------------------ names
     def native_key(self, hf_key: str) -> str | None:
-        if _QUANTIZED.search(hf_key):
-            raise CheckpointError(f"HF tensor {hf_key!r} is MXFP4-quantized; load the folder in transformers with "
-                                  f"Mxfp4Config(dequantize=True), save_pretrained it, and import that folder")
+        mx = _MXFP4.match(hf_key)
+        if mx:  # a released MXFP4 expert tensor: part of the fused one it dequantizes to
+            hf_key = mx.group(1)
         m = _HF_FUSED.match(hf_key)
         if m:  # the first native tensor of the fused one (from_hf makes all of them)
             return _NATIVE_EXPERTS.format(m.group(1)) + FUSED[m.group(2)][0]
@@ -121,8 +124,7 @@ class GptOssStateDictAdapter(StateDictAdapter):
 
     def from_hf(self, hf_state_dict: dict[str, torch.Tensor], hf_tied: bool = False) -> dict[str, torch.Tensor]:
         self.check_expressible()
-        for k in hf_state_dict:
-            self.native_key(k)  # MXFP4 tensors are refused by name
+        hf_state_dict = _dequantize_mxfp4(hf_state_dict)
         fused = {k: v for k, v in hf_state_dict.items() if _HF_FUSED.match(k)}
         out = super().from_hf({k: v for k, v in hf_state_dict.items() if k not in fused}, hf_tied=hf_tied)
         for hk, v in fused.items():
@@ -201,3 +203,34 @@ class GptOssStateDictAdapter(StateDictAdapter):
 def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(..., n) and (..., n) -> (..., 2n) with a in the even and b in the odd positions."""
     return torch.stack([a, b], dim=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
+
+
+def mxfp4_to_bfloat16(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """An MXFP4 expert tensor as transformers holds it dense: blocks (E, rows, G, 16) uint8, each byte two FP4
+    codes (low nibble first) along the input dim, scales (E, rows, G) uint8 exponents biased by 127 for each
+    32 values -> (E, G x 32, rows), the x @ W layout. Exact: FP4 values times powers of two are bfloat16 values."""
+    if blocks.shape[:-1] != scales.shape:
+        raise CheckpointError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match")
+    lut = torch.tensor(FP4_VALUES, dtype=torch.bfloat16, device=blocks.device)
+    codes = blocks.to(torch.uint8)
+    values = torch.stack([lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]], dim=-1).flatten(-2)  # (.., G, 32)
+    values = torch.ldexp(values, (scales.to(torch.int32) - 127).unsqueeze(-1).to(values.dtype))
+    return values.flatten(-2).transpose(1, 2).contiguous()
+
+
+def _dequantize_mxfp4(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with each (X_blocks, X_scales) pair replaced by the dense X."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    out = {}
+    for k, v in hf_state_dict.items():
+        m = _MXFP4.match(k)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = v
+        else:
+            out[k] = v
+    for name, parts in pairs.items():
+        if set(parts) != {"blocks", "scales"}:
+            raise CheckpointError(f"HF tensor {name}_blocks/_scales: MXFP4 needs both, the checkpoint has only "
+                                  f"{', '.join(sorted(parts))}")
+        out[name] = mxfp4_to_bfloat16(parts["blocks"], parts["scales"])
+    return out
