@@ -35,6 +35,7 @@ def spec_for_hf_model_type(model_type: str):
     """The family whose HF adapter reads transformers' `model_type`, or None."""
     for name in model_names():
         spec = get_train_spec(name)
-        if spec.state_dict_adapter.hf_model_type == model_type:
+        adapter = spec.state_dict_adapter
+        if model_type in (adapter.hf_model_type, *adapter.also_reads_model_types):
             return spec
     return None

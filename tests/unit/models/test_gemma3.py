@@ -6,7 +6,8 @@ layers, head_dim apart from hidden_size / heads, query_pre_attn_scalar apart fro
 norm perturbed (the four per block, the per-head QK-norms, the final one), embeddings scaled by sqrt(dim):
 imported, our fp32 logits are within 1e-5; HF -> DCP -> HF is bitwise; transformers loads our export with our
 logits; greedy scripts/generate.py equals transformers' greedy generate. The released config.json files (the
-1B's, the multimodal 4B/12B/27B's text_config) import as their flavors.
+1B's, the multimodal 4B/12B/27B's text_config) import as their flavors, and a multimodal folder's text model
+imports.
 """
 from __future__ import annotations
 
@@ -129,6 +130,39 @@ def test_greedy_generate_equals_transformers_from_hf_and_step_folders(tmp_path):
         p = script("generate.py", "--checkpoint", folder, *common)
         assert p.returncode == 0, p.stderr[-3000:]
         assert json.loads(p.stdout.strip().splitlines()[-1])["generated_ids"] == want, folder
+
+
+def test_a_multimodal_folder_imports_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (the 4B-27B releases' layout: the text model under language_model.,
+    a vision tower and projector beside it): our import is its text model, logits within 1e-5 of transformers'
+    on text-only input, and the export is a Gemma3ForCausalLM of the same weights."""
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=24, vocab_size=VOCAB, max_position_embeddings=256, sliding_window=8,
+                query_pre_attn_scalar=40, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name and "language_model" in name:
+                p.normal_(0.0, 0.1)
+    hf.save_pretrained(str(tmp_path / "mm"))
+    info, ours = import_hf(tmp_path / "mm")
+    assert info.name == "gemma3" and info.args.rope_scaling.factor == 4.0 and info.args.attn_head_dim == 24
+    tokens = torch.randint(0, VOCAB - 4, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(tokens) - hf(input_ids=tokens).logits).abs().max().item()
+    assert diff <= 1e-5, diff
+    write_hf_folder(ours.state_dict(), info.spec.adapter(info.args), str(tmp_path / "text"))
+    text_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "text"),
+                                                                   attn_implementation="eager").eval()
+    assert type(text_model).__name__ == "Gemma3ForCausalLM"
+    with torch.no_grad():
+        assert (text_model(tokens).logits - hf(input_ids=tokens).logits).abs().max().item() <= 1e-5
 
 
 # google/gemma-3-1b-pt's config.json as released (transformers 4.50).

@@ -36,7 +36,7 @@ from torchtitan.checkpoint.io import (
     state_shapes,
 )
 from torchtitan.models import get_train_spec, model_names, spec_for_hf_model_type
-from torchtitan.models.common.adapter import HF_DERIVED_SUFFIXES, StateDictAdapter
+from torchtitan.models.common.adapter import StateDictAdapter
 from torchtitan.tools.errors import CheckpointError
 
 logger = logging.getLogger("torchtitan")
@@ -188,7 +188,7 @@ def hf_native_shapes(folder: str, adapter: StateDictAdapter) -> dict[str, tuple]
     Where the adapter joins several HF tensors into one native tensor (MoE experts, one HF tensor each) or splits
     one into several (gpt-oss's fused gate/up experts), its from_hf does so on meta tensors: the shapes are
     whatever it makes of them, at no memory cost."""
-    shapes = {hk: shape for hk, (shape, _) in read_hf_shapes(folder).items() if not hk.endswith(HF_DERIVED_SUFFIXES)}
+    shapes = {hk: shape for hk, (shape, _) in read_hf_shapes(folder).items() if not adapter.skipped(hk)}
     sources: dict[str, list[str]] = {}
     for hk in shapes:
         sources.setdefault(adapter.native_key(hk) or hk, []).append(hk)

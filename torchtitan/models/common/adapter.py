@@ -125,6 +125,14 @@ class StateDictAdapter(ABC):
     # MoE families: native (E, out, in) expert stack -> the HF name of one expert's slice (the first {} is the
     # layer, the second the expert). HF files hold one tensor per expert; an export unstacks, an import stacks.
     expert_stacks: ClassVar[dict[str, str]] = {}
+    # Other model_type values whose folders this adapter reads (a multimodal release's text model).
+    also_reads_model_types: ClassVar[tuple[str, ...]] = ()
+    # HF tensors that belong to no part of our model and are left out on import (a vision tower).
+    skipped_hf_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def skipped(self, hf_key: str) -> bool:
+        """HF tensors an import leaves out: derived buffers, and what `skipped_hf_prefixes` names."""
+        return hf_key.endswith(HF_DERIVED_SUFFIXES) or hf_key.startswith(self.skipped_hf_prefixes)
 
     def __init__(self, args: DecoderArgs):
         self.args = args
@@ -205,10 +213,10 @@ class StateDictAdapter(ABC):
             if stacked is not None:
                 slices.setdefault(stacked[0], {})[stacked[1]] = v
                 continue
+            if self.skipped(hk):
+                continue
             k = self.native_key(hk)
             if k is None:
-                if hk.endswith(HF_DERIVED_SUFFIXES):
-                    continue
                 raise CheckpointError(f"HF tensor {hk!r} has no native name for this model ({self.hf_model_type})")
             out[k] = self.transform_from_hf(k, v)
         out.update(self._stack_experts(slices))

@@ -4,9 +4,9 @@ The norm weights are the `w` of (1 + w) in both, so they move as they are. confi
 transformers 5.x's rope_parameters keyed by layer type, and 4.x's rope_theta / rope_local_base_freq /
 rope_scaling (which scaled the global layers only); layer types both as layer_types and as 4.x's
 sliding_window_pattern. The multimodal releases (4B and up, model_type "gemma3") hold this config as their
-`text_config`: args_from_hf_config reads it, so those config.json files name their flavor; their weights sit
-under other prefixes next to a vision tower and are not imported (convert the text model with transformers
-first). What Gemma3ForCausalLM cannot say is refused by name, never exported wrong.
+`text_config` and the text model's weights under `language_model.`: an import reads both and leaves the
+vision tower and projector out (an export is the text model, Gemma3ForCausalLM). What Gemma3ForCausalLM
+cannot say is refused by name, never exported wrong.
 """
 from __future__ import annotations
 
@@ -64,6 +64,12 @@ class Gemma3StateDictAdapter(StateDictAdapter):
         "output.weight": "lm_head.weight",
     }
     args_cls: type[DecoderArgs] = Gemma3ModelArgs
+    # The multimodal releases (4B and up): their text model, under language_model., without the vision tower.
+    also_reads_model_types = ("gemma3",)
+    skipped_hf_prefixes = ("vision_tower.", "multi_modal_projector.")
+
+    def native_key(self, hf_key: str) -> str | None:
+        return super().native_key(hf_key.removeprefix("language_model."))
 
     def check_expressible(self) -> None:
         problems = gemma3_cannot_express(self.args)
