@@ -249,11 +249,13 @@ def test_conversion_errors_are_clear_and_write_nothing(tmp_path, hf_sharded):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,nproc", [("llama3", 2), ("olmo", 1), ("olmoe", 1)])
+@pytest.mark.parametrize("family,nproc", [("llama3", 2), ("olmo", 1), ("olmoe", 1), ("gpt_oss", 2),
+                                          ("deepseek_v3", 1)])
 def test_last_save_in_hf_loads_in_transformers_with_our_logits(tmp_path, family, nproc):
     """checkpoint.last_save_in_hf: the final save also lands as an HF folder (FSDP-sharded weights for Llama,
-    a tied embedding for OLMo, one tensor per expert for OLMoE) that transformers loads with the logits of our
-    model on the same weights."""
+    a tied embedding for OLMo, one tensor per expert for OLMoE, FSDP-sharded experts fused into gpt-oss's
+    gate/up tensors, DeepSeek-V3's latent attention and expert bias) that transformers loads with the logits of
+    our model on the same weights."""
     import transformers
 
     from tests.launch import run_train
