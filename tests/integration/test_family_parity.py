@@ -2,7 +2,8 @@
 
 From one seed checkpoint of each family's debug config (train_configs/<family>_debug.toml), FSDP2, TP2, PP2
 and CP2 (and, for the MoE families, EP2 and EP2 x TP2) train 4 steps on the same global batch (4 x 64
-tokens) and must match the one-process run within 1e-5 in every step's loss and the first gradient norm.
+tokens) and must match the one-process run within 1e-5 in every step's loss, the first gradient norm and the
+validation losses (steps 2 and 4).
 The MoE families run with their balance losses on. Families that tie the output to the embedding
 (Gemma 3) skip PP2: preflight refuses it in one line. All families share one parity_driver.py launch per
 world size (1, 2, 4).
@@ -27,7 +28,7 @@ EP2 = ["--parallelism.expert_parallel_degree", "2"]
 
 
 def _bs(n: int) -> list[str]:
-    return ["--training.local_batch_size", str(n)]
+    return ["--training.local_batch_size", str(n), "--validation.local_batch_size", str(n)]
 
 
 # layout -> (world size, CLI overrides, only for MoE families)
@@ -47,7 +48,9 @@ def _runs(family: str, name: str) -> bool:
 
 CASES = [(f, name) for f in FAMILIES for name in LAYOUTS if name != "single" and _runs(f, name)]
 COMMON = [*launch.TINY, "--training.steps", "4", "--metrics.enable_jsonl=false", "--checkpoint.enable",
-          "--comm.init_timeout_seconds", "120", "--comm.train_timeout_seconds", "60"]
+          "--comm.init_timeout_seconds", "120", "--comm.train_timeout_seconds", "60",
+          # Validation at steps 2 and 4 on 2 global batches of held-out windows.
+          "--validation.enable", "--validation.freq", "2", "--validation.steps", "2", "--validation.seq_len", "64"]
 
 
 def _config(family: str) -> str:
@@ -101,8 +104,9 @@ def test_layout_matches_single_process(parity: dict, family: str, name: str):
     assert loss <= TOL, f"{key}: losses {got['loss']} vs {ref['loss']} (max diff {loss:.2e})"
     gn = abs(got["grad_norm"][0] - ref["grad_norm"][0])
     assert gn <= TOL, f"{key}: first grad norm {got['grad_norm'][0]} vs {ref['grad_norm'][0]}"
-    for k in ("load_balance_loss",):
+    for k in ("validation_loss", "load_balance_loss"):
         if k in ref:
+            assert len(got[k]) == len(ref[k]) > 0, (k, got[k])
             diff = max(abs(a - b) for a, b in zip(got[k], ref[k]))
             assert diff <= TOL, f"{key}: {k} {got[k]} vs {ref[k]}"
 

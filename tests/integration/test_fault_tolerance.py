@@ -75,8 +75,11 @@ def _run_kill_scenario(dump: str, nproc: int, steps: int, extra: list[str] = ())
         for rank in range(nproc):
             assert digests[(step, rank, 0)] == digests[(step, rank, 1)], f"weights differ at step {step} rank {rank}"
 
-    # Every step trained on the next samples of the global order: none lost, none repeated.
+    # Every step trained on the next samples of the global order: none lost, none repeated. The killed group may
+    # have committed one step more than it recorded (SIGKILL between its commit and its record): at that step
+    # only its record may be missing, and the survivor's samples are still the step's next ones.
     per_group = LOCAL_BATCH * nproc
+    killed_at = 1 + max(r["step"] for r in restarted if r["step"] < rejoin)
     position = 0
     for step in range(1, steps + 1):
         recs = [r for r in survivor + restarted if r["step"] == step]
@@ -84,9 +87,14 @@ def _run_kill_scenario(dump: str, nproc: int, steps: int, extra: list[str] = ())
         assert len(present) == 1, (step, recs)
         present = present.pop()
         keys = [(r["replica"], r["grank"]) for r in recs]
-        assert len(keys) == len(set(keys)) == present * nproc, (step, recs)
         samples = sorted(i for r in recs for i in r["samples"])
-        assert samples == list(range(position, position + present * per_group)), (step, samples, position)
+        window = list(range(position, position + present * per_group))
+        if step == killed_at and len(keys) < present * nproc:
+            assert {k[0] for k in keys} == {0} and len(keys) == len(set(keys)) == nproc, (step, recs)
+            assert set(samples) < set(window) and len(samples) == len(set(samples)) == per_group, (step, samples)
+        else:
+            assert len(keys) == len(set(keys)) == present * nproc, (step, recs)
+            assert samples == window, (step, samples, position)
         position += present * per_group
     return {"rejoin": rejoin, "steps": steps}
 

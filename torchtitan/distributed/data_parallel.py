@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def _even_expert_shards(mesh: DeviceMesh):
     size = mesh[mesh.mesh_dim_names[-1]].size()
 
     def placement(p: nn.Parameter) -> Shard | None:
-        local = p.to_local() if hasattr(p, "to_local") else p
+        local = p.to_local() if isinstance(p, DTensor) else p
         if local.ndim == 3 and local.shape[0] % size and local.shape[1] % size == 0:
             return Shard(1)
         return None

@@ -190,3 +190,15 @@ def test_fp8_block_scales_are_refused_by_name():
     adapter = DeepseekV3StateDictAdapter(deepseek_v3_flavors["debugmodel"])
     with pytest.raises(CheckpointError, match=r"weight_scale_inv' is an FP8 block scale"):
         adapter.native_key("model.layers.0.self_attn.q_a_proj.weight_scale_inv")
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(moe=None), r"moe is None"),
+    (dict(tie_word_embeddings=True), r"tying"),
+    (dict(sliding_window=16), r"sliding_window"),
+], ids=["dense", "tied", "window"])
+def test_export_refuses_what_deepseek_v3_cannot_express(changes, message):
+    args = dataclasses.replace(deepseek_v3_flavors["debugmodel"], **changes)
+    with pytest.raises(CheckpointError, match=message) as e:
+        DeepseekV3StateDictAdapter(args).hf_config()
+    assert "\n" not in str(e.value) and "cannot express this" in str(e.value)

@@ -143,8 +143,9 @@ class Attention(nn.Module):
         return plan
 
     def tp_placements(self) -> dict[str, list]:
-        """Parameters placed outside the plan's parallel styles: none (the plan shards every projection)."""
-        return {}
+        """Parameters placed outside the plan's parallel styles: the sinks, one per head, sharded with the heads
+        (their gradient stays per shard)."""
+        return {"sinks": [Shard(0)]} if self.sinks is not None else {}
 
     def core_flops_per_token(self, keys: int) -> float:
         """Training FLOPs of q k^T and p v for one query over `keys` keys (forward and backward)."""

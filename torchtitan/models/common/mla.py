@@ -84,8 +84,7 @@ class MultiHeadLatentAttention(nn.Module):
         if isinstance(scaling, YarnScaling) and scaling.mscale_all_dim:
             mscale = _yarn_mscale(scaling.factor, scaling.mscale_all_dim) ** 2
         self.q_scale = mscale if mscale != 1.0 else None
-        self.sinks = None
-        self.qk_norm = None
+        self.qk_norm = None  # no QK-norm (models/common/parallelize.py shards a whole-width one)
         self.sdpa = AttentionCore(args.attention_mask(layer_id), args.sdpa_backend)
 
     def norms(self) -> list[nn.Module]:

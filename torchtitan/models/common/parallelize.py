@@ -69,8 +69,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, async_t
             value = getattr(module, param)
             setattr(module, param, nn.Parameter(distribute_tensor(value.data, tp_mesh, placements, src_data_rank=None),
                                                 requires_grad=value.requires_grad))
-        if attn.sinks is not None:  # one per head: sharded with the heads, its gradient stays per shard
-            attn.sinks = nn.Parameter(distribute_tensor(attn.sinks.data, tp_mesh, [Shard(0)], src_data_rank=None))
         if attn.qk_norm == "width":
             attn.q_norm = HeadShardedRMSNorm(attn.q_norm, tp_mesh)
             attn.k_norm = HeadShardedRMSNorm(attn.k_norm, tp_mesh)
