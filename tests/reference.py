@@ -38,16 +38,16 @@ def hf_tensors(folder) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_random_hf(model_cls, cfg, folder, seed: int):
-    """A transformers model of `cfg` with random weights (norm weights random around one too, so they matter),
-    in eval mode, saved to folder."""
+def save_random_hf(model_cls, cfg, folder, seed: int, norm_mean: float = 1.0):
+    """A transformers model of `cfg` with random weights (norm weights random around `norm_mean` too, so they
+    matter: one for x * w norms, zero for Gemma's x * (1 + w)), in eval mode, saved to folder."""
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.normal_(1.0, 0.1)
+                p.normal_(norm_mean, 0.1)
     model.save_pretrained(str(folder))
     return model
 

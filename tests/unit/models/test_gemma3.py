@@ -12,15 +12,19 @@ imports.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
 
-from tests.integration.checkpoint_helpers import script
-from tests.reference import hf_tensors, import_hf
+from tests.hf_parity import (
+    assert_export_loads_with_our_logits,
+    assert_export_refused,
+    assert_greedy_generate_matches,
+    assert_round_trip_bitwise,
+)
+from tests.reference import import_hf, save_random_hf
 from torchtitan.checkpoint import CheckpointError
-from torchtitan.checkpoint.formats.hf import read_hf_config, write_hf_folder
+from torchtitan.checkpoint.formats.hf import write_hf_folder
 from torchtitan.models import get_train_spec
 from torchtitan.models.common.rope import YarnScaling
 from torchtitan.models.gemma3 import Gemma3StateDictAdapter, gemma3_flavors
@@ -43,15 +47,7 @@ def make_hf(folder, seed: int = 0, **config):
         "bos_token_id": None, "initializer_range": 0.1,
         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}, **config})
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(str(folder))
-    return model
+    return save_random_hf(transformers.Gemma3ForCausalLM, cfg, folder, seed, norm_mean=0.0)
 
 
 def test_logits_equal_transformers_after_hf_import(tmp_path):
@@ -75,25 +71,14 @@ def test_logits_equal_transformers_after_hf_import(tmp_path):
 
 
 def test_hf_to_dcp_to_hf_is_bitwise_and_loads_in_transformers(tmp_path):
-    src, dcp_dir, back = tmp_path / "hf", tmp_path / "dcp", tmp_path / "back"
+    src = tmp_path / "hf"
     hf = make_hf(src)
-    p = script("convert_hf_to_dcp.py", src, dcp_dir)
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = script("convert_dcp_to_hf.py", dcp_dir, back, "--num-shards", "2")
-    assert p.returncode == 0, p.stderr[-3000:]
-    a, b = hf_tensors(src), hf_tensors(back)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert "lm_head.weight" not in b and "model.layers.5.pre_feedforward_layernorm.weight" in b
-    cfg_a, cfg_b = (json.loads((d / "config.json").read_text()) for d in (src, back))
-    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings",
-                "tie_word_embeddings", "rope_parameters", "layer_types", "sliding_window", "query_pre_attn_scalar",
-                "hidden_activation"):
-        assert cfg_a[key] == cfg_b[key], key
-    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(back), attn_implementation="eager")
-        assert torch.equal(reloaded.eval()(tokens).logits, hf(tokens).logits)
+    back = assert_round_trip_bitwise(src, tmp_path, hf, [
+        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings",
+        "tie_word_embeddings", "rope_parameters", "layer_types", "sliding_window", "query_pre_attn_scalar",
+        "hidden_activation"], VOCAB)
+    assert "lm_head.weight" not in back and "model.layers.5.pre_feedforward_layernorm.weight" in back
 
 
 def test_our_export_loads_in_transformers_with_our_logits(tmp_path):
@@ -106,30 +91,12 @@ def test_our_export_loads_in_transformers_with_our_logits(tmp_path):
             if "norm" in name:
                 p.normal_(0.0, 0.1)
     ours.eval()
-    write_hf_folder(ours.state_dict(), spec.adapter(args), str(tmp_path / "hf"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager").eval()
-    assert type(hf).__name__ == "Gemma3ForCausalLM"
-    tokens = torch.randint(0, args.vocab_size, (2, 80))  # past the 32-token window
-    with torch.no_grad():
-        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
-    assert diff <= 1e-5, diff
-    assert Gemma3StateDictAdapter.args_from_hf_config(read_hf_config(str(tmp_path / "hf"))) == args
-    hf.config.save_pretrained(str(tmp_path / "resaved"))
-    assert Gemma3StateDictAdapter.args_from_hf_config(read_hf_config(str(tmp_path / "resaved"))) == args
+    assert_export_loads_with_our_logits(spec, args, ours, tmp_path, 80)  # past the 32-token window
 
 
 def test_greedy_generate_equals_transformers_from_hf_and_step_folders(tmp_path):
-    hf_dir, dcp_dir = tmp_path / "hf", tmp_path / "dcp"
-    hf = make_hf(hf_dir)
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12,
-                           do_sample=False)[0, len(PROMPT):].tolist()
-    assert script("convert_hf_to_dcp.py", hf_dir, dcp_dir).returncode == 0
-    common = ["--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "12", "--ignore-eos", "--json"]
-    for folder in (hf_dir, dcp_dir):
-        p = script("generate.py", "--checkpoint", folder, *common)
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert json.loads(p.stdout.strip().splitlines()[-1])["generated_ids"] == want, folder
+    hf = make_hf(tmp_path / "hf")
+    assert_greedy_generate_matches(hf, tmp_path / "hf", tmp_path, PROMPT)
 
 
 def test_a_multimodal_folder_imports_its_text_model(tmp_path):
@@ -228,11 +195,7 @@ def test_flavor_sizes(flavor):
     (dict(scale_embeddings=False), r"scale_embeddings = False"),
 ], ids=["untied", "yarn", "swiglu", "unscaled"])
 def test_export_refuses_what_gemma3_cannot_express(tmp_path, changes, message):
-    args = dataclasses.replace(gemma3_flavors["debugmodel"], **changes)
-    adapter = Gemma3StateDictAdapter(args)
-    with pytest.raises(CheckpointError, match=message) as e:
-        adapter.hf_config()
-    assert "\n" not in str(e.value) and "cannot express this" in str(e.value)
+    assert_export_refused(Gemma3StateDictAdapter(dataclasses.replace(gemma3_flavors["debugmodel"], **changes)), message)
 
 
 def test_import_refuses_what_the_model_cannot_compute():

@@ -17,10 +17,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.hf_parity import (
+    assert_export_loads_with_our_logits,
+    assert_export_refused,
+    assert_greedy_generate_matches,
+    assert_round_trip_bitwise,
+)
 from tests.integration.checkpoint_helpers import script
 from tests.reference import hf_tensors, import_hf
 from torchtitan.checkpoint import CheckpointError
-from torchtitan.checkpoint.formats.hf import read_hf_config, write_hf_folder
 from torchtitan.models import get_train_spec
 from torchtitan.models.gpt_oss import GptOssStateDictAdapter, gpt_oss_flavors
 
@@ -113,24 +118,13 @@ def test_sink_gradient_equals_transformers(tmp_path):
 
 
 def test_hf_to_dcp_to_hf_is_bitwise_and_loads_in_transformers(tmp_path):
-    src, dcp_dir, back = tmp_path / "hf", tmp_path / "dcp", tmp_path / "back"
+    src = tmp_path / "hf"
     hf = make_hf(src)
-    p = script("convert_hf_to_dcp.py", src, dcp_dir)
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = script("convert_dcp_to_hf.py", dcp_dir, back, "--num-shards", "2")
-    assert p.returncode == 0, p.stderr[-3000:]
-    a, b = hf_tensors(src), hf_tensors(back)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert "model.layers.3.mlp.experts.gate_up_proj_bias" in b and "model.layers.0.self_attn.sinks" in b
-    cfg_a, cfg_b = (json.loads((d / "config.json").read_text()) for d in (src, back))
-    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "layer_types", "sliding_window",
-                "rope_parameters", "num_local_experts", "num_experts_per_tok", "swiglu_limit", "attention_bias"):
-        assert cfg_a[key] == cfg_b[key], key
-    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(back), attn_implementation="eager")
-        assert torch.equal(reloaded.eval()(tokens).logits, hf(tokens).logits)
+    back = assert_round_trip_bitwise(src, tmp_path, hf, [
+        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "layer_types", "sliding_window",
+        "rope_parameters", "num_local_experts", "num_experts_per_tok", "swiglu_limit", "attention_bias"], VOCAB)
+    assert "model.layers.3.mlp.experts.gate_up_proj_bias" in back and "model.layers.0.self_attn.sinks" in back
 
 
 def test_our_export_loads_in_transformers_with_our_logits(tmp_path):
@@ -140,30 +134,12 @@ def test_our_export_loads_in_transformers_with_our_logits(tmp_path):
     ours.init_weights(buffer_device="cpu", seed=3)
     _perturb(ours)
     ours.eval()
-    write_hf_folder(ours.state_dict(), spec.adapter(args), str(tmp_path / "hf"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager").eval()
-    assert type(hf).__name__ == "GptOssForCausalLM"
-    tokens = torch.randint(0, args.vocab_size, (2, 48))  # past the 16-token window and YaRN's 32 positions
-    with torch.no_grad():
-        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
-    assert diff <= 1e-5, diff
-    assert GptOssStateDictAdapter.args_from_hf_config(read_hf_config(str(tmp_path / "hf"))) == args
-    hf.config.save_pretrained(str(tmp_path / "resaved"))
-    assert GptOssStateDictAdapter.args_from_hf_config(read_hf_config(str(tmp_path / "resaved"))) == args
+    assert_export_loads_with_our_logits(spec, args, ours, tmp_path, 48)  # past the window and YaRN's 32 positions
 
 
 def test_greedy_generate_equals_transformers_from_hf_and_step_folders(tmp_path):
-    hf_dir, dcp_dir = tmp_path / "hf", tmp_path / "dcp"
-    hf = make_hf(hf_dir)
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12,
-                           do_sample=False)[0, len(PROMPT):].tolist()
-    assert script("convert_hf_to_dcp.py", hf_dir, dcp_dir).returncode == 0
-    common = ["--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "12", "--ignore-eos", "--json"]
-    for folder in (hf_dir, dcp_dir):
-        p = script("generate.py", "--checkpoint", folder, *common)
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert json.loads(p.stdout.strip().splitlines()[-1])["generated_ids"] == want, folder
+    hf = make_hf(tmp_path / "hf")
+    assert_greedy_generate_matches(hf, tmp_path / "hf", tmp_path, PROMPT)
 
 
 def _released(layers: int, experts: int) -> dict:
@@ -248,7 +224,5 @@ def test_mxfp4_experts_import_as_transformers_dequantizes_them(tmp_path):
     (dict(moe=None), r"moe is None"),
 ], ids=["no-sinks", "tied", "dense"])
 def test_export_refuses_what_gpt_oss_cannot_express(changes, message):
-    args = dataclasses.replace(gpt_oss_flavors["debugmodel"], **changes)
-    with pytest.raises(CheckpointError, match=message) as e:
-        GptOssStateDictAdapter(args).hf_config()
-    assert "\n" not in str(e.value) and "cannot express this" in str(e.value)
+    assert_export_refused(GptOssStateDictAdapter(dataclasses.replace(gpt_oss_flavors["debugmodel"], **changes)),
+                          message)

@@ -93,6 +93,15 @@ def hf_rope_scaling(scaling: RopeScaling | YarnScaling) -> dict[str, Any]:
     return out
 
 
+def hf_rope_fields(theta: float, scaling: RopeScaling | YarnScaling | None) -> tuple[dict[str, Any], dict | None]:
+    """(rope_parameters, rope_scaling) of config.json: transformers 5.x reads the first, 4.x the second (with the
+    top-level rope_theta)."""
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": theta}, None
+    entry = hf_rope_scaling(scaling)
+    return {**entry, "rope_theta": theta}, entry
+
+
 def yarn_from_hf(params: dict[str, Any], config: dict[str, Any], source: str, where: str) -> YarnScaling:
     """YarnScaling from transformers' yarn parameters (`where` names them in errors), with the defaults
     transformers 5.24 fills in: original_max_position_embeddings = max_position_embeddings, a null factor =
@@ -140,12 +149,17 @@ class StateDictAdapter(ABC):
         self._from_hf = _compile(self.to_hf_table, reverse=True)
         self._stacks = [(_pattern(native), native, _pattern(hf), hf) for native, hf in self.expert_stacks.items()]
 
+    def cannot_express(self) -> list[str]:
+        """What in these args transformers' model class of this family cannot compute, one phrase each (empty:
+        exportable). The base: a dense family's HF format has no experts (MoE families override this)."""
+        return ["moe is set (no mixture-of-experts layers)"] if self.args.moe is not None else []
+
     def check_expressible(self) -> None:
-        """CheckpointError if transformers' model class of this family cannot express these args. The base: a
-        dense family's HF format has no experts (the MoE family's adapter overrides this)."""
-        if self.args.moe is not None:
-            raise CheckpointError(f"model args moe: transformers' {self.hf_architecture} has no mixture-of-experts "
-                                  f"layers; keep the checkpoint in DCP")
+        """CheckpointError, one line naming every problem, if `cannot_express` finds any."""
+        problems = self.cannot_express()
+        if problems:
+            raise CheckpointError(f"model args {'; '.join(problems)}: transformers' {self.hf_architecture} cannot "
+                                  f"express this; keep the checkpoint in DCP")
 
     # ------------------------------------------------------------------ names
     @staticmethod

@@ -12,7 +12,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from torchtitan.models.common.adapter import HF_DECODER_TABLE, StateDictAdapter, hf_rope_params, yarn_from_hf
+from torchtitan.models.common.adapter import (
+    HF_DECODER_TABLE,
+    StateDictAdapter,
+    hf_rope_fields,
+    hf_rope_params,
+    yarn_from_hf,
+)
 from torchtitan.models.common.args import DecoderArgs
 from torchtitan.models.common.mla import MLAArgs
 from torchtitan.models.common.rope import YarnScaling
@@ -77,11 +83,8 @@ class DeepseekV3StateDictAdapter(StateDictAdapter):
     expert_stacks = HF_EXPERT_STACKS
     args_cls: type[DecoderArgs] = DeepseekV3ModelArgs
 
-    def check_expressible(self) -> None:
-        problems = deepseek_cannot_express(self.args)
-        if problems:
-            raise CheckpointError(f"model args {'; '.join(problems)}: transformers' {self.hf_architecture} cannot "
-                                  f"express this; keep the checkpoint in DCP")
+    def cannot_express(self) -> list[str]:
+        return deepseek_cannot_express(self.args)
 
     def native_key(self, hf_key: str) -> str | None:
         if _QUANTIZED.search(hf_key):
@@ -91,16 +94,7 @@ class DeepseekV3StateDictAdapter(StateDictAdapter):
 
     def family_hf_config(self, dtype: str) -> dict[str, Any]:
         a, m, mla = self.args, self.args.moe, self.args.mla
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": a.rope_theta}
-        scaling = None
-        if a.rope_scaling is not None:
-            s = a.rope_scaling
-            scaling = {"rope_type": "yarn", "factor": s.factor,
-                       "original_max_position_embeddings": s.original_max_position_embeddings,
-                       "beta_fast": s.beta_fast, "beta_slow": s.beta_slow,
-                       **{k: getattr(s, k) for k in ("mscale", "mscale_all_dim", "attention_factor")
-                          if getattr(s, k) is not None}}
-            rope = {**scaling, "rope_theta": a.rope_theta}
+        rope, scaling = hf_rope_fields(a.rope_theta, a.rope_scaling)
         return {
             "rms_norm_eps": a.norm_eps, "q_lora_rank": mla.q_lora_rank or None, "kv_lora_rank": mla.kv_lora_rank,
             "qk_nope_head_dim": mla.qk_nope_head_dim, "qk_rope_head_dim": mla.qk_rope_head_dim,

@@ -71,11 +71,8 @@ class Gemma3StateDictAdapter(StateDictAdapter):
     def native_key(self, hf_key: str) -> str | None:
         return super().native_key(hf_key.removeprefix("language_model."))
 
-    def check_expressible(self) -> None:
-        problems = gemma3_cannot_express(self.args)
-        if problems:
-            raise CheckpointError(f"model args {'; '.join(problems)}: transformers' {self.hf_architecture} cannot "
-                                  f"express this; keep the checkpoint in DCP")
+    def cannot_express(self) -> list[str]:
+        return gemma3_cannot_express(self.args)
 
     def family_hf_config(self, dtype: str) -> dict[str, Any]:
         a = self.args

@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from torchtitan.models.common.adapter import HF_DECODER_TABLE, StateDictAdapter, hf_rope_params, yarn_from_hf
+from torchtitan.models.common.adapter import (
+    HF_DECODER_TABLE,
+    StateDictAdapter,
+    hf_rope_fields,
+    hf_rope_params,
+    yarn_from_hf,
+)
 from torchtitan.models.common.args import DecoderArgs
 from torchtitan.models.common.rope import YarnScaling
 from torchtitan.models.gpt_oss.args import GptOssModelArgs, gpt_oss_moe
@@ -75,11 +81,8 @@ class GptOssStateDictAdapter(StateDictAdapter):
     }
     args_cls: type[DecoderArgs] = GptOssModelArgs
 
-    def check_expressible(self) -> None:
-        problems = gpt_oss_cannot_express(self.args)
-        if problems:
-            raise CheckpointError(f"model args {'; '.join(problems)}: transformers' {self.hf_architecture} cannot "
-                                  f"express this; keep the checkpoint in DCP")
+    def cannot_express(self) -> list[str]:
+        return gpt_oss_cannot_express(self.args)
 
     # ------------------------------------------------------------------ names
     def native_key(self, hf_key: str) -> str | None:
@@ -144,14 +147,7 @@ class GptOssStateDictAdapter(StateDictAdapter):
     # ----------------------------------------------------------------- config
     def family_hf_config(self, dtype: str) -> dict[str, Any]:
         a, m = self.args, self.args.moe
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": a.rope_theta}
-        scaling = None
-        if a.rope_scaling is not None:
-            scaling = {"rope_type": "yarn", "factor": a.rope_scaling.factor,
-                       "original_max_position_embeddings": a.rope_scaling.original_max_position_embeddings,
-                       "beta_fast": a.rope_scaling.beta_fast, "beta_slow": a.rope_scaling.beta_slow,
-                       "truncate": a.rope_scaling.truncate}
-            rope = {**scaling, "rope_theta": a.rope_theta}
+        rope, scaling = hf_rope_fields(a.rope_theta, a.rope_scaling)
         return {
             "head_dim": a.attn_head_dim, "rms_norm_eps": a.norm_eps, "attention_bias": True,
             "intermediate_size": m.hidden_dim, "num_local_experts": m.num_experts,

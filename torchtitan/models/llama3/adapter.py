@@ -8,8 +8,8 @@ import torch
 from torchtitan.models.common.adapter import (
     HF_DECODER_TABLE,
     StateDictAdapter,
+    hf_rope_fields,
     hf_rope_params,
-    hf_rope_scaling,
     permute_to_interleaved,
     permute_to_rotate_half,
 )
@@ -46,11 +46,7 @@ class Llama3StateDictAdapter(StateDictAdapter):
     def family_hf_config(self, dtype: str) -> dict[str, Any]:
         """Both the transformers 4.x (rope_theta + rope_scaling) and 5.x (rope_parameters) rope keys."""
         a = self.args
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": a.rope_theta}
-        scaling = None
-        if a.rope_scaling is not None:
-            scaling = hf_rope_scaling(a.rope_scaling)
-            rope = {**scaling, "rope_theta": a.rope_theta}
+        rope, scaling = hf_rope_fields(a.rope_theta, a.rope_scaling)
         return {"head_dim": a.attn_head_dim, "rms_norm_eps": a.norm_eps, "mlp_bias": False, "rope_scaling": scaling,
                 "rope_parameters": rope, "dtype": dtype}
 

@@ -74,11 +74,8 @@ class OlmoeStateDictAdapter(OlmoStateDictAdapter):
     # OLMo's GPT-NeoX-20B tokenizer ids, as in OLMoE-1B-7B-0924's config.json.
     token_ids = OlmoStateDictAdapter.token_ids
 
-    def check_expressible(self) -> None:
-        problems = hf_cannot_express(self.args)
-        if problems:
-            raise CheckpointError(f"model args {'; '.join(problems)}: OLMoE's HF format (OlmoeForCausalLM) cannot "
-                                  f"express this; keep the checkpoint in DCP")
+    def cannot_express(self) -> list[str]:
+        return hf_cannot_express(self.args)
 
     # ----------------------------------------------------------------- config
     def family_hf_config(self, dtype: str) -> dict[str, Any]:

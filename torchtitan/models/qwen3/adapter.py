@@ -11,8 +11,8 @@ from typing import Any
 from torchtitan.models.common.adapter import (
     HF_DECODER_TABLE,
     StateDictAdapter,
+    hf_rope_fields,
     hf_rope_params,
-    hf_rope_scaling,
     yarn_from_hf,
 )
 from torchtitan.models.common.args import DecoderArgs
@@ -79,19 +79,12 @@ class Qwen3StateDictAdapter(StateDictAdapter):
         """What about the experts the HF class cannot say (the dense class: any)."""
         return [] if self.args.moe is None else ["moe is set (a mixture of experts is qwen3_moe's)"]
 
-    def check_expressible(self) -> None:
-        problems = self.expert_problems() + qwen3_cannot_express(self.args)
-        if problems:
-            raise CheckpointError(f"model args {'; '.join(problems)}: transformers' {self.hf_architecture} cannot "
-                                  f"express this; keep the checkpoint in DCP")
+    def cannot_express(self) -> list[str]:
+        return self.expert_problems() + qwen3_cannot_express(self.args)
 
     def family_hf_config(self, dtype: str) -> dict[str, Any]:
         a = self.args
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": a.rope_theta}
-        scaling = None
-        if a.rope_scaling is not None:
-            scaling = hf_rope_scaling(a.rope_scaling)
-            rope = {**scaling, "rope_theta": a.rope_theta}
+        rope, scaling = hf_rope_fields(a.rope_theta, a.rope_scaling)
         return {
             "head_dim": a.attn_head_dim, "rms_norm_eps": a.norm_eps, "rope_scaling": scaling,
             "rope_parameters": rope, "use_sliding_window": False, "sliding_window": None,
