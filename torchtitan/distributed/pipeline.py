@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import _Action, _PipelineScheduleRuntime, get_schedule_class
@@ -262,6 +263,9 @@ class Pipeline:
     # around nothing else: torch also runs stage forwards to infer shapes (on meta tensors, or on real ones
     # whenever the schedule switches between eval and training), which statistics must not count.
     microbatch_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # A model that ties its output to its embedding holds two copies here: the embedding on the first stage, the
+    # output on the last. (group, global rank of the first stage's holder, of the last stage's) to keep them equal.
+    tied: tuple | None = None
     _loss_kwargs: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -294,6 +298,31 @@ class Pipeline:
             run(**kwargs)
         return torch.stack([loss.detach() for loss in losses]).sum() if self.has_last and losses else None
 
+    def sync_tied_grads(self) -> list[torch.Tensor]:
+        """Tied embedding and output on different stages: both copies get the sum of their gradients (the
+        single-process gradient of the one weight), so equal copies take equal steps. Returns the output copies,
+        which the gradient norm leaves out (the weight counts once). Collective between the two holders only."""
+        if self.tied is None:
+            return []
+        group, first, last = self.tied
+        copies = [p.tok_embeddings.weight for p in self.parts if p.tok_embeddings is not None]
+        outputs = [p.output.weight for p in self.parts if p.output is not None]
+        copies += outputs
+        if not copies:
+            return []
+        grads = [_local(w.grad) for w in copies]
+        if first == last:  # both stages on this rank (V schedules)
+            grads[0].add_(grads[1])
+            grads[1].copy_(grads[0])
+            return outputs
+        peer = last if dist.get_rank() == first else first
+        received = torch.empty_like(grads[0])
+        for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, grads[0], peer, group),
+                                            dist.P2POp(dist.irecv, received, peer, group)]):
+            work.wait()
+        grads[0].add_(received)  # a + b on one side, b + a on the other: the same bits
+        return outputs
+
     def step(self, inputs: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
              model_kwargs: dict | None = None) -> torch.Tensor | None:
         """Forward and backward of one local batch through the pipeline; the summed (unscaled) loss on the
@@ -325,5 +354,13 @@ def build_pipeline(model: nn.Module, *, dims: ParallelDims, parallelism: Paralle
         extra = (" + embedding" if s == 0 else "") + (" + norm/output" if s == plan.num_stages - 1 else "")
         logger.info(f"pipeline rank {pp_rank}: stage {s}/{plan.num_stages} holds layers "
                     f"{plan.layers[s][0]}..{plan.layers[s][-1]}{extra}")
+    tied = None
+    if model.args.tie_word_embeddings:
+        tied = (group, dist.get_global_rank(group, plan.stage_ranks[0]),
+                dist.get_global_rank(group, plan.stage_ranks[-1]))
     return Pipeline(schedule, [part for _, part in parts], has_first=any(s == 0 for s, _ in parts),
-                    has_last=any(s == plan.num_stages - 1 for s, _ in parts), loss=loss, stages=stages)
+                    has_last=any(s == plan.num_stages - 1 for s, _ in parts), loss=loss, stages=stages, tied=tied)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t

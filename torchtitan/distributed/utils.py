@@ -46,9 +46,12 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float, pp_group=None, foreach: bool | None = None) -> torch.Tensor:
-    """Global L2 gradient norm over all shards (FSDP/TP DTensors) and pipeline stages; clip if max_norm > 0."""
+def clip_grad_norm_(parameters, max_norm: float, pp_group=None, foreach: bool | None = None,
+                    norm_exclude: list[torch.Tensor] = ()) -> torch.Tensor:
+    """Global L2 gradient norm over all shards (FSDP/TP DTensors) and pipeline stages; clip if max_norm > 0.
+    norm_exclude: parameters clipped but not counted (a second copy of a tied weight)."""
     params = [p for p in parameters if p.grad is not None]
+    skip = {id(p) for p in norm_exclude}
     device = params[0].grad.device if params else torch.device("cpu")
     # Group by (mesh, placements): a DTensor norm is partial over its mesh and full_tensor() reduces it.
     groups: dict = {}
@@ -57,6 +60,9 @@ def clip_grad_norm_(parameters, max_norm: float, pp_group=None, foreach: bool | 
         groups.setdefault((g.device_mesh, g.placements) if isinstance(g, DTensor) else None, []).append(p)
     total_sq = torch.zeros((), device=device, dtype=torch.float32)
     for ps in groups.values():
+        ps = [p for p in ps if id(p) not in skip]
+        if not ps:
+            continue
         if device.type == "cpu":
             # CPU's float32 norm kernel accumulates sequentially (~1e-4 relative error on a 0.5M-element
             # gradient), enough to make layouts disagree; accumulate in float64 there.
@@ -71,7 +77,7 @@ def clip_grad_norm_(parameters, max_norm: float, pp_group=None, foreach: bool | 
         dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=pp_group)
     total = total_sq.sqrt()
     if max_norm > 0:
-        for ps in groups.values():
+        for ps in groups.values():  # every parameter, the excluded copies too
             torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total, foreach=foreach)
     return total
 

@@ -235,9 +235,6 @@ def _check_pipeline(cfg: JobConfig, args: DecoderArgs, label: str, on_cpu: bool,
                           f"parallelism.pipeline_parallel_microbatch_size = {p.pipeline_parallel_microbatch_size}")
     plan = plan_stages(p, args.n_layers)  # refuses split points, stage counts and CSV files that cannot run
     schedule, n_mb = p.pipeline_parallel_schedule, t.local_batch_size // p.pipeline_parallel_microbatch_size
-    if args.tie_word_embeddings:
-        raise ConfigError(f"{label} ties the embedding and output weights, which pipeline "
-                          f"parallel would place on different stages; set pipeline_parallel_degree = 1")
     if schedule in ("1F1B", "DualPipeV") and n_mb < plan.num_stages:
         raise ConfigError(f"schedule {schedule} needs at least as many micro-batches as stages ({plan.num_stages}): "
                           f"training.local_batch_size / parallelism.pipeline_parallel_microbatch_size = {n_mb}")

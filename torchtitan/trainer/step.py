@@ -164,7 +164,8 @@ def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tens
     if not groups.commit():
         optimizers.zero_grad()
         return StepOutput(loss_sum, n_global, torch.zeros((), device=runner.device), committed=False)
-    grad_norm = clip_grad_norm_(params, max_norm, pp_group=dims.group("pp"))
+    copies = runner.pipeline.sync_tied_grads() if runner.pipeline is not None else []
+    grad_norm = clip_grad_norm_(params, max_norm, pp_group=dims.group("pp"), norm_exclude=copies)
     skip = hooks.guard.skip(step, grad_norm)
     if hooks.spike_guard is not None:
         # The global mean loss, reduced on the device (collectives, no host sync), so every rank decides alike.

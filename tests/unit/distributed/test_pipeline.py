@@ -76,3 +76,21 @@ def test_each_layer_gets_its_rope_table_on_every_pipeline_stage():
         # Stage 0 holds only sliding layers, stage 1 a sliding and the full one.
         first, last = prune_to_stage(model, ["0", "1"], True, False), prune_to_stage(model, ["2", "3"], False, True)
         assert torch.equal(last(first(tokens)), want)
+
+
+def test_a_tied_models_last_stage_draws_its_output_as_the_embedding():
+    """Gemma 3 ties its output to its embedding; a pipeline's last stage holds the output alone, and a fresh
+    init (no seed checkpoint) must give it the single-process model's embedding, bit for bit."""
+    spec = get_train_spec("gemma3")
+    args = spec.model_args("debugmodel")
+    args.max_seq_len = 64
+    with torch.device("meta"):
+        model = spec.build_model(args)
+    whole = spec.build_model(args)
+    whole.init_weights(buffer_device="cpu", seed=7)
+    last = prune_to_stage(model, ["4", "5"], is_first=False, is_last=True)
+    last.to_empty(device="cpu")
+    last.init_weights(buffer_device="cpu", seed=7)
+    assert last.tok_embeddings is None and not last.is_tied
+    assert torch.equal(last.output.weight, whole.tok_embeddings.weight)
+    assert torch.equal(last.layers["5"].attention.wq.weight, whole.layers["5"].attention.wq.weight)

@@ -36,6 +36,8 @@ class ParameterInit:
         for name, p in model.named_parameters(remove_duplicate=False):
             for prefix in _WRAPPER_PREFIXES:
                 name = name.replace(prefix, "")
+            if name == "output.weight" and tied_copy(model):
+                name = "tok_embeddings.weight"  # the last pipeline stage's copy of a tied embedding draws as it
             self.names.setdefault(id(p), name)  # a tied weight keeps its first (embedding) name
 
     def _fill(self, p: torch.Tensor, draw: Callable[[torch.Tensor, torch.Generator], None]) -> None:
@@ -56,6 +58,12 @@ class ParameterInit:
 
     def normal(self, p: torch.Tensor, std: float = 1.0) -> None:
         self._fill(p, lambda t, g: nn.init.normal_(t, mean=0.0, std=std, generator=g))
+
+
+def tied_copy(model: nn.Module) -> bool:
+    """A pipeline stage holding the output but not the embedding of a model that ties them: its output is a
+    copy of the embedding (distributed/pipeline.py keeps the two equal), initialized as the embedding is."""
+    return model.args.tie_word_embeddings and model.tok_embeddings is None and model.output is not None
 
 
 def _reset_norms(block: nn.Module) -> None:
@@ -84,14 +92,16 @@ def init_llama(model: nn.Module, draw: ParameterInit) -> None:
             draw.trunc_normal(w, out_std)
     if model.norm is not None:
         model.norm.reset_parameters()
-    if model.output is not None:
+    if tied_copy(model):
+        draw.normal(model.output.weight)
+    elif model.output is not None:
         draw.trunc_normal(model.output.weight, a.dim ** -0.5, cutoff=3)
 
 
 def _init_olmo_embeddings(model: nn.Module, draw: ParameterInit, std: float) -> None:
     if model.tok_embeddings is not None:
         draw.trunc_normal(model.tok_embeddings.weight, std, cutoff=3)
-    if model.output is not None and not model.args.tie_word_embeddings:
+    if model.output is not None and (not model.args.tie_word_embeddings or tied_copy(model)):
         draw.trunc_normal(model.output.weight, std, cutoff=3)
 
 
