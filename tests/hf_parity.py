@@ -11,6 +11,10 @@ from tests.reference import hf_tensors
 from torchtitan.checkpoint import CheckpointError
 from torchtitan.checkpoint.formats.hf import read_hf_config, write_hf_folder
 
+VOCAB = 2048  # the tiny models' vocabulary: the bundled tokenizer's size
+# A 20-token prompt: longer than the tiny models' sliding windows, so generation runs past them.
+PROMPT = [1, 17, 300, 42, 1999, 5, 77, 901, 4, 33, 250, 1000, 8, 9, 61, 70, 1500, 2, 3, 11]
+
 
 def assert_round_trip_bitwise(src, tmp_path, hf, config_keys: list[str], vocab: int) -> dict[str, torch.Tensor]:
     """HF folder `src` -> DCP (convert_hf_to_dcp.py) -> HF (convert_dcp_to_hf.py, 2 shards): the same tensors

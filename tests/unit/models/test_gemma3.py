@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from tests.hf_parity import (
+    PROMPT,
+    VOCAB,
     assert_export_loads_with_our_logits,
     assert_export_refused,
     assert_greedy_generate_matches,
@@ -32,8 +34,6 @@ from torchtitan.models.gemma3 import Gemma3StateDictAdapter, gemma3_flavors
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-VOCAB = 2048
-PROMPT = [1, 17, 300, 42, 1999, 5, 77, 901, 4, 33, 250, 1000, 8, 9, 61, 70, 1500, 2, 3, 11]
 
 
 def make_hf(folder, seed: int = 0, **config):

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from tests.hf_parity import (
+    PROMPT,
+    VOCAB,
     assert_export_loads_with_our_logits,
     assert_export_refused,
     assert_greedy_generate_matches,
@@ -32,8 +34,6 @@ from torchtitan.models.qwen3_moe import Qwen3MoeStateDictAdapter, qwen3_moe_flav
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-VOCAB = 2048
-PROMPT = [1, 17, 300, 42, 1999, 5]
 # Qwen/Qwen3-0.6B's config.json as released (transformers 4.51); the other sizes differ in the fields below.
 RELEASED_0_6B = {
     "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
