@@ -33,6 +33,7 @@ from torchtitan.tools.device import local_device
 from torchtitan.tools.errors import EXIT_USER_ERROR, UserError
 from torchtitan.tools.logging import init_logging
 from torchtitan.trainer.balance import ExpertBalance
+from torchtitan.trainer.downstream_eval import DownstreamEvaluator, build_downstream_evaluator
 from torchtitan.trainer.dry_run import dry_run, rank_memory_line
 from torchtitan.trainer.guards import NonFiniteGuard, SpikeGuard
 from torchtitan.trainer.plan import Plan, check_job, make_plan
@@ -59,6 +60,7 @@ class Job:
     state: TrainState
     metrics: MetricsLogger
     validator: Validator | None
+    downstream: DownstreamEvaluator | None
     profiler: Profiler
 
 
@@ -148,9 +150,11 @@ def build(cfg: JobConfig, plan: Plan) -> Job | list[dict]:
         logger.info("resolved config:\n" + to_toml(cfg, origins=True))
     validator = (Validator(cfg.validation, plan.validation_shape, cfg.data, tokenizer, dims, t.steps)
                  if cfg.validation.enable else None)
+    downstream = (build_downstream_evaluator(cfg.downstream_eval, t, tokenizer, dims, args.vocab_size)
+                  if cfg.downstream_eval.enable else None)
     profiler = Profiler(cfg.profiling, cfg.job.dump_folder, rank, plan.device_type, state.step)
     return Job(cfg, plan, runner, hooks, optimizers, lr_schedulers, dataloader, checkpoint, state, metrics,
-               validator, profiler)
+               validator, downstream, profiler)
 
 
 def run(job: Job) -> list[dict]:
@@ -188,6 +192,10 @@ def run(job: Job) -> list[dict]:
             hooks.guard.check()
             v = job.validator.run(job.runner)
             records.append(metrics.log_validation(state.step, v.loss, v.perplexity, v.tokens, v.seconds))
+        if job.downstream is not None and job.downstream.due(state.step):
+            hooks.guard.check()
+            if (d := job.downstream.try_run(job.runner, state.step)) is not None:
+                records.append(metrics.log_downstream(state.step, d.results, d.metric_types, d.documents, d.seconds))
         last = state.step == t.steps
         if job.checkpoint.should_save(state.step, last) and groups.saves_checkpoints:
             hooks.guard.check()  # never write a checkpoint of weights that a non-finite step reached

@@ -27,7 +27,7 @@ from torchtitan.config.job_config import Training
 from torchtitan.datasets import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "FusedOutputLoss", "OutputHead", "build_loss_fn", "chunked_cross_entropy_sum",
-           "cross_entropy_sum", "fuse_output_into_loss", "linear_cross_entropy_sum"]
+           "cross_entropy_sum", "fuse_output_into_loss", "linear_cross_entropy_sum", "logprob_sums"]
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, z_loss_multiplier: float = 0.0) -> torch.Tensor:
@@ -125,6 +125,26 @@ class FusedOutputLoss:
             raise RuntimeError("FusedOutputLoss called before its output head was bound (set loss_fn.head)")
         return linear_cross_entropy_sum(hidden, self.head.weight, labels, self.chunk_tokens, self.z_loss_multiplier,
                                         self._chunk_fn)
+
+
+def logprob_sums(pred: torch.Tensor, targets: torch.Tensor, head: OutputHead | None = None,
+                 chunk_tokens: int = 8192) -> torch.Tensor:
+    """(B, K) float64: for each row and each of its K target columns (targets (B, S, K), IGNORE_INDEX where
+    unlabelled), the summed log-probability of the labelled tokens. pred: logits (B, S, V), vocab-sharded under
+    loss parallel, or hidden states when the output layer was fused into the loss (`head` holds its weight).
+    Rows go a few at a time, so at most chunk_tokens tokens' float32 logits exist at once."""
+    if isinstance(pred, DTensor):
+        pred = pred.full_tensor()
+    rows = max(1, chunk_tokens // max(pred.shape[1], 1))
+    out = []
+    for p, t in zip(pred.split(rows), targets.split(rows)):
+        logits = (F.linear(p, head.weight) if head is not None else p)
+        if isinstance(logits, DTensor):
+            logits = logits.full_tensor()
+        logits = logits.float()
+        lp = logits.gather(-1, t.clamp(min=0)) - logits.logsumexp(-1, keepdim=True)
+        out.append(lp.masked_fill(t == IGNORE_INDEX, 0.0).double().sum(1))
+    return torch.cat(out)
 
 
 def build_loss_fn(cfg: Training, compile_loss: bool = False):

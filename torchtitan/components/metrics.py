@@ -128,6 +128,25 @@ class MetricsLogger:
         self.window.start += seconds  # training throughput leaves validation time out
         return rec
 
+    def log_downstream(self, step: int, results: dict[str, dict[str, float]], metric_types: dict[str, str],
+                       documents: int, seconds: float) -> dict:
+        """A header and one line per task (its reported metric, CE loss and bits per byte where the task has them),
+        one record with every key ICLMetric returned, and one TensorBoard scalar per task and key."""
+        rec = {"step": step, "downstream": results, "downstream_documents": documents, "downstream_seconds": seconds}
+        width = max(len(label) for label in results)
+        lines = [f"downstream {step:>5d}  {len(results)} tasks  {documents:,} documents  time {seconds:.1f}s"]
+        for label, values in results.items():
+            primary = f"{metric_types[label]}_v1"
+            extra = "".join(f"  {k} {values[k]:.4f}" for k in ("ce_loss_v1", "bpb_v1") if k in values and k != primary)
+            lines.append(f"  {label:<{width}}  {primary} {values[primary]:.4f}{extra}")
+        logger.info("\n".join(lines))
+        if self.jsonl:
+            self.jsonl.write(json.dumps(rec) + "\n")
+        self._scalars({f"downstream/{label}/{k}": v for label, values in results.items() for k, v in values.items()},
+                      step)
+        self.window.start += seconds  # training throughput leaves evaluation time out
+        return rec
+
     def _scalars(self, scalars: dict, step: int) -> None:
         """The same named scalars to TensorBoard and W&B, at the training step (W&B's x axis too)."""
         if self.tb:

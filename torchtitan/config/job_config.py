@@ -221,6 +221,23 @@ class Validation:
 
 
 @dataclass
+class DownstreamEval:
+    enable: bool = opt(False, "Run OLMo's downstream tasks (ai2-olmo-eval) every downstream_eval.freq steps and at "
+                              "the last step (docs/evaluation.md).")
+    tasks: list[str] = opt(["olmo1_core"], "ai2-olmo-eval task labels and named sets: olmo1_core (the nine tasks of "
+                                           "the OLMo model cards), olmes_rc_5shot, olmes_mc_5shot_fast, mmlu.")
+    freq: int = opt(1000, "Steps between evaluations.")
+    limit: int = opt(0, "Documents per task, the first in the task's order; 0: all.")
+    batch_tokens: int = opt(-1, "Padded tokens per forward on each data-parallel rank; -1: training.local_batch_size "
+                                "x training.seq_len (a training forward's size).")
+    local_batch_size: int = opt(0, "At most this many sequences per forward on each data-parallel rank; 0: as many as "
+                                   "batch_tokens allows.")
+    model_ctx_len: int = opt(-1, "Longest input, at most training.seq_len; longer prompts lose their start (as in "
+                                 "ai2-olmo-eval). -1: training.seq_len.")
+    fatal: bool = opt(False, "An evaluation that fails stops training; by default it is logged and training goes on.")
+
+
+@dataclass
 class Checkpoint:
     enable: bool = opt(False, "Save and resume checkpoints.")
     folder: str = opt("checkpoint", "Checkpoint folder, under dump_folder.")
@@ -327,6 +344,7 @@ class JobConfig:
     training: Training = field(default_factory=Training)
     data: Data = field(default_factory=Data)
     validation: Validation = field(default_factory=Validation)
+    downstream_eval: DownstreamEval = field(default_factory=DownstreamEval)
     parallelism: Parallelism = field(default_factory=Parallelism)
     moe: MoETraining = field(default_factory=MoETraining)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)

@@ -282,8 +282,15 @@ class Pipeline:
     def _run(self, run: Callable, inputs: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | float,
              model_kwargs: dict | None) -> torch.Tensor | None:
         """One schedule call (`step` or `eval`) on a local batch; the summed scaled loss on the rank holding the
-        last stage, None elsewhere. model_kwargs (positions, documents): (B, ...) tensors every stage's forward
-        takes, split into micro-batches like the inputs."""
+        last stage, None elsewhere."""
+        losses = self._losses(run, inputs, labels, scale, model_kwargs)
+        return torch.stack([loss.detach() for loss in losses]).sum() if losses else None
+
+    def _losses(self, run: Callable, inputs: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | float,
+                model_kwargs: dict | None) -> list[torch.Tensor] | None:
+        """The loss function's output per micro-batch, in order, on the rank holding the last stage; None
+        elsewhere. model_kwargs (positions, documents): (B, ...) tensors every stage's forward takes, split into
+        micro-batches like the inputs."""
         kwargs: dict = dict(model_kwargs or {})
         if self._loss_kwargs:
             kwargs["loss_kwargs"] = {"scale": scale}
@@ -296,7 +303,7 @@ class Pipeline:
             run(**kwargs, target=labels, losses=losses)
         else:
             run(**kwargs)
-        return torch.stack([loss.detach() for loss in losses]).sum() if self.has_last and losses else None
+        return losses if self.has_last and losses else None
 
     def sync_tied_grads(self) -> list[torch.Tensor]:
         """Tied embedding and output on different stages: both copies get the sum of their gradients (the
@@ -334,6 +341,17 @@ class Pipeline:
              model_kwargs: dict | None = None) -> torch.Tensor | None:
         """Forward only (validation): the schedule's eval; the summed loss on the last stage's rank, else None."""
         return self._run(self.schedule.eval, inputs, labels, 1.0, model_kwargs)
+
+    def score(self, inputs: torch.Tensor, targets: torch.Tensor, score_fn: Callable,
+              model_kwargs: dict | None = None) -> torch.Tensor | None:
+        """Forward only, the last stage applying score_fn(pred, targets) -> (micro-batch, ...) instead of the
+        loss (downstream evaluation); the rows' scores in order on the last stage's rank, else None."""
+        loss_fn, self.loss.loss_fn = self.loss.loss_fn, score_fn
+        try:
+            out = self._losses(self.schedule.eval, inputs, targets, 1.0, model_kwargs)
+        finally:
+            self.loss.loss_fn = loss_fn
+        return None if out is None else torch.cat(out)
 
 
 def build_pipeline(model: nn.Module, *, dims: ParallelDims, parallelism: Parallelism, local_batch_size: int,

@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from torchtitan.components.downstream import resolve_tasks
 from torchtitan.components.wandb_logger import check_wandb
 from torchtitan.config.job_config import JobConfig, MoETraining
 from torchtitan.distributed import pipeline
@@ -298,6 +299,25 @@ def check_layout(cfg: JobConfig, spec: TrainSpec, args: DecoderArgs, dims: Paral
             check_wandb(cfg.metrics, cfg.job.dump_folder)
     if cfg.validation.enable:
         _check_validation(cfg, dims, *validation_shape, dry_run)
+    if cfg.downstream_eval.enable:
+        _check_downstream(cfg, dims)
+
+
+def _check_downstream(cfg: JobConfig, dims: ParallelDims) -> None:
+    d, t = cfg.downstream_eval, cfg.training
+    _at_least((("downstream_eval.freq", d.freq),))
+    _at_least((("downstream_eval.limit", d.limit), ("downstream_eval.local_batch_size", d.local_batch_size)), low=0)
+    if d.batch_tokens == 0 or d.batch_tokens < -1 or d.model_ctx_len == 0 or d.model_ctx_len < -1:
+        raise ConfigError(f"downstream_eval.batch_tokens and downstream_eval.model_ctx_len must be -1 or >= 1, got "
+                          f"{d.batch_tokens} and {d.model_ctx_len}")
+    if d.model_ctx_len > t.seq_len:
+        raise ConfigError(f"downstream_eval.model_ctx_len = {d.model_ctx_len} exceeds training.seq_len = {t.seq_len}, "
+                          f"the length the model is built for; use at most {t.seq_len}, or -1 for training's")
+    if dims.pp > 1 and (d.batch_tokens != -1 or d.local_batch_size != 0):
+        raise ConfigError("downstream_eval.batch_tokens and downstream_eval.local_batch_size cannot be set under "
+                          "pipeline parallel: evaluation batches take training's shape (the stages are built for one "
+                          "micro-batch shape)")
+    resolve_tasks(d.tasks, "downstream_eval.tasks")
 
 
 def layout_notes(cfg: JobConfig, dims: ParallelDims, device_type: str) -> list[str]:

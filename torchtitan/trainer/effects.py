@@ -40,6 +40,8 @@ _PIPELINE_OPTIONS = ("pipeline_parallel_schedule", "pipeline_parallel_schedule_c
 
 _VALIDATION_OPTIONS = ("freq", "steps", "dataset", "dataset_path", "seq_len", "local_batch_size")
 
+_DOWNSTREAM_OPTIONS = ("tasks", "freq", "limit", "batch_tokens", "local_batch_size", "model_ctx_len", "fatal")
+
 _FT_OPTIONS = ("replica_id", "group_size", "min_replica_size", "lighthouse", "timeout_seconds",
                "quorum_timeout_seconds", "log_weight_digest", "semi_sync_method")
 _DILOCO_OPTIONS = ("sync_steps", "outer_lr", "outer_momentum")
@@ -53,6 +55,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 "fault_tolerance.enable = true and fault_tolerance.semi_sync_method = \"diloco\""),
     Requirement(tuple(f"validation.{k}" for k in _VALIDATION_OPTIONS), "validation.enable",
                 lambda c: c.validation.enable, "validation.enable = true"),
+    Requirement(tuple(f"downstream_eval.{k}" for k in _DOWNSTREAM_OPTIONS), "downstream_eval.enable",
+                lambda c: c.downstream_eval.enable, "downstream_eval.enable = true"),
     Requirement(tuple(f"checkpoint.{k}" for k in _CHECKPOINT_OPTIONS), "checkpoint.enable",
                 lambda c: c.checkpoint.enable, "checkpoint.enable = true (nothing is saved or resumed without it)"),
     Requirement(("checkpoint.export_dtype",), "checkpoint.last_save_model_only",

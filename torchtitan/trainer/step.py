@@ -15,6 +15,7 @@ guards on log and checkpoint steps, where it syncs anyway.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor.parallel import loss_parallel
 
+from torchtitan.components.loss import FusedOutputLoss, logprob_sums
 from torchtitan.components.lr_scheduler import LRSchedulersContainer
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.datasets import IGNORE_INDEX
@@ -116,6 +118,23 @@ class ModelRunner:
             if self.pipeline is not None:
                 return self.pipeline.eval(inputs, labels, kwargs)
             return self._loss(inputs, labels, kwargs)
+
+    @torch.no_grad()
+    def forward_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """Downstream evaluation: (B, K) summed log-probabilities of each row's K target columns (targets
+        (B, S, K), IGNORE_INDEX where unlabelled), on every rank holding the last stage; None elsewhere."""
+        inputs, targets, kwargs = self._prepare(inputs, targets)
+        head = self.loss_fn.head if isinstance(self.loss_fn, FusedOutputLoss) else None
+        score = functools.partial(logprob_sums, head=head)
+        with self._context():
+            if self.pipeline is not None:
+                out = self.pipeline.score(inputs, targets, score, kwargs)
+            else:
+                (model,) = self.parts
+                out = score(model(inputs, **kwargs), targets)
+        if out is not None and self.cp_mesh is not None:
+            out = all_reduce_sum(out, self.cp_mesh.get_group())  # each cp rank scored its share of the positions
+        return out
 
 
 @dataclass(frozen=True)
