@@ -10,12 +10,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from torchtitan.checkpoint.io import ModelInfo, model_from_marker  # noqa: E402
+import torch  # noqa: E402
+
+from torchtitan.checkpoint import ModelWrapper  # noqa: E402
+from torchtitan.checkpoint.formats.hf import (  # noqa: E402
+    hf_native_shapes,
+    load_hf_into_model,
+    model_from_hf_config,
+    read_hf_config,
+)
+from torchtitan.checkpoint.io import (  # noqa: E402
+    MARKER,
+    ModelInfo,
+    check_fits,
+    load_model_from_dcp,
+    model_from_marker,
+    model_shapes,
+    read_dcp_metadata,
+    read_marker,
+    state_shapes,
+)
 from torchtitan.config import load_config  # noqa: E402
 from torchtitan.models import get_train_spec  # noqa: E402
+from torchtitan.models.common.adapter import StateDictAdapter  # noqa: E402
 from torchtitan.tools.dtypes import DTYPES  # noqa: E402
 from torchtitan.tools.errors import CheckpointError, UserError  # noqa: E402
 
+DEFAULT_TOKENIZER = os.path.join(ROOT, "torchtitan", "assets", "tokenizer")
 DTYPE_CHOICES = ("keep", "float32", "bfloat16", "float16")
 
 
@@ -49,6 +70,92 @@ def resolve_model(a: argparse.Namespace, marker: dict | None = None, path: str =
     if vocab:
         args.vocab_size = vocab
     return ModelInfo(name, flavor, args)
+
+
+def checkpoint_kind(path: str) -> str:
+    if os.path.isfile(path):
+        return "pt"
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path}: no such file or folder")
+    files = os.listdir(path)
+    if ".metadata" in files:
+        return "dcp"
+    if any(f.endswith(".safetensors") for f in files):
+        return "hf"
+    raise CheckpointError(f"checkpoint {path} is neither a DCP folder (.metadata), an HF folder (*.safetensors) nor a "
+                          ".pt file")
+
+
+def model_for(a, kind: str) -> ModelInfo:
+    """--config/--flavor if given, else what the checkpoint says about itself (HF config.json or our marker)."""
+    if kind == "hf" and not (a.config or a.flavor):
+        return model_from_hf_config(read_hf_config(a.checkpoint), a.checkpoint, a.model)
+    marker = {}
+    if kind == "dcp" and os.path.isfile(os.path.join(a.checkpoint, MARKER)):
+        marker = read_marker(a.checkpoint)
+    return resolve_model(a, marker, a.checkpoint)
+
+
+def _read_pt(path: str) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path}: not a readable torch file ({type(e).__name__}: {e})") from None
+    # dcp_to_torch output nests the weights under "model"; Meta's consolidated.00.pth is flat.
+    sd = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    return {k: v for k, v in sd.items() if k != "rope.freqs"}
+
+
+def check_checkpoint_fits(model, path: str, kind: str, adapter: StateDictAdapter) -> None:
+    """Shapes from headers/metadata against the model still on the meta device: a wrong flavor fails
+    before gigabytes are allocated."""
+    want = state_shapes(model.state_dict())
+    if kind == "dcp":
+        have, what = model_shapes(read_dcp_metadata(path)), "checkpoint"
+    elif kind == "hf":
+        have, what = hf_native_shapes(path, adapter), "HF checkpoint"
+    else:
+        have, what = state_shapes(_read_pt(path)), ".pt checkpoint"
+    check_fits(path, have, want, what=what, union_across_ranks=False)
+
+
+def load_weights(model, path: str, kind: str, adapter: StateDictAdapter) -> None:
+    if kind == "dcp":
+        load_model_from_dcp(path, model.state_dict())  # the state dict's tensors alias the parameters
+    elif kind == "hf":
+        load_hf_into_model(ModelWrapper([model]), adapter, path)
+    else:
+        model.load_state_dict(_read_pt(path), strict=True)
+
+
+def tokenizer_for(a: argparse.Namespace, kind: str, info: ModelInfo) -> str:
+    """--tokenizer, else the HF folder's tokenizer.json, else the one the checkpoint's marker names, else --config's,
+    else the bundled one."""
+    if a.tokenizer:
+        return a.tokenizer
+    if kind == "hf" and os.path.isfile(os.path.join(a.checkpoint, "tokenizer.json")):
+        return os.path.join(a.checkpoint, "tokenizer.json")
+    if info.tokenizer:
+        if not os.path.exists(info.tokenizer):
+            raise CheckpointError(f"checkpoint {a.checkpoint}: its tokenizer {info.tokenizer} (from {MARKER}) no "
+                                  "longer exists; pass --tokenizer")
+        return info.tokenizer
+    if a.config:
+        path = load_config(["--job.config_file", a.config], env={}).model.tokenizer_path
+        if path:
+            return path
+    return DEFAULT_TOKENIZER
+
+
+def load_model(a: argparse.Namespace, kind: str, info: ModelInfo, device: torch.device):
+    """The checkpoint's model on `device` in eval mode, its shapes checked before any weight is allocated."""
+    model = info.spec.build_meta_model(info.args)
+    adapter = info.spec.adapter(info.args)
+    check_checkpoint_fits(model, a.checkpoint, kind, adapter)
+    model.to_empty(device=device)
+    model.init_weights(buffer_device=device)  # also builds the RoPE table, which checkpoints never hold
+    load_weights(model, a.checkpoint, kind, adapter)
+    return model.eval()
 
 
 def main_guard(fn: Callable[[], int]) -> None:

@@ -6,13 +6,15 @@
 Llama (model_type llama), OLMo, OLMo 2, OLMo 3 and OLMoE: the family comes from
 config.json's model_type, the model args from the rest of it, names, the q/k rotary
 permutation and the stacking of per-expert tensors from the family's adapter. OUT_DIR holds {"model": ...} in plain DCP
-plus a .complete marker (family, flavor, model args), usable as
+plus a .complete marker (family, flavor, model args, and the HF folder's tokenizer.json when it has one), usable as
 checkpoint.initial_load_path or as step-0 of a run. (The trainer can also read HF
 folders directly: checkpoint.initial_load_path = HF_DIR.)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 
 from _checkpoint_cli import DTYPE_CHOICES, main_guard, parse_dtype
 
@@ -35,6 +37,9 @@ def main() -> int:
     a = p.parse_args()
 
     model = model_from_hf_config(read_hf_config(a.hf_dir), a.hf_dir, a.model)
+    tokenizer = os.path.join(os.path.abspath(a.hf_dir), "tokenizer.json")
+    if os.path.isfile(tokenizer):  # the marker names it: scripts/evaluate.py and generate.py find it there
+        model = dataclasses.replace(model, tokenizer=tokenizer)
     adapter = model.spec.adapter(model.args)
     check_fits(a.hf_dir, hf_native_shapes(a.hf_dir, adapter), expected_shapes(model.spec, model.args),
                what="HF checkpoint", union_across_ranks=False,

@@ -122,7 +122,7 @@ def build(cfg: JobConfig, plan: Plan) -> Job | list[dict]:
         cfg.checkpoint, cfg.job.dump_folder,
         {"model": ModelWrapper(parts), "optimizer": optimizers, "lr_scheduler": lr_schedulers,
          "dataloader": dataloader, "train_state": state, **({"spike_guard": spike_guard} if spike_guard else {})},
-        t.steps, model=ModelInfo(cfg.model.name, cfg.model.flavor, args))
+        t.steps, model=ModelInfo(cfg.model.name, cfg.model.flavor, args, os.path.abspath(tokenizer_path)))
     if cfg.checkpoint.create_seed_checkpoint:
         checkpoint.save_seed()
         return []

@@ -220,13 +220,15 @@ class ModelInfo:
     name: str  # model.name, the family
     flavor: str | None  # model.flavor, None for converted weights no flavor equals
     args: DecoderArgs
+    tokenizer: str | None = None  # the tokenizer the weights were trained with (its path), when known
 
     @property
     def spec(self) -> TrainSpec:
         return get_train_spec(self.name)
 
     def marker_fields(self) -> dict:
-        return {"model": self.name, "flavor": self.flavor, "model_args": model_args_to_dict(self.args)}
+        fields = {"model": self.name, "flavor": self.flavor, "model_args": model_args_to_dict(self.args)}
+        return fields | ({"tokenizer": self.tokenizer} if self.tokenizer else {})
 
 
 def marker_info(step: int, kind: str, model: ModelInfo | None, **extra: Any) -> dict:
@@ -248,7 +250,7 @@ def model_from_marker(marker: dict, path: str) -> ModelInfo | None:
     if not marker.get("model_args"):
         return None
     args = model_args_from_dict(spec.args_class(), marker["model_args"])
-    return ModelInfo(name, marker.get("flavor") or spec.matching_flavor(args), args)
+    return ModelInfo(name, marker.get("flavor") or spec.matching_flavor(args), args, marker.get("tokenizer"))
 
 
 def model_args_to_dict(args: Any) -> dict:
