@@ -7,7 +7,8 @@ start-up once, not once per layout):
 
 SPEC.json: {"common": [cli args], "layouts": {name: [cli args]}}. Every layout
 calls `torchtitan.train.train` with the common args plus its own, in order.
-OUT.json (written by rank 0): {name: {"loss": [...], "grad_norm": [...], "validation_loss": [...], "seconds": s}}.
+OUT.json (written by rank 0): {name: {"loss": [...], "grad_norm": [...], "validation_loss": [...], "seconds": s}},
+plus "downstream": [per evaluation {task: metrics}] when the layout evaluates.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def main(spec_path: str, out_path: str) -> None:
                              "grad_norm": [r["grad_norm"] for r in train_records],
                              "validation_loss": [r["validation_loss"] for r in records if "validation_loss" in r],
                              "seconds": time.perf_counter() - t0}
+            if any("downstream" in r for r in records):
+                results[name]["downstream"] = [r["downstream"] for r in records if "downstream" in r]
             for key in ("load_balance_loss", "router_z_loss"):  # MoE models
                 if any(key in r for r in train_records):
                     results[name][key] = [r[key] for r in train_records]
