@@ -8,6 +8,7 @@
     python scripts/benchmark.py cp --seq-lens 16384   # context parallel vs one process: memory and tokens/s
     python scripts/benchmark.py moe                 # MoE vs dense of the same active size; EP2 all-to-all share
     python scripts/benchmark.py families            # each family's debug model vs a Llama of its active size (CPU)
+    python scripts/benchmark.py downstream          # downstream evaluation documents/s vs ai2-olmo-eval's loop (CPU)
 
 `rows` runs the real trainer (run_train.sh) per row, averages the logged steps after `--skip`, and prints
 tokens/s, TFLOP/s, MFU and peak memory. With `--baseline FOLDER`, torchtitan 0.2.2's anchor recipe
@@ -449,6 +450,71 @@ def cmd_families(args) -> None:
               f"{t_fam / t_llama:10.2f}", flush=True)
 
 
+def _library_loop(model, tasks_by_label: dict, limit: int, rows: int) -> float:
+    """Seconds of ai2-olmo-eval's own loop (collate_fn batches in the task's order, one row per continuation,
+    ICLMetric.update per batch), as OLMo's trainers run it."""
+    import torch
+    from olmo_eval import ICLMetric
+
+    t0 = time.perf_counter()
+    for task in tasks_by_label.values():
+        samples = [s for s in task.samples if limit <= 0 or s["doc_id"] < limit]
+        metric = ICLMetric(metric_type=task.metric_type)
+        for i in range(0, len(samples), rows):
+            batch = task.collate_fn(samples[i:i + rows])
+            with torch.no_grad():
+                metric.update(batch, model(batch["input_ids"]))
+        metric.compute()
+    return time.perf_counter() - t0
+
+
+def cmd_downstream(args) -> None:
+    """Downstream evaluation speed on the CPU, one process, float32: documents per second of ours (distinct queries
+    once, length-sorted batches, one host copy) beside ai2-olmo-eval's own loop on the same model and documents,
+    and the share of training time evaluation takes at --freq steps for the debug model's training step."""
+    import torch
+    from olmo_eval import build_task
+
+    from torchtitan.components.downstream import build_tasks, resolve_tasks, task_tokenizer
+    from torchtitan.components.tokenizer import build_tokenizer
+    from torchtitan.models import get_train_spec
+    from torchtitan.trainer.downstream_eval import BatchShape, DownstreamEvaluator
+    from torchtitan.trainer.step import ModelRunner
+
+    torch.set_num_threads(args.threads)
+    tokenizer = build_tokenizer(os.path.join(ROOT, "torchtitan", "assets", "tokenizer"))
+    labels = resolve_tasks(args.tasks.split(","), "--tasks")
+    print(f"tasks {','.join(labels)}, limit {args.limit} documents per task, model_ctx_len {args.ctx}, "
+          f"{args.threads} threads, float32")
+    print(f"{'model':>22s} {'documents':>9s} {'ours s':>7s} {'docs/s':>7s} {'library s':>9s} {'docs/s':>7s} "
+          f"{'speedup':>7s}")
+    step_s = None
+    models = {"debug": ("llama3", "debugmodel"), "1b": ("olmo2", "1B")}
+    for name, flavor in (models[m] for m in args.models.split(",")):
+        spec = get_train_spec(name)
+        margs = spec.model_args(flavor)
+        torch.manual_seed(0)
+        model = spec.build_meta_model(margs)
+        model.to_empty(device="cpu")
+        model.init_weights(buffer_device=torch.device("cpu"), seed=0)
+        model.eval()
+        limit = args.limit if flavor == "debugmodel" else args.limit_1b
+        tasks = build_tasks(labels, tokenizer, args.ctx, limit)
+        evaluator = DownstreamEvaluator(tasks, BatchShape(args.batch_tokens, 0, 64, args.ctx), tokenizer.eos_id)
+        ours = evaluator.run(ModelRunner([model], None, torch.device("cpu"))).seconds
+        wrapped = task_tokenizer(tokenizer)
+        library = _library_loop(model, {lb: build_task(lb, wrapped, model_ctx_len=args.ctx) for lb in labels},
+                                limit, args.rows)
+        docs = evaluator.documents
+        print(f"{name + ' ' + flavor:>22s} {docs:9d} {ours:7.2f} {docs / ours:7.1f} {library:9.2f} "
+              f"{docs / library:7.1f} {library / ours:7.2f}", flush=True)
+        if flavor == "debugmodel":
+            step_s = _time_training(margs, 8, 256, 6, 2)
+            share = ours / (ours + args.freq * step_s)
+            print(f"{'':>22s} debug model training step (8 x 256, AdamW) {step_s:.3f}s: evaluating these "
+                  f"{docs} documents every {args.freq} steps takes {100 * share:.2f}% of the time", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -500,9 +566,19 @@ def main() -> None:
     fa.add_argument("--steps", type=int, default=10)
     fa.add_argument("--skip", type=int, default=3)
     fa.add_argument("--threads", type=int, default=2)
+    ds = sub.add_parser("downstream")
+    ds.add_argument("--tasks", default="olmo1_core")
+    ds.add_argument("--limit", type=int, default=50, help="documents per task for the debug model")
+    ds.add_argument("--limit-1b", type=int, default=4, help="documents per task for the 1B-shaped model")
+    ds.add_argument("--ctx", type=int, default=2048, help="model_ctx_len")
+    ds.add_argument("--batch-tokens", type=int, default=16384)
+    ds.add_argument("--rows", type=int, default=16, help="requests per batch of the library's loop")
+    ds.add_argument("--freq", type=int, default=1000, help="steps between evaluations, for the time share")
+    ds.add_argument("--threads", type=int, default=2)
+    ds.add_argument("--models", default="debug,1b", help="debug (Llama 3 debug model), 1b (OLMo 2 1B shape)")
     args = ap.parse_args()
     {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "loss": cmd_loss, "cp": cmd_cp,
-     "moe": cmd_moe, "families": cmd_families}[args.cmd](args)
+     "moe": cmd_moe, "families": cmd_families, "downstream": cmd_downstream}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -190,8 +190,8 @@ def run(job: Job) -> list[dict]:
             records.append(metrics.log(state.step, loss, float(out.grad_norm), job.lr_schedulers.get_last_lr(), extra))
         if job.validator is not None and job.validator.due(state.step):
             hooks.guard.check()
-            v = job.validator.run(job.runner)
-            records.append(metrics.log_validation(state.step, v.loss, v.perplexity, v.tokens, v.seconds))
+            for v in job.validator.run(job.runner):
+                records.append(metrics.log_validation(state.step, v.loss, v.perplexity, v.tokens, v.seconds, v.name))
         if job.downstream is not None and job.downstream.due(state.step):
             hooks.guard.check()
             if (d := job.downstream.try_run(job.runner, state.step)) is not None:

@@ -22,6 +22,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def _nested(record: dict) -> dict:
+    out: dict = {}
+    for key, value in record.items():
+        if key.startswith("downstream/"):
+            _, task, name = key.split("/", 2)
+            out.setdefault(task, {})[name] = value
+    return out
+
+
 def main(spec_path: str, out_path: str) -> None:
     import torch.distributed as dist
 
@@ -47,8 +56,9 @@ def main(spec_path: str, out_path: str) -> None:
                              "grad_norm": [r["grad_norm"] for r in train_records],
                              "validation_loss": [r["validation_loss"] for r in records if "validation_loss" in r],
                              "seconds": time.perf_counter() - t0}
-            if any("downstream" in r for r in records):
-                results[name]["downstream"] = [r["downstream"] for r in records if "downstream" in r]
+            evaluations = [r for r in records if "downstream_seconds" in r]
+            if evaluations:  # downstream/<task>/<key> -> {task: {key: value}}
+                results[name]["downstream"] = [_nested(r) for r in evaluations]
             for key in ("load_balance_loss", "router_z_loss"):  # MoE models
                 if any(key in r for r in train_records):
                     results[name][key] = [r[key] for r in train_records]

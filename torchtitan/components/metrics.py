@@ -116,23 +116,27 @@ class MetricsLogger:
         self.tokens_since_log = 0
         return rec
 
-    def log_validation(self, step: int, loss: float, perplexity: float, tokens: int, seconds: float) -> dict:
-        """One line and one record for a validation: loss per labelled token and perplexity."""
-        rec = {"step": step, "validation_loss": loss, "validation_ppl": perplexity, "validation_tokens": tokens,
-               "validation_seconds": seconds}
-        logger.info(f"validate {step:>5d}  loss {loss:8.4f}  ppl {perplexity:10.3f}  tokens {tokens:,}  "
-                    f"time {seconds:.1f}s")
+    def log_validation(self, step: int, loss: float, perplexity: float, tokens: int, seconds: float,
+                       name: str = "") -> dict:
+        """One line and one record for a validation set: loss per labelled token and perplexity. A named set
+        (validation.sets) adds "validation_set" to its record and its name to the line and the scalars."""
+        rec = {"step": step, **({"validation_set": name} if name else {}), "validation_loss": loss,
+               "validation_ppl": perplexity, "validation_tokens": tokens, "validation_seconds": seconds}
+        logger.info(f"validate {step:>5d}  {name + '  ' if name else ''}loss {loss:8.4f}  ppl {perplexity:10.3f}  "
+                    f"tokens {tokens:,}  time {seconds:.1f}s")
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
-        self._scalars({"validation/loss": loss, "validation/ppl": perplexity}, step)
+        prefix = f"validation/{name}" if name else "validation"
+        self._scalars({f"{prefix}/loss": loss, f"{prefix}/ppl": perplexity}, step)
         self.window.start += seconds  # training throughput leaves validation time out
         return rec
 
     def log_downstream(self, step: int, results: dict[str, dict[str, float]], metric_types: dict[str, str],
                        documents: int, seconds: float) -> dict:
         """A header and one line per task (its reported metric, CE loss and bits per byte where the task has them),
-        one record with every key ICLMetric returned, and one TensorBoard scalar per task and key."""
-        rec = {"step": step, "downstream": results, "downstream_documents": documents, "downstream_seconds": seconds}
+        one record with every key ICLMetric returned (downstream/<task>/<key>, as TensorBoard's scalars)."""
+        flat = {f"downstream/{label}/{k}": v for label, values in results.items() for k, v in values.items()}
+        rec = {"step": step, **flat, "downstream_documents": documents, "downstream_seconds": seconds}
         width = max(len(label) for label in results)
         lines = [f"downstream {step:>5d}  {len(results)} tasks  {documents:,} documents  time {seconds:.1f}s"]
         for label, values in results.items():
@@ -142,8 +146,7 @@ class MetricsLogger:
         logger.info("\n".join(lines))
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
-        self._scalars({f"downstream/{label}/{k}": v for label, values in results.items() for k, v in values.items()},
-                      step)
+        self._scalars(flat, step)
         self.window.start += seconds  # training throughput leaves evaluation time out
         return rec
 

@@ -29,12 +29,20 @@ _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tx
                   ".csv": "csv", ".arrow": "arrow"}
 
 
-def pydoc_documents() -> list[str]:
-    """Python's bundled reference documentation: an offline corpus every Python has."""
+PYDOC_HELDOUT_EVERY = 20  # every 20th topic (5%) is held out of training: the default validation set
+
+
+def pydoc_documents(split: str = "train") -> list[str]:
+    """Python's bundled reference documentation: an offline corpus every Python has. "train" (dataset pydoc)
+    leaves out every PYDOC_HELDOUT_EVERY-th topic, which "heldout" (dataset pydoc_heldout) holds; "all": both."""
     import pydoc_data.topics
 
     topics = pydoc_data.topics.topics
-    return [topics[k] for k in sorted(topics)]
+    docs = [topics[k] for k in sorted(topics)]
+    if split == "all":
+        return docs
+    heldout = [i % PYDOC_HELDOUT_EVERY == PYDOC_HELDOUT_EVERY - 1 for i in range(len(docs))]
+    return [d for d, h in zip(docs, heldout) if h == (split == "heldout")]
 
 
 def _local_files(path: str) -> tuple[str, list[str]]:
@@ -72,8 +80,8 @@ class DocumentSource:
                 raise DataError(f"data.dataset_path {path}: no column '{text_field}' "
                                  f"(columns: {', '.join(ds.column_names)}); set data.dataset_text_field")
             self._docs = ds
-        elif name == "pydoc":
-            self._docs = pydoc_documents()
+        elif name in ("pydoc", "pydoc_heldout"):
+            self._docs = pydoc_documents("heldout" if name == "pydoc_heldout" else "train")
         else:
             self._streaming = True  # hub datasets: streamed, needs internet
 

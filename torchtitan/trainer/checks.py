@@ -31,6 +31,7 @@ from torchtitan.models.common.layers import ATTENTION_CLASSES
 from torchtitan.models.common.spec import TrainSpec
 from torchtitan.tools.errors import CheckpointError, ConfigError
 from torchtitan.trainer.effects import check_effects
+from torchtitan.trainer.validate import validation_sets
 
 
 def _at_least(pairs, low: float = 1) -> None:
@@ -170,11 +171,16 @@ def _check_validation(cfg: JobConfig, dims: ParallelDims, seq_len: int, batch: i
         raise ConfigError(f"validation.seq_len and validation.local_batch_size must equal training's "
                           f"({t.seq_len}, {t.local_batch_size}) under pipeline parallel: the stages are built for "
                           f"one micro-batch shape; leave them at -1")
-    if v.dataset == "memmap" and not v.dataset_path:
-        raise ConfigError("validation.dataset = memmap needs validation.dataset_path (a token file or a folder of "
-                          "them)")
-    if v.dataset_path and not dry_run and not os.path.exists(v.dataset_path):
-        raise ConfigError(f"validation.dataset_path {v.dataset_path}: no such file or folder")
+    if v.sets and ({"validation.dataset", "validation.dataset_path"} & set(cfg.set_by)):
+        raise ConfigError("validation.sets replaces validation.dataset and validation.dataset_path: set one or the "
+                          "other")
+    for vset in validation_sets(v):
+        key = f"validation.sets {vset.name}" if vset.name else "validation.dataset_path"
+        if vset.dataset == "memmap" and not vset.path:
+            raise ConfigError("validation.dataset = memmap needs validation.dataset_path (a token file or a folder of "
+                              "them)" if not vset.name else f"{key} = memmap: needs a path (memmap:PATH)")
+        if vset.path and not dry_run and not os.path.exists(vset.path):
+            raise ConfigError(f"{key} {vset.path}: no such file or folder")
 
 
 def _check_moe_options(cfg: JobConfig, args: DecoderArgs, label: str) -> None:

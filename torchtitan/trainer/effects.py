@@ -38,7 +38,7 @@ _MEMMAP_OPTIONS = ("memmap_paths", "memmap_dtype", "memmap_label_mask_paths", "d
 _PIPELINE_OPTIONS = ("pipeline_parallel_schedule", "pipeline_parallel_schedule_csv", "pipeline_parallel_split_points",
                      "pipeline_parallel_layers_per_stage", "pipeline_parallel_microbatch_size")
 
-_VALIDATION_OPTIONS = ("freq", "steps", "dataset", "dataset_path", "seq_len", "local_batch_size")
+_VALIDATION_OPTIONS = ("freq", "steps", "dataset", "dataset_path", "seq_len", "local_batch_size", "sets")
 
 _DOWNSTREAM_OPTIONS = ("tasks", "freq", "limit", "batch_tokens", "local_batch_size", "model_ctx_len", "fatal")
 

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_sum
 from torchtitan.config.job_config import Data, Parallelism, Validation
 from torchtitan.datasets.memmap import MemmapInstances, SequentialInstances
+from torchtitan.datasets.text import pydoc_documents
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.models import get_train_spec
+from torchtitan.tools.errors import ConfigError
 from torchtitan.trainer.step import ModelRunner
-from torchtitan.trainer.validate import Validator
+from torchtitan.trainer.validate import Validator, validation_sets
 
 
 def _model():
@@ -38,7 +41,7 @@ def test_memmap_validation_is_the_mean_loss_of_the_set_and_leaves_train_mode(tmp
     dims = ParallelDims.from_config(Parallelism(), 1)
     cfg = Validation(enable=True, dataset="memmap", dataset_path=str(path), seq_len=16, local_batch_size=3, steps=-1)
     runner = ModelRunner([model], cross_entropy_sum, torch.device("cpu"))
-    result = Validator(cfg, (16, 3), Data(), None, dims, total_steps=10).run(runner)
+    (result,) = Validator(cfg, (16, 3), Data(), None, dims, total_steps=10).run(runner)
 
     inst = MemmapInstances([str(path)], "uint16", 16)
     items = [inst.item(i) for i in range(6)]  # two whole batches of 3; the 7th instance is left out
@@ -55,6 +58,42 @@ def test_steps_bounds_the_batches(tmp_path):
     np.zeros(9 * 16, dtype=np.uint16).tofile(path)
     dims = ParallelDims.from_config(Parallelism(), 1)
     cfg = Validation(enable=True, dataset="memmap", dataset_path=str(tmp_path), seq_len=16, local_batch_size=2, steps=2)
-    result = Validator(cfg, (16, 2), Data(), None, dims, 10).run(ModelRunner([_model()], cross_entropy_sum,
+    (result,) = Validator(cfg, (16, 2), Data(), None, dims, 10).run(ModelRunner([_model()], cross_entropy_sum,
                                                                        torch.device("cpu")))
     assert result.tokens == 2 * 2 * 15
+
+
+def test_named_sets_each_give_their_own_loss_under_their_name(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        rng.integers(0, 2048, size=6 * 16, dtype=np.uint16).tofile(tmp_path / f"{name}.npy")
+    dims = ParallelDims.from_config(Parallelism(), 1)
+    runner = ModelRunner([_model()], cross_entropy_sum, torch.device("cpu"))
+    alone = {n: Validator(Validation(enable=True, dataset="memmap", dataset_path=str(tmp_path / f"{n}.npy")),
+                          (16, 3), Data(), None, dims, 10).run(runner)[0].loss for n in ("a", "b")}
+    cfg = Validation(enable=True, sets=[f"first=memmap:{tmp_path / 'a.npy'}", f"second=memmap:{tmp_path / 'b.npy'}"])
+    got = Validator(cfg, (16, 3), Data(), None, dims, 10).run(runner)
+    assert [(r.name, r.loss) for r in got] == [("first", alone["a"]), ("second", alone["b"])]
+    assert alone["a"] != alone["b"]
+
+
+@pytest.mark.parametrize("entry,match", [("noequals", "write NAME=DATASET"), ("=x", "write NAME=DATASET")])
+def test_bad_set_entries_are_one_line(entry, match):
+    with pytest.raises(ConfigError, match=match):
+        validation_sets(Validation(sets=[entry]))
+    with pytest.raises(ConfigError, match="used twice"):
+        validation_sets(Validation(sets=["a=pydoc", "a=pydoc_heldout"]))
+
+
+def test_sets_parse_datasets_paths_and_memmap():
+    got = validation_sets(Validation(sets=["held=pydoc_heldout", "wiki=/data/wiki.jsonl", "tok=memmap:/data/t.npy"]))
+    assert [(s.name, s.dataset, s.path) for s in got] == [("held", "pydoc_heldout", None),
+                                                         ("wiki", "local", "/data/wiki.jsonl"),
+                                                         ("tok", "memmap", "/data/t.npy")]
+    assert validation_sets(Validation())[0].dataset == "pydoc_heldout"  # the default is held out of training
+
+
+def test_pydoc_heldout_is_disjoint_from_what_pydoc_trains_on():
+    train, held, every = pydoc_documents("train"), pydoc_documents("heldout"), pydoc_documents("all")
+    assert held and not set(train) & set(held) and sorted(train + held) == sorted(every)
+    assert len(held) == len(every) // 20
