@@ -147,11 +147,18 @@ def tokenizer_for(a: argparse.Namespace, kind: str, info: ModelInfo) -> str:
     return DEFAULT_TOKENIZER
 
 
-def load_model(a: argparse.Namespace, kind: str, info: ModelInfo, device: torch.device):
-    """The checkpoint's model on `device` in eval mode, its shapes checked before any weight is allocated."""
+def load_model(a: argparse.Namespace, kind: str, info: ModelInfo, device: torch.device,
+               shard: Callable[[torch.nn.Module], None] | None = None):
+    """The checkpoint's model on `device` in eval mode, its shapes checked before any weight is allocated.
+    shard: applied on the meta device (FSDP over several processes: each holds and loads only its shards)."""
     model = info.spec.build_meta_model(info.args)
     adapter = info.spec.adapter(info.args)
     check_checkpoint_fits(model, a.checkpoint, kind, adapter)
+    if shard is not None:
+        if kind == "pt":
+            raise CheckpointError(f"checkpoint {a.checkpoint}: a .pt file is read whole by one process; convert it "
+                                  "to DCP (scripts/convert_llama_to_dcp.py) or evaluate it in one process")
+        shard(model)
     model.to_empty(device=device)
     model.init_weights(buffer_device=device)  # also builds the RoPE table, which checkpoints never hold
     load_weights(model, a.checkpoint, kind, adapter)

@@ -484,8 +484,8 @@ def cmd_downstream(args) -> None:
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(os.path.join(ROOT, "torchtitan", "assets", "tokenizer"))
     labels = resolve_tasks(args.tasks.split(","), "--tasks")
-    print(f"tasks {','.join(labels)}, limit {args.limit} documents per task, model_ctx_len {args.ctx}, "
-          f"{args.threads} threads, float32")
+    print(f"tasks {','.join(labels)}, limit {args.limit} documents per task ({args.limit_1b} for 1B), "
+          f"model_ctx_len {args.ctx}, {args.threads} threads, float32")
     print(f"{'model':>22s} {'documents':>9s} {'ours s':>7s} {'docs/s':>7s} {'library s':>9s} {'docs/s':>7s} "
           f"{'speedup':>7s}")
     step_s = None

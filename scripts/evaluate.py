@@ -8,17 +8,26 @@ Model args come from --config/--flavor, else from the step folder's .complete ma
 config.json; the tokenizer from --tokenizer, else the HF folder's tokenizer.json, the one the marker names (the
 run's), the config's, else the bundled one. Prints one line per task (task, metric, value) and, with --json, one
 JSON object as the last line: {"results": {task: ICLMetric.compute()'s keys and values}}. Runs in one process on
-the CPU or one GPU, the same scoring as [downstream_eval] in training (docs/evaluation.md).
+the CPU or one GPU, the same scoring as [downstream_eval] in training (docs/evaluation.md); under torchrun
+(`torchrun --nproc_per_node N scripts/evaluate.py ...`) the model is FSDP-sharded over the N processes, each loading
+only its shards of a DCP or HF checkpoint, and the documents are split among them; rank 0 prints.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
+import torch
 from _checkpoint_cli import add_model_flags, checkpoint_kind, load_model, main_guard, model_for, tokenizer_for
 
 from torchtitan.components.downstream import build_tasks, check_task_tokens, primary_metric, resolve_tasks
 from torchtitan.components.tokenizer import build_tokenizer, check_vocab_fits
+from torchtitan.config.job_config import ActivationCheckpoint, Compile, Parallelism
+from torchtitan.distributed.data_parallel import FSDPSettings
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.utils import init_distributed
+from torchtitan.models.common.parallelize import parallelize_decoder
 from torchtitan.tools.device import detect_device_type, local_device
 from torchtitan.tools.errors import ConfigError
 from torchtitan.trainer.downstream_eval import BatchShape, DownstreamEvaluator
@@ -52,11 +61,28 @@ def main() -> int:
     tasks = build_tasks(labels, tokenizer, ctx, a.limit)
     check_task_tokens(tasks, args.vocab_size, f"--tasks with tokenizer {tok_path}")
 
-    device = local_device(detect_device_type())
-    model = load_model(a, kind, info, device)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    evaluator = DownstreamEvaluator(tasks, BatchShape(a.batch_tokens, 0, 64, ctx), pad)
-    result = evaluator.run(ModelRunner([model], None, device))
+    device_type = detect_device_type()
+    rank, world = init_distributed(device_type, init_timeout_seconds=600)
+    try:
+        device = local_device(device_type)
+        dims = ParallelDims.from_config(Parallelism(), world)  # every process a data-parallel FSDP shard
+        shard = None
+        if world > 1:
+            dims.build_mesh(device_type)
+            shard = functools.partial(
+                parallelize_decoder, dims=dims, parallelism=Parallelism(), activation_checkpoint=ActivationCheckpoint(
+                    mode="none"), compile=Compile(enable=False),
+                fsdp=FSDPSettings(param_dtype=torch.float32, reduce_dtype=torch.float32, reshard_after_forward=True))
+        model = load_model(a, kind, info, device, shard)
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        evaluator = DownstreamEvaluator(tasks, BatchShape(a.batch_tokens, 0, 64, ctx), pad,
+                                        dp_rank=dims.local_rank("dp"), dp=dims.dp)
+        result = evaluator.run(ModelRunner([model], None, device))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return 0
 
     width = max(len(label) for label in result.results)
     print(f"{'task':<{width}}  {'metric':<12}  value")

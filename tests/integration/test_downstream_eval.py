@@ -86,3 +86,9 @@ def test_in_loop_equals_evaluate_script_on_the_checkpoint(runs):
     assert_same(json.loads(p.stdout.strip().splitlines()[-1])["results"], in_loop, rel=1e-5)
     # a random model at 12 documents still separates the tasks
     assert len({round(v["ce_loss_v1"], 4) for v in in_loop.values()}) == 3
+    # two processes: the model FSDP-sharded, each loading its shards, the documents split between them
+    p = launch.run_python(["-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend", "c10d",
+                           "--rdzv_endpoint", "localhost:0", "scripts/evaluate.py", "--checkpoint", step, "--tasks",
+                           TASKS, "--limit", str(LIMIT), "--model-ctx-len", "128", "--json"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same(json.loads(p.stdout.strip().splitlines()[-1])["results"], in_loop, rel=1e-5)
