@@ -24,9 +24,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 STEPS = 12
 CKPT = ["--training.steps", str(STEPS), "--checkpoint.enable_checkpoint", "--checkpoint.interval", "4",
         "--checkpoint.async_mode", "async", "--checkpoint.keep_latest_k", "0", "--checkpoint.export_dtype", "bfloat16"]
-# A spike guard tight enough to skip some of these steps: its window must survive the restart for the skips
-# (and so the losses) to stay the same.
-GUARD = ["--training.spike_guard_sigma", "0.5", "--training.spike_guard_window", "4"]
+# A spike guard tight enough to skip some of these steps (about two thirds of the 12 on the bundled corpus, whose
+# early gradient norms climb, before and after the kill): its window must survive the restart for the skips (and
+# so the losses) to stay the same.
+GUARD = ["--training.spike_guard_sigma", "1.0", "--training.spike_guard_window", "6"]
 
 # Expert parallel: OLMoE's debug model (balance losses on) under FSDP + EP2 on 2 processes, global batch 4 x 64.
 MOE_STEPS = 8
