@@ -34,7 +34,8 @@ def assert_round_trip_bitwise(src, tmp_path, hf, config_keys: list[str], vocab: 
         if "num_local_experts" in cfg:
             cfg.setdefault("num_experts", cfg["num_local_experts"])
     for key in config_keys:
-        assert cfg_a[key] == cfg_b[key], key
+        # transformers releases differ in what they write (5.15 leaves out gpt-oss's swiglu_limit): compare its keys
+        assert key not in cfg_a or cfg_a[key] == cfg_b.get(key), key
     tokens = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(back), attn_implementation="eager")

@@ -112,9 +112,9 @@ class LRScheduler:
 class Data:
     """What to train on (the classic training.* keys alias these)."""
 
-    dataset: str = opt("pydoc", "Dataset: pydoc (bundled offline corpus, less the 5% of topics pydoc_heldout "
-                                "holds), c4 (allenai/c4 en, streamed; c4_validation: its validation split), memmap "
-                                "(pre-tokenized files), or a hub dataset name.")
+    dataset: str = opt("pydoc", "Dataset: pydoc (bundled offline corpus, less the last 5% of each topic, which "
+                                "pydoc_heldout holds), c4 (allenai/c4 en, streamed; c4_validation: its validation "
+                                "split), memmap (pre-tokenized files), or a hub dataset name.")
     dataset_path: str | None = opt(None, "Local json/jsonl/parquet/text file or folder; overrides where the dataset "
                                          "is read from.")
     dataset_text_field: str = opt("text", "Column holding the document text.")
@@ -210,8 +210,8 @@ class Validation:
     enable: bool = opt(False, "Evaluate the loss on held-out data every validation.freq steps and at the last step.")
     freq: int = opt(500, "Steps between validations.")
     steps: int = opt(-1, "Batches per validation; -1: the whole set (every whole global batch of it).")
-    dataset: str = opt("pydoc_heldout", "A text dataset as in data.dataset (pydoc_heldout: the bundled corpus's "
-                                        "topics that pydoc training leaves out), or memmap.")
+    dataset: str = opt("pydoc_heldout", "A text dataset as in data.dataset (pydoc_heldout: the part of the "
+                                        "bundled corpus that pydoc training leaves out), or memmap.")
     dataset_path: str | None = opt(None, "Local json/jsonl/parquet/text file or folder; with dataset = memmap a "
                                          "token file or a folder of them (dtype data.memmap_dtype).")
     seq_len: int = opt(-1, "Tokens per validation sequence, at most training.seq_len (the length the model is built "

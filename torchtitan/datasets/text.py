@@ -29,20 +29,27 @@ _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tx
                   ".csv": "csv", ".arrow": "arrow"}
 
 
-PYDOC_HELDOUT_EVERY = 20  # every 20th topic (5%) is held out of training: the default validation set
+PYDOC_HELDOUT_SHARE = 0.05  # the last 5% of every topic (from a paragraph break) is held out of training
 
 
 def pydoc_documents(split: str = "train") -> list[str]:
-    """Python's bundled reference documentation: an offline corpus every Python has. "train" (dataset pydoc)
-    leaves out every PYDOC_HELDOUT_EVERY-th topic, which "heldout" (dataset pydoc_heldout) holds; "all": both."""
+    """Python's bundled reference documentation: an offline corpus every Python has, one document per topic.
+    "train" (dataset pydoc) keeps each topic but its last ~5% (cut at a paragraph break), which "heldout"
+    (dataset pydoc_heldout, the default validation set) holds; "all": the topics whole."""
     import pydoc_data.topics
 
     topics = pydoc_data.topics.topics
     docs = [topics[k] for k in sorted(topics)]
     if split == "all":
         return docs
-    heldout = [i % PYDOC_HELDOUT_EVERY == PYDOC_HELDOUT_EVERY - 1 for i in range(len(docs))]
-    return [d for d, h in zip(docs, heldout) if h == (split == "heldout")]
+    out = []
+    for doc in docs:
+        cut = doc.find("\n\n", int(len(doc) * (1 - PYDOC_HELDOUT_SHARE)))
+        head, tail = (doc, "") if cut < 0 else (doc[:cut], doc[cut + 2:])
+        part = tail if split == "heldout" else head
+        if part.strip():
+            out.append(part)
+    return out
 
 
 def _local_files(path: str) -> tuple[str, list[str]]:

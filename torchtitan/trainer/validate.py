@@ -1,7 +1,7 @@
 """In-loop validation: the loss per labelled token over fixed held-out sets, the same on every layout.
 
-One set (validation.dataset: by default pydoc_heldout, the bundled corpus's topics that training on pydoc leaves
-out) or several named ones (validation.sets), each logged under its name.
+One set (validation.dataset: by default pydoc_heldout, the part of the bundled corpus that training on pydoc
+leaves out) or several named ones (validation.sets), each logged under its name.
 
 Every validation reads the same sequences from the start of the set (text windows packed as for training,
 or memmap instances in file order), each dp rank its share of each global batch of validation.local_batch_size

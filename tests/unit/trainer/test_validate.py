@@ -95,5 +95,7 @@ def test_sets_parse_datasets_paths_and_memmap():
 
 def test_pydoc_heldout_is_disjoint_from_what_pydoc_trains_on():
     train, held, every = pydoc_documents("train"), pydoc_documents("heldout"), pydoc_documents("all")
-    assert held and not set(train) & set(held) and sorted(train + held) == sorted(every)
-    assert len(held) == len(every) // 20
+    assert len(held) > 20 and not set(train) & set(held)
+    chars = sum(map(len, every))
+    assert 0.03 * chars < sum(map(len, held)) < 0.07 * chars
+    assert all(any(t in doc for doc in every) for t in train + held)  # pieces of the topics, never mixed
