@@ -51,8 +51,23 @@ trains in float32; on CUDA it applies through FSDP, or autocast where FSDP is of
 
 
 def type_name(tp) -> str:
-    s = str(tp).replace("typing.", "")
+    s = str(tp).replace("typing.", "").replace("torchtitan.config.job_config.", "")
     return getattr(tp, "__name__", s) if typing.get_origin(tp) is None else s
+
+
+def _source_table() -> list[str]:
+    """The keys of each [[data.sources]] table."""
+    from dataclasses import fields
+
+    from torchtitan.config.job_config import Source
+
+    hints = typing.get_type_hints(Source)
+    out = ["\nEach `[[data.sources]]` table (a source of a memmap mixture, docs/datasets.md) takes:\n",
+           "| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in fields(Source):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        out.append(f"| `{f.name}` | {type_name(hints[f.name])} | `{default!r}` | {f.metadata['help']} |")
+    return out
 
 
 def render() -> str:
@@ -60,6 +75,8 @@ def render() -> str:
     section = None
     for sec, name, tp, default, help_, choices in iter_fields():
         if sec != section:
+            if section == "data":
+                out.extend(_source_table())
             section = sec
             out.append(f"\n## [{sec}]\n")
             out.append("| key | type | default | meaning |")

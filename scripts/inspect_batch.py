@@ -29,10 +29,11 @@ if ROOT not in sys.path:
 class _Order:
     """DataOrder's read side without writing anything: the run's files when they match, else recomputed."""
 
-    def __init__(self, folder: str, meta: dict):
-        from torchtitan.datasets.memmap import ORDER_META
+    def __init__(self, folder: str, meta: dict, build=None):
+        from torchtitan.datasets.memmap import ORDER_META, build_global_indices
 
         self.folder, self.meta = folder, meta
+        self.build = build or (lambda epoch: build_global_indices(self.num_instances, self.seed, epoch))
         self.num_instances, self.seed = meta["num_instances"], meta["seed"]
         path = os.path.join(folder, ORDER_META)
         saved = json.load(open(path)) if os.path.isfile(path) else None
@@ -42,12 +43,12 @@ class _Order:
                   file=sys.stderr)
 
     def indices(self, epoch: int) -> np.ndarray:
-        from torchtitan.datasets.memmap import build_global_indices, indices_filename
+        from torchtitan.datasets.memmap import indices_filename
 
         path = os.path.join(self.folder, indices_filename(epoch))
         if self.from_files and os.path.isfile(path):
             return np.memmap(path, dtype=np.uint32, mode="r")
-        return build_global_indices(self.num_instances, self.seed, epoch)
+        return self.build(epoch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from torchtitan.config import load_config
     from torchtitan.config.batch import BatchPlan
     from torchtitan.datasets.memmap import MemmapInstances, global_batch_instances, order_meta
+    from torchtitan.datasets.mixture import mixture_plan
     from torchtitan.distributed.parallel_dims import ParallelDims
 
     cfg = load_config(rest)
@@ -75,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}; pass --world-size with the run's number of ranks") from None
     micro, global_batch = t.local_batch_size * dp, batch.group_batch_size
-    instances = MemmapInstances(list(d.memmap_paths), d.memmap_dtype, t.seq_len,
-                                list(d.memmap_label_mask_paths) or None)
-    order = _Order(cfg.job.dump_folder, order_meta(instances, t.seed if t.seed is not None else 0))
+    seed = t.seed if t.seed is not None else 0
+    if d.sources or d.instance_filter:  # a mixture: its order depends on the run's budget too
+        mix, meta, build = mixture_plan(d, seq_len=t.seq_len, seed=seed, budget=t.steps * batch.global_batch_size)
+        instances, order = mix, _Order(cfg.job.dump_folder, meta, build)
+    else:
+        instances = MemmapInstances(list(d.memmap_paths), d.memmap_dtype, t.seq_len,
+                                    list(d.memmap_label_mask_paths) or None)
+        order = _Order(cfg.job.dump_folder, order_meta(instances, seed))
     epoch, ids = global_batch_instances(order, global_batch, args.batch)
     tokenizer = build_tokenizer(cfg.model.tokenizer_path or os.path.join(ROOT, "torchtitan", "assets", "tokenizer"),
                                 cfg.model.tokenizer_backend)
@@ -87,20 +94,32 @@ def main(argv: list[str] | None = None) -> int:
               f"{t.seq_len} tokens, order {source}; dp = {dp}, micro-batch = {micro}")
     k = args.max_tokens or t.seq_len
     for pos, index in enumerate(ids):
-        f, offset = instances.locate(int(index))
+        name, (f, offset) = _locate(instances, int(index))
         tokens = instances.tokens(int(index))
         micro_batch, within = divmod(pos, micro)
         rank = within // t.local_batch_size
-        rec = {"position": pos, "instance": int(index), "file": f.path, "token_offset": offset, "dp_rank": rank,
-               "micro_batch": micro_batch, "ids": tokens[:k].tolist(), "text": tokenizer.decode(tokens[:k].tolist())}
+        rec = {"position": pos, "instance": int(index), **({"source": name} if name else {}), "file": f.path,
+               "token_offset": offset, "dp_rank": rank, "micro_batch": micro_batch, "ids": tokens[:k].tolist(),
+               "text": tokenizer.decode(tokens[:k].tolist())}
         if args.json:
             print(json.dumps(rec))
         else:
-            print(f"[{pos}] instance {index} ({os.path.basename(f.path)} @ token {offset}) -> dp rank {rank}, "
+            where = f"source {name}: " if name else ""
+            print(f"[{pos}] instance {index} ({where}{os.path.basename(f.path)} @ token {offset}) -> dp rank {rank}, "
                   f"micro-batch {micro_batch}")
             print(f"    ids:  {rec['ids']}{' ...' if k < t.seq_len else ''}")
             print(f"    text: {rec['text']!r}")
     return 0
+
+
+def _locate(instances, index: int):
+    """(source name or None, (file, token offset)) of an instance of a flat dataset or a mixture."""
+    shares = getattr(instances, "shares", None)
+    if shares is None:
+        return None, instances.locate(index)
+    i = int(instances.source_of(np.array([index]))[0])
+    local = index - sum(len(s.instances) for s in shares[:i])
+    return shares[i].name, shares[i].instances.locate(local)
 
 
 if __name__ == "__main__":

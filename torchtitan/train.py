@@ -91,7 +91,8 @@ def build(cfg: JobConfig, plan: Plan) -> Job | list[dict]:
     check_vocab_fits(tokenizer, args.vocab_size, tokenizer_path)
     groups = build_replica_groups(cfg.fault_tolerance, dims, device, cfg.job.dump_folder)
     dataloader = build_dataloader(cfg.data, plan.batch, tokenizer, dp_rank=dims.local_rank("dp"),
-                                  dump_folder=cfg.job.dump_folder, seed=plan.seed, groups=groups)
+                                  dump_folder=cfg.job.dump_folder, seed=plan.seed, groups=groups,
+                                  budget=t.steps * plan.batch.global_batch_size)
 
     set_determinism(plan.seed, t.deterministic)
     model = plan.spec.build_meta_model(args)
@@ -172,8 +173,10 @@ def run(job: Job) -> list[dict]:
         batches = [(batch["input"], labels) for batch, labels in
                    (next(data_iter) for _ in range(job.plan.batch.accumulation))]
         metrics.add_data_time(time.perf_counter() - t0)
+        lr = job.lr_schedulers.get_last_lr()  # this step's (train_step moves the schedule on)
         out = train_step(job.runner, batches, step=state.step, dims=job.plan.dims, optimizers=job.optimizers,
-                         lr_schedulers=job.lr_schedulers, max_norm=t.max_norm, hooks=hooks)
+                         lr_schedulers=job.lr_schedulers, max_norm=job.lr_schedulers.max_norm(state.step, t.max_norm),
+                         hooks=hooks)
         if not out.committed:  # a replica group failed mid-step: nothing was updated; redo it with the next quorum
             state.step -= 1
             continue
@@ -187,7 +190,8 @@ def run(job: Job) -> list[dict]:
             extra = {"skipped_steps": int(hooks.spike_guard.skipped)} if hooks.spike_guard else {}
             extra.update(groups.metrics())
             extra.update(hooks.balance.metrics() if hooks.balance is not None else {})
-            records.append(metrics.log(state.step, loss, float(out.grad_norm), job.lr_schedulers.get_last_lr(), extra))
+            extra.update(job.dataloader.source_metrics())  # a mixture's per-source shares and tokens
+            records.append(metrics.log(state.step, loss, float(out.grad_norm), lr, extra))
         if job.validator is not None and job.validator.due(state.step):
             hooks.guard.check()
             for v in job.validator.run(job.runner):

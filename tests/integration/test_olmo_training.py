@@ -38,6 +38,21 @@ def test_olmo2_tensor_parallel_matches_single_process(tmp_path, olmo2_seed):
     assert_same_losses(losses(str(tmp_path / "single")), losses(str(tmp_path / "tp2")))
 
 
+def test_olmo2_no_embedding_decay_fsdp_matches_single_process(tmp_path, olmo2_seed):
+    """decay_embeddings = false (OLMo 2's recipe) on FSDP2 DTensor shards over 2 ranks: the same losses as one
+    process after 3 steps, with the embedding in its own group of weight decay 0 on both."""
+    common = ["--job.config_file", OLMO2_DEBUG, *TINY, "--training.steps", "3", "--optimizer.decay_embeddings=false",
+              "--training.global_batch_size", "8", "--checkpoint.enable", "--checkpoint.initial_load_path", olmo2_seed]
+    procs = [run_train(str(tmp_path / "single"), common, config=OLMO2_DEBUG),  # 2 micro-batches of 4
+             run_train(str(tmp_path / "fsdp2"), [*common, "--parallelism.data_parallel_shard_degree", "2"], nproc=2,
+                       config=OLMO2_DEBUG)]  # 2 ranks x 4
+    for proc in procs:
+        assert "none on 1 tensors (524,288 parameters: embedding)" in proc.stdout + proc.stderr
+    single = losses(str(tmp_path / "single"))
+    assert sorted(single) == [1, 2, 3]
+    assert_same_losses(single, losses(str(tmp_path / "fsdp2")))
+
+
 def test_olmo_tied_fsdp_and_tp_match_single_process(tmp_path):
     """OLMo 1 debug ties embedding and output (like the 1B): one FSDP group and one TP DTensor for both."""
     model = ["--model.name", "olmo", "--model.flavor", "debugmodel"]

@@ -123,6 +123,7 @@ class CheckpointManager:
         self.model = model
         self.enabled = cfg.enable
         self.loaded_path: str | None = None
+        self.checkpoint_lr: float | None = None  # the lr the initial_load_path run would have used next
         self._pending: _PendingSave | None = None
         self._async_pg = None
         self._stager = None
@@ -169,6 +170,15 @@ class CheckpointManager:
             return self._finished_run(chosen)
         self._refuse_overwrite_of_newer(chosen.step, complete)
         return self._load_folder(chosen.path, chosen.step)
+
+    def stage_start_lr(self) -> float:
+        """The lr the initial_load_path run would have used next (lr_scheduler.start_lr_from_checkpoint)."""
+        if self.checkpoint_lr is None:
+            raise CheckpointError(f"lr_scheduler.start_lr_from_checkpoint: checkpoint.initial_load_path "
+                                  f"{self.cfg.initial_load_path} holds no optimizer state, so no lr (a weights-only "
+                                  f"export or converted weights); load a full checkpoint, or set optimizer.lr")
+        logger.info(f"lr schedule: peak lr {self.checkpoint_lr:.6g}, where {self.cfg.initial_load_path} stopped")
+        return self.checkpoint_lr
 
     def _finished_run(self, export) -> int:
         if export.step >= self.total_steps:
@@ -221,7 +231,14 @@ class CheckpointManager:
                                   f"checkpoint; point it at a step folder" + (f", e.g. {newest[-1]}" if newest else ""))
         meta = read_dcp_metadata(path)
         keys = top_level_keys(meta)
-        if self.cfg.initial_load_model_only:
+        self.checkpoint_lr = _saved_lr(path, meta)
+        if self.cfg.reset_trainer_state:
+            # A new stage: weights and optimizer moments; step, data position and lr schedule start afresh.
+            wanted = ["model"] + [k for k in ("optimizer",) if k in keys and k in self.states]
+            if "optimizer" not in wanted:
+                logger.warning(f"checkpoint.reset_trainer_state: {path} holds no optimizer state; the moments "
+                               f"start at zero")
+        elif self.cfg.initial_load_model_only:
             wanted = ["model"]
         else:
             wanted = [k for k in STATE_KEYS
@@ -229,8 +246,15 @@ class CheckpointManager:
         if "model" not in keys:
             raise CheckpointError(f"checkpoint.initial_load_path {path} has no model weights "
                                   f"(keys: {', '.join(sorted(keys))})")
-        logger.info(f"initial load from DCP {path} ({', '.join(wanted)})")
+        logger.info(f"initial load from DCP {path} ({', '.join(wanted)})"
+                    + (", trainer state reset" if self.cfg.reset_trainer_state else ""))
+        hyper = _hyperparameters(self.states.get("optimizer"))
         self._dcp_load(wanted, path, meta)
+        if "optimizer" in wanted and self.cfg.reset_trainer_state:
+            _restore_hyperparameters(self.states["optimizer"], hyper)  # this stage's lr, betas, weight decay
+        schedule = self.states.get("lr_scheduler")
+        if getattr(schedule, "peak_from_checkpoint", False) and "lr_scheduler" not in wanted:
+            schedule.set_peak(self.stage_start_lr())  # a new stage starts where the loaded run stopped
         return int(self.states["train_state"].step) if "train_state" in wanted else 0
 
     def _dcp_load(self, wanted: list[str], path: str, meta) -> None:
@@ -238,6 +262,8 @@ class CheckpointManager:
         check_fits(path, model_shapes(meta), state_shapes(model.state_dict()), what="checkpoint")
         try:
             dcp.load({k: self.states[k] for k in wanted}, checkpoint_id=path)
+            for k in wanted:  # states that depend on others loaded after them (dcp.load goes in key order)
+                getattr(self.states[k], "after_load", lambda: None)()
         except CheckpointError:
             raise
         except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException, a BaseException
@@ -405,3 +431,28 @@ class CheckpointManager:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+
+
+def _hyperparameters(optimizers) -> list[list[dict]] | None:
+    """Each param group's settings (everything but its params), to keep this run's over a loaded checkpoint's."""
+    if optimizers is None:
+        return None
+    return [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers.optimizers]
+
+
+def _restore_hyperparameters(optimizers, saved: list[list[dict]] | None) -> None:
+    for opt, groups in zip(optimizers.optimizers, saved or []):
+        for group, values in zip(opt.param_groups, groups):
+            group.update(values)
+
+
+def _saved_lr(path: str, meta) -> float | None:
+    """The learning rate stored with a checkpoint's optimizer (set for the step after the saved one), read alone."""
+    key = next((k for k in meta.state_dict_metadata if k.startswith("optimizer.param_groups.") and
+                k.endswith(".lr")), None)
+    if key is None:
+        return None
+    state = {"optimizer": {key.removeprefix("optimizer."): 0.0}}
+    dcp.load(state, checkpoint_id=path)
+    return float(next(iter(state["optimizer"].values())))
+

@@ -13,6 +13,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtitan.config.batch import BatchPlan
 from torchtitan.config.job_config import Data
 from torchtitan.datasets.memmap import build_memmap_dataset
+from torchtitan.datasets.mixture import build_mixture_dataset
 from torchtitan.datasets.text import DocumentSource, PackedWindows
 from torchtitan.distributed.fault_tolerance import SingleGroup
 from torchtitan.tools.errors import DataError
@@ -30,6 +31,11 @@ class ParallelAwareDataloader(StatefulDataLoader, Stateful):
         super().__init__(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate,
                          generator=torch.Generator().manual_seed(0))
         self.dp_degree = dp_degree
+
+    def source_metrics(self) -> dict:
+        """A source mixture's data/<name>/share and data/<name>/tokens since the last call (else nothing)."""
+        take = getattr(self.dataset, "take_source_metrics", None)
+        return take() if take is not None else {}
 
     def state_dict(self) -> dict:
         # One pickled blob: the state is the same on every rank, so DCP stores it once
@@ -73,6 +79,10 @@ class ReplicaDataloader(Stateful):
         self._stream: Iterator[dict] | None = None
         self._used: list[int] = []  # global indices this rank read in the current attempt
         replicas.on_commit(self._commit)
+
+    def source_metrics(self) -> dict:
+        """Per-source shares are not counted under fault tolerance (the stream is read sample by sample)."""
+        return {}
 
     def _sample(self, index: int) -> dict:
         if self._stream is None:
@@ -189,19 +199,25 @@ class BlockDataloader(ReplicaDataloader):
 
 
 def build_dataloader(data: Data, batch: BatchPlan, tokenizer, *, dp_rank: int, dump_folder: str, seed: int,
-                     groups: SingleGroup, infinite: bool = True) -> ParallelAwareDataloader | ReplicaDataloader:
-    """This dp rank's micro-batches; under fault tolerance cut from the global order for the groups present."""
+                     groups: SingleGroup, infinite: bool = True,
+                     budget: int = 0) -> ParallelAwareDataloader | ReplicaDataloader:
+    """This dp rank's micro-batches; under fault tolerance cut from the global order for the groups present.
+    budget: the run's instances (training.steps x global batch), which a source mixture is drawn for."""
     if groups.data_order != "local":
         # The global stream, one sample at a time: its state is valid after every sample.
         one = BatchPlan(local_batch_size=1, seq_len=batch.seq_len, dp=1)
         stream = build_dataloader(data, one, tokenizer, dp_rank=0, dump_folder=dump_folder, seed=seed,
-                                  groups=SingleGroup(dump_folder), infinite=infinite).dataset
+                                  groups=SingleGroup(dump_folder), infinite=infinite, budget=budget).dataset
         kwargs = dict(local_batch_size=batch.local_batch_size, dp_rank=dp_rank, dp_degree=batch.dp,
                       accumulation=batch.accumulation, replicas=groups)
         if groups.data_order == "global":
             return ReplicaDataloader(stream, **kwargs)
         return BlockDataloader(stream, sync_steps=groups.sync_steps, **kwargs)
-    if data.dataset == "memmap":
+    if data.dataset == "memmap" and (data.sources or data.instance_filter):
+        dataset = build_mixture_dataset(data, seq_len=batch.seq_len, local_batch_size=batch.local_batch_size,
+                                        global_batch_size=batch.group_batch_size, seed=seed, dp_rank=dp_rank,
+                                        dp_degree=batch.dp, dump_folder=dump_folder, budget=budget)
+    elif data.dataset == "memmap":
         dataset = build_memmap_dataset(data, seq_len=batch.seq_len, local_batch_size=batch.local_batch_size,
                                        global_batch_size=batch.group_batch_size, seed=seed, dp_rank=dp_rank,
                                        dp_degree=batch.dp, dump_folder=dump_folder)

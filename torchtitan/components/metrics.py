@@ -108,10 +108,13 @@ class MetricsLogger:
         logger.info(
             f"step {step:>6d}  loss {loss:8.4f}  grad_norm {grad_norm:8.4f}  lr {lr:.3e}  tps {tps:,.0f}  "
             f"tflops {tflops:.2f}  mfu {mfu_s}  mem {rec['memory_gib']:.2f}GiB  data {rec['data_wait_pct']:.1f}%  "
-            f"eta {_fmt_eta(eta)}" + "".join(f"  {k.replace('_', ' ')} {v}" for k, v in (extra or {}).items()))
+            f"eta {_fmt_eta(eta)}" + "".join(f"  {k.replace('_', ' ')} {v}" for k, v in (extra or {}).items()
+                                             if not k.startswith("data/")) + _shares(extra or {}))
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
-        self._scalars({f"train/{k}": v for k, v in rec.items() if k != "step" and v is not None}, step)
+        # A mixture's data/<source>/share and data/<source>/tokens keep their names; the rest are train/<key>.
+        self._scalars({(k if k.startswith("data/") else f"train/{k}"): v for k, v in rec.items()
+                       if k != "step" and v is not None}, step)
         self.window = StepTiming(start=time.perf_counter())
         self.tokens_since_log = 0
         return rec
@@ -166,6 +169,12 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()  # flushes the run file (offline) or the upload (online)
             self.wandb = None
+
+
+def _shares(extra: dict) -> str:
+    """A mixture's per-source shares on the step line: `  data web 0.600 code 0.300`."""
+    shares = [(k.split("/")[1], v) for k, v in extra.items() if k.startswith("data/") and k.endswith("/share")]
+    return "  data " + " ".join(f"{name} {v:.3f}" for name, v in shares) if shares else ""
 
 
 def _fmt_eta(seconds: float) -> str:

@@ -7,10 +7,16 @@ A step can be skipped on the device: torch's fused Adam/AdamW kernels take a
 `found_inf` tensor (the hook GradScaler uses) and leave parameters, moments and
 step counts untouched where it is set, with no host sync. The foreach and
 for-loop kernels cannot, so with them a skip check costs one sync.
+
+Weight decay follows the parameters' roles (components/param_groups.py): with optimizer.decay_embeddings or
+optimizer.decay_norm_and_bias off, those parameters form a second group with weight_decay 0; with both on (the
+default) each part has one group of every parameter. A resume keeps the config's weight decay per group, not
+the checkpoint's (as OLMo's trainer does), so changing these options between runs does what they say.
 """
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from torch import nn
@@ -21,8 +27,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from torchtitan.components.param_groups import describe_groups, excluded_roles, weight_decay_groups
 from torchtitan.config.job_config import Optimizer as OptimizerConfig
 
+logger = logging.getLogger("torchtitan")
 _OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
 
 
@@ -80,13 +88,20 @@ class OptimizersContainer(Stateful):
 
     def load_state_dict(self, state_dict: dict) -> None:
         for model, opt in zip(self.model_parts, self.optimizers):
+            # A group takes its hyperparameters from the checkpoint's entry of its first parameter: keep the
+            # weight decay this run's groups were built with (a checkpoint of another grouping would move it).
+            decays = [g["weight_decay"] for g in opt.param_groups]
             set_optimizer_state_dict(model, opt, optim_state_dict=state_dict,
                                      options=StateDictOptions(flatten_optimizer_state_dict=True))
+            for group, decay in zip(opt.param_groups, decays):
+                group["weight_decay"] = decay
 
 
 def build_optimizers(model_parts: list[nn.Module], cfg: OptimizerConfig, device_type: str) -> OptimizersContainer:
     cls = _OPTIMIZERS[cfg.name]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     kwargs.update(_kernel_kwargs(cfg.implementation, device_type))
-    optimizers = [cls([p for p in m.parameters() if p.requires_grad], **kwargs) for m in model_parts]
+    excluded = excluded_roles(cfg.decay_embeddings, cfg.decay_norm_and_bias)
+    optimizers = [cls(weight_decay_groups(m, cfg.weight_decay, excluded), **kwargs) for m in model_parts]
+    logger.info(describe_groups(optimizers, cfg.weight_decay, excluded))
     return OptimizersContainer(model_parts, optimizers)

@@ -91,6 +91,11 @@ class Optimizer:
     beta2: float = opt(0.95, "Adam beta2.")
     eps: float = opt(1e-8, "Adam epsilon.")
     weight_decay: float = opt(0.1, "Decoupled weight decay (AdamW).")
+    decay_embeddings: bool = opt(True, "Apply weight_decay to embedding weights (nn.Embedding, and an output layer "
+                                       "tied to it); false trains them without decay (OLMo 2). Roles by module "
+                                       "type: components/param_groups.py.")
+    decay_norm_and_bias: bool = opt(True, "Apply weight_decay to the weights and biases of norm layers and to every "
+                                          "bias; false trains them without decay (OLMo 1's option of that name).")
     implementation: str = opt("auto", "Kernel. auto: fused (CUDA and CPU), the fastest, and the one that skips a "
                                       "step with a non-finite gradient norm on the device; with foreach or "
                                       "for-loop that check costs a host sync per step.",
@@ -106,6 +111,29 @@ class LRScheduler:
                                           "stable phase. None: decay all steps after warm-up.")
     decay_type: str = opt("linear", "Decay shape.", ("linear", "sqrt", "cosine"))
     min_lr_factor: float = opt(0.0, "Final lr as a fraction of the peak lr.")
+    start_lr_from_checkpoint: bool = opt(False, "With checkpoint.initial_load_path (a new stage): the peak lr is "
+                                                "the lr the loaded run would have used next, not optimizer.lr "
+                                                "(OLMo 2's anneal starts where stage 1 stopped).")
+    grad_clip_warmup_steps: int | None = opt(None, "OLMo's gradient-clipping warm-up: steps 2 to "
+                                                   "grad_clip_warmup_steps + 1 clip at training.max_norm x "
+                                                   "grad_clip_warmup_factor, the others at max_norm (OLMo clips with "
+                                                   "the threshold its scheduler set on the step before; "
+                                                   "docs/olmo.md). Set both or neither.")
+    grad_clip_warmup_factor: float | None = opt(None, "Multiplier of training.max_norm during the gradient-clipping "
+                                                      "warm-up (OLMo 7B: 10 over 1000 steps).")
+
+
+@dataclass
+class Source:
+    """One named source of a memmap mixture ([[data.sources]] tables; docs/datasets.md)."""
+
+    name: str = opt("", "Name: the data/<name>/* metrics and inspect_batch.py show it.")
+    paths: list[str] = opt([], "Token files (headerless, data.memmap_dtype); globs allowed, expanded in name order.")
+    label_mask_paths: list[str] = opt([], "Bool label-mask files, one per token file after expansion (globs "
+                                          "allowed); False marks a label to ignore.")
+    target_ratio: float = opt(0.0, "Fraction of the run's instances drawn from this source; the ratios sum to 1.")
+    max_repetition: float = opt(1.0, "How many times this source's instances may be seen over the run (fractional "
+                                     "allowed); a source too small for its share within it is an error.")
 
 
 @dataclass
@@ -126,6 +154,17 @@ class Data:
                                                  "to ignore.")
     data_order_ignore_fingerprint: bool = opt(False, "memmap dataset: resume even if the files differ from the saved "
                                                      "fingerprint.")
+    sources: list[Source] = opt([], "memmap dataset: a mixture of named sources, [[data.sources]] tables with name, "
+                                    "paths, label_mask_paths, target_ratio, max_repetition (instead of "
+                                    "memmap_paths). The run's instances (training.steps x global batch) are drawn "
+                                    "from them at the target ratios in one seeded order.")
+    instance_filter: bool = opt(False, "memmap dataset: leave out instances holding a pattern of period "
+                                       "instance_filter_min_period..instance_filter_max_period tokens repeated "
+                                       "instance_filter_max_count times or more in a row (OLMo-core's instance "
+                                       "filter), decided once when the order is built.")
+    instance_filter_max_period: int = opt(13, "Longest repeated pattern (tokens) the instance filter looks for.")
+    instance_filter_min_period: int = opt(1, "Shortest repeated pattern (tokens) the instance filter looks for.")
+    instance_filter_max_count: int = opt(32, "Repetitions in a row that make an instance degenerate.")
     document_masking: bool = opt(False, "Attention stays inside EOS-delimited documents of a packed window (the "
                                         "tokenizer's EOS ends a document); training and validation.")
     document_rope_restart: bool = opt(False, "With document_masking: RoPE positions restart at 0 in every document.")
@@ -263,6 +302,10 @@ class Checkpoint:
     exclude_from_loading: list[str] = opt([], "State keys not to load on resume (model, optimizer, lr_scheduler, "
                                               "dataloader, train_state, spike_guard).")
     enable_first_step_checkpoint: bool = opt(False, "Also save right after step 1.")
+    reset_trainer_state: bool = opt(False, "With initial_load_path: load the weights and the optimizer moments, "
+                                           "and start the step counter, data position and lr schedule afresh (a "
+                                           "new stage; OLMo's --reset_trainer_state). initial_load_model_only "
+                                           "loads the weights alone.")
 
 
 @dataclass
@@ -381,6 +424,11 @@ ALIASES: dict[str, str] = {
     "checkpoint.enable_checkpoint": "checkpoint.enable",
     "checkpoint.model_weights_only": "checkpoint.last_save_model_only",
     "training.batch_size": "training.local_batch_size",
+    # OLMo's key names (its fine-tuning command: --data.paths=[...] --data.label_mask_paths=[...]).
+    "data.paths": "data.memmap_paths",
+    "data.label_mask_paths": "data.memmap_label_mask_paths",
+    "load_path": "checkpoint.initial_load_path",
+    "reset_trainer_state": "checkpoint.reset_trainer_state",
     # What to train on moved to [data]; the training.* keys stay valid.
     **{f"training.{name}": f"data.{name}" for name in (
         "dataset", "dataset_path", "dataset_text_field", "shuffle_documents", "memmap_paths", "memmap_dtype",

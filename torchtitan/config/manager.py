@@ -52,9 +52,31 @@ def _suggest(name: str, candidates) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _convert_tables(key: str, raw: Any, cls, from_cli: bool) -> list:
+    """A TOML array of tables ([[data.sources]]) as a list of `cls` dataclasses, each key checked and typed."""
+    if from_cli:
+        raise ConfigError(f"{key}: write these as [[{key}]] tables in the TOML file; the command line cannot set them")
+    if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
+        raise ConfigError(f"{key}: expected [[{key}]] tables, got {raw!r}")
+    out = []
+    for i, table in enumerate(raw):
+        fmap = _field_map(cls)
+        for name in table:
+            if name not in fmap:
+                raise ConfigError(f"{key}[{i}]: unknown key '{name}'{_suggest(name, fmap)}; valid: {', '.join(fmap)}")
+        out.append(cls(**{name: _convert(f"{key}[{i}].{name}", value, _resolved_type(cls, name), False)
+                          for name, value in table.items()}))
+    return out
+
+
 def _convert_list(key: str, raw: Any, elem, from_cli: bool) -> list:
+    if is_dataclass(elem):
+        return _convert_tables(key, raw, elem, from_cli)
     if isinstance(raw, str) and from_cli:
-        raw = [s.strip() for s in raw.split(",") if s.strip()]
+        raw = raw.strip()
+        if raw.startswith("[") and raw.endswith("]"):  # OLMo's --data.paths=[a,b]
+            raw = raw[1:-1]
+        raw = [s.strip().strip("'\"") for s in raw.split(",") if s.strip()]
     if not isinstance(raw, list):
         raise ConfigError(f"{key}: expected a list of {elem.__name__}, got {raw!r}")
     return [_convert(key, x, elem, from_cli) for x in raw]
@@ -176,6 +198,10 @@ def parse_cli(argv: list[str]) -> list[tuple[str, str]]:
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if not arg.startswith("--") and arg.endswith(".toml"):
+            pairs.append(("job.config_file", arg))  # OLMo's `train.py CONFIG --key=value ...`: this file wins
+            i += 1
+            continue
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: overrides are written --section.key value")
         body = arg[2:]
@@ -257,7 +283,8 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
     set_by: dict[str, str] = {}
     notes: list[str] = []
     if config_file:
-        for path, data in config_chain(config_file):
+        chain = config_chain(config_file)
+        for path, data in chain:
             _apply_file(cfg, path, data, set_by, notes)
         cfg.job.config_file = config_file
         set_by["job.config_file"] = config_origin
@@ -265,13 +292,33 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
         canonical = _set(cfg, key, value, from_cli=True, notes=notes)
         if canonical is not None:
             set_by[canonical] = "cli"
+    _olmo_defaults(cfg, overrides, set_by, [path for path, _ in chain] if config_file else [])
     cfg.set_by = MappingProxyType(set_by)
     cfg.notes = tuple(dict.fromkeys(notes))
     return cfg
 
 
+def _olmo_defaults(cfg: JobConfig, overrides: list[tuple[str, str]], set_by: dict[str, str],
+                   chain: list[str]) -> None:
+    """What OLMo's keys imply: token files (data.paths, memmap_paths or [[data.sources]]) set later than
+    data.dataset (a file after the file it extends, or the command line) or without it mean memmap data; OLMo's
+    --load_path resumes the whole trainer state (--reset_trainer_state then keeps weights and optimizer moments)."""
+    def rank(key: str) -> int:
+        origin = set_by.get(key)
+        return -1 if origin is None else len(chain) if origin == "cli" else chain.index(origin)
+
+    d = cfg.data
+    files_at = max(rank("data.memmap_paths"), rank("data.sources"))
+    if files_at >= 0 and files_at > rank("data.dataset"):
+        d.dataset = "memmap"
+    if any(k == "load_path" for k, _ in overrides) and "checkpoint.initial_load_model_only" not in set_by:
+        cfg.checkpoint.initial_load_model_only = False
+
+
 def toml_value(v) -> str:
-    """One value in TOML syntax (scalars and lists of them)."""
+    """One value in TOML syntax (scalars, lists of them, and inline tables for [[data.sources]])."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):

@@ -170,9 +170,12 @@ class DataOrder:
     extended to a new epoch from inside the data iterator without any rank coordination.
     """
 
-    def __init__(self, folder: str, meta: dict, wait_seconds: float = 1800.0):
+    def __init__(self, folder: str, meta: dict, wait_seconds: float = 1800.0, build=None):
+        """build(epoch) -> the epoch's order (uint32, num_instances long); default: a permutation of all
+        instances (build_global_indices). A mixture passes its own (mixture.py)."""
         self.folder, self.meta, self.wait_seconds = folder, meta, wait_seconds
         self.num_instances, self.seed = meta["num_instances"], meta["seed"]
+        self.build = build or (lambda epoch: build_global_indices(self.num_instances, self.seed, epoch))
         self._cache: dict[int, np.ndarray] = {}
 
     @property
@@ -212,8 +215,10 @@ class DataOrder:
                     os.path.join(self.folder, indices_filename(0)))
 
     def _write_epoch(self, epoch: int) -> None:
-        _write_atomic(os.path.join(self.folder, indices_filename(epoch)),
-                      build_global_indices(self.num_instances, self.seed, epoch).tobytes())
+        order = self.build(epoch)
+        if len(order) != self.num_instances:  # pragma: no cover - a builder that disagrees with its meta
+            raise DataError(f"data order of epoch {epoch} has {len(order)} instances, expected {self.num_instances}")
+        _write_atomic(os.path.join(self.folder, indices_filename(epoch)), order.astype(np.uint32).tobytes())
 
     def _wait(self, ready) -> None:
         deadline = time.monotonic() + self.wait_seconds
@@ -264,17 +269,33 @@ class MemmapDataset(IterableDataset):
         if self.global_batch % self.micro:
             raise DataError(f"training.global_batch_size = {self.global_batch} is not a multiple of local_batch_size "
                              f"x dp = {self.micro}")
-        self.per_epoch = epoch_size(len(instances), self.global_batch)
+        self.per_epoch = epoch_size(order.num_instances, self.global_batch)
         if self.per_epoch == 0:
-            raise DataError(f"memmap data: {len(instances)} instances of {instances.seq_len} tokens in "
+            raise DataError(f"memmap data: {order.num_instances} instances of {instances.seq_len} tokens in "
                              f"{len(instances.files)} files, fewer than one global batch of {self.global_batch}")
         self.ignore_fingerprint = ignore_fingerprint
         self.epoch, self.consumed = 0, 0
+        # Mixtures: labelled tokens per source, counted over whole global micro-batches (the same on every rank).
+        self.sources = getattr(instances, "names", None)
+        self.source_tokens = np.zeros(len(self.sources or []), dtype=np.int64)
+        self._window_tokens = np.zeros_like(self.source_tokens)
+
+    def take_source_metrics(self) -> dict[str, float]:
+        """data/<name>/share (of the labelled tokens since the last call) and data/<name>/tokens (cumulative)."""
+        if not self.sources:
+            return {}
+        total = max(int(self._window_tokens.sum()), 1)
+        out = {}
+        for name, window, cumulative in zip(self.sources, self._window_tokens, self.source_tokens):
+            out[f"data/{name}/share"] = float(window) / total
+            out[f"data/{name}/tokens"] = int(cumulative)
+        self._window_tokens[:] = 0
+        return out
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "instances_consumed": self.consumed, "fingerprint": self.instances.fingerprint(),
                 "fingerprint_info": self.instances.fingerprint_info(), "num_instances": len(self.instances),
-                "seed": self.order.seed}
+                "seed": self.order.seed, **({"source_tokens": self.source_tokens.tolist()} if self.sources else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if state["fingerprint"] != self.instances.fingerprint():
@@ -294,6 +315,8 @@ class MemmapDataset(IterableDataset):
                              f"micro-batch {self.micro} (local_batch_size x dp): keep training.global_batch_size "
                              f"the same and a multiple of local_batch_size x dp when changing GPU count")
         self.epoch, self.consumed = int(state["epoch"]), consumed
+        if self.sources and len(state.get("source_tokens", [])) == len(self.sources):
+            self.source_tokens = np.asarray(state["source_tokens"], dtype=np.int64)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         lo = self.dp_rank * self.local_batch_size
@@ -303,6 +326,11 @@ class MemmapDataset(IterableDataset):
                 logger.info("memmap data: starting epoch %d", self.epoch)
             start = self.consumed + lo
             ids = np.asarray(self.order.indices(self.epoch)[start:start + self.local_batch_size])
+            if self.sources:
+                step_ids = np.asarray(self.order.indices(self.epoch)[self.consumed:self.consumed + self.micro])
+                counts = self.instances.labelled_tokens(step_ids)
+                self.source_tokens += counts
+                self._window_tokens += counts
             # Progress is global and advanced before yielding, so any state saved after this
             # micro-batch was fetched points at the next one, on every rank alike.
             self.consumed += self.micro

@@ -87,6 +87,13 @@ def _check_optimization(cfg: JobConfig) -> None:
     if lr.total_steps is not None and lr.total_steps < t.steps:
         raise ConfigError(f"lr_scheduler.total_steps = {lr.total_steps} must be at least training.steps = {t.steps} "
                           f"(or unset): the schedule would end before the run")
+    steps, factor = lr.grad_clip_warmup_steps, lr.grad_clip_warmup_factor
+    if (steps is None) != (factor is None):
+        raise ConfigError("lr_scheduler.grad_clip_warmup_steps and lr_scheduler.grad_clip_warmup_factor go together "
+                          f"(OLMo's gradient-clipping warm-up): set both or neither, got {steps} and {factor}")
+    if steps is not None and (steps < 0 or factor <= 0):
+        raise ConfigError(f"lr_scheduler.grad_clip_warmup_steps must be >= 0 and lr_scheduler.grad_clip_warmup_factor "
+                          f"> 0, got {steps} and {factor}")
     if t.spike_guard_sigma < 0 or t.spike_guard_window < 2:
         raise ConfigError(f"training.spike_guard_sigma must be >= 0 and training.spike_guard_window >= 2, got "
                           f"{t.spike_guard_sigma} and {t.spike_guard_window}")
@@ -264,8 +271,18 @@ def _check_files(cfg: JobConfig) -> None:
     if d.document_masking and d.dataset == "memmap" and not cfg.model.tokenizer_path:
         raise ConfigError("data.document_masking on memmap data needs model.tokenizer_path: documents end at the "
                           "EOS id of the tokenizer that wrote the token files, not the bundled debug tokenizer's")
-    if d.dataset == "memmap" and not d.memmap_paths:
-        raise ConfigError("data.dataset = memmap needs data.memmap_paths")
+    if d.dataset == "memmap" and not (d.memmap_paths or d.sources):
+        raise ConfigError("data.dataset = memmap needs data.memmap_paths or [[data.sources]] tables")
+    c = cfg.checkpoint
+    if c.reset_trainer_state and c.initial_load_model_only and "checkpoint.initial_load_model_only" in cfg.set_by:
+        raise ConfigError("checkpoint.reset_trainer_state loads the weights and the optimizer moments, "
+                          "checkpoint.initial_load_model_only = true the weights alone: set one of them")
+    if d.memmap_paths and d.sources:
+        raise ConfigError("data.memmap_paths and [[data.sources]] are both set: list the files in the sources "
+                          "(a source each), or use memmap_paths alone")
+    if d.memmap_label_mask_paths and d.sources:
+        raise ConfigError("data.memmap_label_mask_paths is for data.memmap_paths; with [[data.sources]] give each "
+                          "source its label_mask_paths")
     for key, path in (("model.tokenizer_path", cfg.model.tokenizer_path), ("data.dataset_path", d.dataset_path),
                       ("checkpoint.initial_load_path", cfg.checkpoint.initial_load_path)):
         if path and not os.path.exists(path):

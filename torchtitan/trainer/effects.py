@@ -34,7 +34,9 @@ class Requirement:
 _CHECKPOINT_OPTIONS = ("folder", "interval_type", "interval", "keep_latest_k", "load_step", "last_save_model_only",
                        "last_save_in_hf", "export_dtype", "async_mode", "exclude_from_loading",
                        "enable_first_step_checkpoint")
-_MEMMAP_OPTIONS = ("memmap_paths", "memmap_dtype", "memmap_label_mask_paths", "data_order_ignore_fingerprint")
+_MEMMAP_OPTIONS = ("memmap_paths", "memmap_dtype", "memmap_label_mask_paths", "data_order_ignore_fingerprint",
+                   "sources", "instance_filter")
+_FILTER_OPTIONS = ("instance_filter_max_period", "instance_filter_min_period", "instance_filter_max_count")
 _PIPELINE_OPTIONS = ("pipeline_parallel_schedule", "pipeline_parallel_schedule_csv", "pipeline_parallel_split_points",
                      "pipeline_parallel_layers_per_stage", "pipeline_parallel_microbatch_size")
 
@@ -63,7 +65,10 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 lambda c: c.checkpoint.last_save_model_only or c.checkpoint.last_save_in_hf,
                 "checkpoint.last_save_model_only = true or checkpoint.last_save_in_hf = true (only final exports "
                 "are cast)"),
-    Requirement(("checkpoint.initial_load_model_only",), "checkpoint.initial_load_path",
+    Requirement(tuple(f"data.{k}" for k in _FILTER_OPTIONS), "data.instance_filter",
+                lambda c: c.data.instance_filter, "data.instance_filter = true"),
+    Requirement(("checkpoint.initial_load_model_only", "checkpoint.reset_trainer_state",
+                 "lr_scheduler.start_lr_from_checkpoint"), "checkpoint.initial_load_path",
                 lambda c: bool(c.checkpoint.initial_load_path), "checkpoint.initial_load_path"),
     Requirement(tuple(f"data.{k}" for k in _MEMMAP_OPTIONS), "data.dataset",
                 lambda c: c.data.dataset == "memmap", 'data.dataset = "memmap"'),
@@ -74,6 +79,10 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 lambda c: c.data.document_masking, "data.document_masking = true"),
     Requirement(("training.spike_guard_window",), "training.spike_guard_sigma",
                 lambda c: c.training.spike_guard_sigma > 0, "training.spike_guard_sigma > 0"),
+    Requirement(("lr_scheduler.grad_clip_warmup_steps", "lr_scheduler.grad_clip_warmup_factor"), "training.max_norm",
+                lambda c: c.training.max_norm > 0, "training.max_norm > 0 (gradient clipping on)"),
+    Requirement(("optimizer.decay_embeddings", "optimizer.decay_norm_and_bias"), "optimizer.weight_decay",
+                lambda c: c.optimizer.weight_decay > 0, "optimizer.weight_decay > 0"),
     Requirement(("training.loss_chunk_size",), "parallelism.disable_loss_parallel",
                 lambda c: c.parallelism.tensor_parallel_degree == 1 or c.parallelism.disable_loss_parallel,
                 "parallelism.disable_loss_parallel = true under tensor parallel (loss parallel already keeps "

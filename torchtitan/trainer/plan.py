@@ -15,6 +15,7 @@ import torch
 from torchtitan.config import load_config, to_toml
 from torchtitan.config.batch import BatchPlan
 from torchtitan.config.job_config import JobConfig
+from torchtitan.datasets.mixture import check_sources
 from torchtitan.distributed.data_parallel import FSDPSettings, reshard_policy
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.models import get_train_spec
@@ -94,11 +95,15 @@ def make_plan(cfg: JobConfig, world_size: int, device_type: str | None = None) -
     check_layout(cfg, spec, args, dims, device_type=device_type, validation_shape=validation_shape)
     batch = BatchPlan.build(local_batch_size=t.local_batch_size, global_batch_size=t.global_batch_size,
                             seq_len=t.seq_len, dp=dims.dp, groups=ft.group_size if ft.enable else 1)
+    dry_run = cfg.comm.mode == "fake_backend"
+    if cfg.data.dataset == "memmap" and cfg.data.sources and not dry_run:
+        # Every source must hold its share within its cap: an error now, before any process group exists.
+        check_sources(cfg.data.sources, dtype=cfg.data.memmap_dtype, seq_len=t.seq_len,
+                      budget=t.steps * batch.global_batch_size)
     notes = [*cfg.notes, *effect_notes(cfg), *layout_notes(cfg, dims, device_type)]
     compile_loss = compile_loss_enabled(cfg, dims.tp)
     if cfg.compile.enable and "loss" in cfg.compile.components and not compile_loss:
         notes.append("compile: the loss stays eager under tensor-parallel loss_parallel (trainer/plan.py)")
-    dry_run = cfg.comm.mode == "fake_backend"
     float8 = "float8" in cfg.model.converters
     if dry_run and (float8 or cfg.parallelism.enable_async_tensor_parallel):
         notes.append("dry run: float8 and async TP need a GPU and are not applied; the plan and memory are those of "

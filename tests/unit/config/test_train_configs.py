@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 
 import pytest
 
 from torchtitan.config import load_config, to_toml
+from torchtitan.config.manager import toml_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,8 +50,7 @@ def test_configs_use_extends():
 @pytest.mark.parametrize("path", EXTENDING, ids=os.path.basename)
 def test_extending_config_equals_its_flattened_copy(path, tmp_path):
     flat = tmp_path / "flat.toml"
-    # JSON's strings, numbers, booleans and arrays are valid TOML values.
-    flat.write_text("".join(f"[{section}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in _dotted(table))
+    flat.write_text("".join(f"[{section}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in _dotted(table))
                             for section, table in _flat(path).items()))
     configs = [load_config(["--job.config_file", p], env={}) for p in (path, str(flat))]
     assert set(configs[0].set_by) == set(configs[1].set_by)

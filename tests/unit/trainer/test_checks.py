@@ -37,6 +37,15 @@ def _plan(*argv: str, world: int = 1):
     (["--training.loss_chunk_size", "-8"], "training.loss_chunk_size must be >= 0"),
     (["--profiling.enable_profiling", "--profiling.profiler_active", "20"], "profiler_active = 20 must be at most"),
     (["--training.steps", "100", "--lr_scheduler.total_steps", "50"], "lr_scheduler.total_steps = 50 must be at least"),
+    (["--lr_scheduler.grad_clip_warmup_steps", "1000"], "set both or neither, got 1000 and None"),
+    (["--lr_scheduler.grad_clip_warmup_factor", "10"], "set both or neither, got None and 10.0"),
+    (["--lr_scheduler.grad_clip_warmup_steps", "-1", "--lr_scheduler.grad_clip_warmup_factor", "10"],
+     "lr_scheduler.grad_clip_warmup_steps must be >= 0"),
+    (["--lr_scheduler.grad_clip_warmup_steps", "10", "--lr_scheduler.grad_clip_warmup_factor", "-2"],
+     "grad_clip_warmup_factor > 0, got 10 and -2.0"),
+    (["--training.max_norm", "0", "--lr_scheduler.grad_clip_warmup_steps", "10",
+      "--lr_scheduler.grad_clip_warmup_factor", "5"], "needs training.max_norm > 0"),
+    (["--optimizer.weight_decay", "0", "--optimizer.decay_embeddings=false"], "needs optimizer.weight_decay > 0"),
 ])
 def test_config_checks(argv, fragment):
     with pytest.raises(ConfigError) as e:

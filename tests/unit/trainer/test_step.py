@@ -139,3 +139,23 @@ def test_spike_guard_state_round_trips():
         assert bool(a.skip(torch.tensor(loss), one)) == bool(b.skip(torch.tensor(loss), one))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert int(a.skipped) == 1
+
+
+def test_grad_clip_warmup_clips_at_the_warmup_threshold():
+    """OLMo's grad-clip warm-up (2 steps, factor 10, max_norm 0.01): step 1 clips at 0.01, steps 2-3 at 0.1,
+    step 4 at 0.01 again. SGD with lr 1 moves the weights by the clipped gradient: its norm is the threshold."""
+    model = _model()
+    optimizer = _sgd(model)
+    scheds = build_lr_schedulers(optimizer, LRScheduler(warmup_steps=0, decay_ratio=0.0, grad_clip_warmup_steps=2,
+                                                        grad_clip_warmup_factor=10.0), 10)
+    runner = ModelRunner([model], cross_entropy_sum, torch.device("cpu"))
+    hooks = StepHooks(guard=NonFiniteGuard(), groups=SingleGroup(""))
+    moved = []
+    for step in range(1, 5):
+        before = [p.detach().clone() for p in model.parameters()]
+        out = train_step(runner, [_batch(step, 2)], step=step, dims=DIMS, optimizers=optimizer, lr_schedulers=scheds,
+                         max_norm=scheds.max_norm(step, 0.01), hooks=hooks)
+        assert float(out.grad_norm) > 0.1  # the unclipped norm: every step is clipped
+        moved.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.detach() - b) for p, b in zip(model.parameters(), before)]))))
+    assert moved == pytest.approx([0.01, 0.1, 0.1, 0.01], rel=1e-3)  # float32 weight differences
