@@ -118,7 +118,9 @@ def expected_scalars(records: list[dict]) -> dict[int, dict]:
         if "validation_loss" in rec:
             row.update({"validation/loss": rec["validation_loss"], "validation/ppl": rec["validation_ppl"]})
         else:
-            row.update({f"train/{k}": v for k, v in rec.items() if k != "step" and v is not None})
+            # A mixture's data/<source>/* keep their names (TensorBoard's too).
+            row.update({(k if k.startswith("data/") else f"train/{k}"): v for k, v in rec.items()
+                        if k != "step" and v is not None})
     return out
 
 
@@ -132,7 +134,8 @@ def test_every_scalar_and_the_config_are_in_the_offline_run(tmp_path):
     for step in range(1, 7):
         m.add_step(4096)
         recs.append(m.log(step, loss=10.0 / step, grad_norm=0.5 + step, lr=1e-3 * step,
-                          extra={"skipped_steps": step // 3, "moe/load_imbalance": 0.25 * step}))
+                          extra={"skipped_steps": step // 3, "moe/load_imbalance": 0.25 * step,
+                                 "data/web/share": 0.6, "data/web/tokens": 100 * step}))
         if step in (3, 6):
             recs.append(m.log_validation(step, loss=4.0 - step / 10, perplexity=50.0 - step, tokens=1024,
                                          seconds=0.1))
@@ -143,7 +146,8 @@ def test_every_scalar_and_the_config_are_in_the_offline_run(tmp_path):
     rows, expected = history(records), expected_scalars(recs)
     assert rows == expected  # every scalar at its step, nothing else, and the same names as TensorBoard's
     n = sum(len(r) for r in rows.values())
-    assert n == 6 * 11 + 2 * 2 and rows[6]["validation/ppl"] == 44.0 and rows[2]["train/moe/load_imbalance"] == 0.5
+    assert n == 6 * 13 + 2 * 2 and rows[6]["validation/ppl"] == 44.0 and rows[2]["train/moe/load_imbalance"] == 0.5
+    assert rows[2]["data/web/tokens"] == 200 and rows[2]["data/web/share"] == 0.6
     assert "train/mfu" not in rows[1]  # None on CPU: not a scalar
     run = run_record(records)
     assert (run.project, run.display_name, list(run.tags)) == ("proj", "my_run", ["a", "b"])
