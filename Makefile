@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# The ft extra (torchft) too, so the fault-tolerance tests run; torch stays pinned.
 	$(BIN)/python -m pip install -q torch==2.13.0 -e ".[dev,ft]"
+	# OLMo's own MemMapDataset, read by the tests as an independent reader of our token files. --no-deps: it
+	# declares numpy<2, which its data code does not need, and would downgrade numpy for everything else.
+	$(BIN)/python -m pip install -q --no-deps ai2-olmo==0.6.0 ai2-olmo-core==0.1.0 omegaconf
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,6 +4,7 @@
     python scripts/benchmark.py rows --rows ... --baseline .bench/torchtitan_anchor --wheels .bench/whl
     python scripts/benchmark.py overhead            # trainer step vs a minimal hand-written loop (CPU)
     python scripts/benchmark.py data                # tokenizer + packing tokens/s on one core
+    python scripts/benchmark.py prepare             # prepare_memmap_data.py tokens/s by --workers vs HF encode_batch
     python scripts/benchmark.py loss                # peak memory and time of plain / chunked / fused loss (CPU)
     python scripts/benchmark.py cp --seq-lens 16384   # context parallel vs one process: memory and tokens/s
     python scripts/benchmark.py moe                 # MoE vs dense of the same active size; EP2 all-to-all share
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -219,6 +221,69 @@ def cmd_data(args) -> None:
             best = max(best, n / (time.perf_counter() - t0))
         engine = getattr(tok, "backend", type(tok).__name__)
         print(f"tokenize + pack (seq 2048, one core), backend {backend} ({engine}): {best:,.0f} tokens/s")
+
+
+def _hf_encode_batch_tps(tokenizer_json: str, docs: list[str], batch: int) -> tuple[int, float]:
+    """(tokens, seconds) of the HF tokenizers library's own batch API on every core: the ceiling of tokenizing."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_json)
+    tok.encode_special_tokens = True  # as the trainer's tokenizer: specials in the text stay text
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    n, t0 = 0, time.perf_counter()
+    for i in range(0, len(docs), batch):
+        n += sum(len(e.ids) + 1 for e in encode(docs[i:i + batch], add_special_tokens=False))  # + EOS
+    return n, time.perf_counter() - t0
+
+
+def _engine_tps(tokenizer: str, backend: str, docs: list[str], batch: int) -> tuple[int, float]:
+    """(tokens, seconds) of the trainer's tokenizer object with this backend, in one process."""
+    from torchtitan.components.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(tokenizer, backend)
+    n, t0 = 0, time.perf_counter()
+    for i in range(0, len(docs), batch):
+        n += sum(map(len, tok.encode_batch(docs[i:i + batch], bos=False, eos=True)))
+    return n, time.perf_counter() - t0
+
+
+def cmd_prepare(args) -> None:
+    """scripts/prepare_memmap_data.py on the pydoc corpus repeated --repeat times (a .jsonl file, streamed), run as
+    a user runs it (wall time, process start included) with each --workers, beside HF encode_batch alone."""
+    from torchtitan.datasets.text import pydoc_documents
+
+    tokenizer = args.tokenizer or os.path.join(ROOT, "torchtitan", "assets", "tokenizer")
+    tokenizer_json = os.path.join(tokenizer, "tokenizer.json") if os.path.isdir(tokenizer) else tokenizer
+    docs = pydoc_documents("all") * args.repeat
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.jsonl")
+        with open(corpus, "w") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+        n, dt = _hf_encode_batch_tps(tokenizer_json, docs, args.batch_size)
+        print(f"pydoc corpus x {args.repeat}: {len(docs):,} documents, {os.cpu_count()} cores")
+        print(f"{'what':44s} {'tokens':>12s} {'seconds':>8s} {'tokens/s':>12s}")
+        print(f"{'HF tokenizers encode_batch alone (all cores)':44s} {n:12,d} {dt:8.2f} {n / dt:12,.0f}", flush=True)
+        for backend in args.backends.split(","):
+            if backend != "tokenizers":  # the engine this backend picks, alone in this process
+                n, dt = _engine_tps(tokenizer, backend, docs, args.batch_size)
+                name = f"tokenizer.encode_batch alone ({backend})"
+                print(f"{name:44s} {n:12,d} {dt:8.2f} {n / dt:12,.0f}", flush=True)
+            for workers in args.workers.split(","):
+                out = os.path.join(tmp, f"out-{backend}-{workers}")
+                cmd = [sys.executable, os.path.join(ROOT, "scripts", "prepare_memmap_data.py"), "--source", corpus,
+                       "--out-dir", out, "--tokenizer", tokenizer, "--workers", workers, "--tokenizer-backend",
+                       backend, "--batch-size", str(args.batch_size)]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                dt = time.perf_counter() - t0
+                name = f"prepare_memmap_data --workers {workers} ({backend})"
+                if proc.returncode != 0:
+                    print(f"{name:44s} FAILED: {proc.stderr[-300:]}")
+                    continue
+                with open(os.path.join(out, "prepare_info.json")) as f:
+                    n = json.load(f)["tokens"]
+                print(f"{name:44s} {n:12,d} {dt:8.2f} {n / dt:12,.0f}", flush=True)
+                shutil.rmtree(out)
 
 
 def _loss_variant(variant: str, tokens: int, dim: int, vocab: int, chunk: int, dtype_name: str) -> None:
@@ -537,6 +602,12 @@ def main() -> None:
     d.add_argument("--seconds", type=float, default=3.0)
     d.add_argument("--tokenizer", default="")
     d.add_argument("--backends", default="tokenizers,auto", help="model.tokenizer_backend values to compare")
+    pr = sub.add_parser("prepare")
+    pr.add_argument("--repeat", type=int, default=200, help="copies of the pydoc corpus in the input file")
+    pr.add_argument("--workers", default="1,2", help="--workers values to run")
+    pr.add_argument("--backends", default="auto", help="--tokenizer-backend values to run (auto, tokenizers)")
+    pr.add_argument("--batch-size", type=int, default=256, help="documents per tokenizer call")
+    pr.add_argument("--tokenizer", default="", help="tokenizer file or folder (default: the bundled one)")
     lo = sub.add_parser("loss")
     lo.add_argument("--tokens", type=int, default=4096)
     lo.add_argument("--dim", type=int, default=512)
@@ -577,8 +648,8 @@ def main() -> None:
     ds.add_argument("--threads", type=int, default=2)
     ds.add_argument("--models", default="debug,1b", help="debug (Llama 3 debug model), 1b (OLMo 2 1B shape)")
     args = ap.parse_args()
-    {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "loss": cmd_loss, "cp": cmd_cp,
-     "moe": cmd_moe, "families": cmd_families, "downstream": cmd_downstream}[args.cmd](args)
+    {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "prepare": cmd_prepare, "loss": cmd_loss,
+     "cp": cmd_cp, "moe": cmd_moe, "families": cmd_families, "downstream": cmd_downstream}[args.cmd](args)
 
 
 if __name__ == "__main__":
