@@ -45,7 +45,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 DEFAULT_TOKENIZER = os.path.join(ROOT, "torchtitan", "assets", "tokenizer")
-DTYPE_LIMITS = {"uint16": 2 ** 16, "uint32": 2 ** 32}
 # Extension -> reader. Streamed formats may be compressed; .csv/.arrow go through `datasets` as before.
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".parquet": "parquet",
            ".csv": "datasets", ".arrow": "datasets"}
@@ -61,12 +60,13 @@ class UserError(SystemExit):
 
 def pick_dtype(requested: str, vocab_size: int, tokenizer_path: str) -> str:
     """The requested dtype if every token id fits it; "auto" picks the smallest that fits."""
-    if requested == "auto":
-        return "uint16" if vocab_size <= DTYPE_LIMITS["uint16"] else "uint32"
-    if vocab_size > DTYPE_LIMITS[requested]:
-        raise UserError(f"error: tokenizer {tokenizer_path} has ids up to {vocab_size - 1}, which do not fit "
-                        f"{requested} (max {DTYPE_LIMITS[requested] - 1}); use --dtype uint32")
-    return requested
+    from torchtitan.datasets.memmap import token_dtype
+    from torchtitan.tools.errors import DataError
+
+    try:
+        return token_dtype(requested, vocab_size, tokenizer_path)
+    except DataError as e:
+        raise UserError(f"error: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------- sources

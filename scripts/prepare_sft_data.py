@@ -78,7 +78,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 DEFAULT_TOKENIZER = os.path.join(ROOT, "torchtitan", "assets", "tokenizer")
-DTYPE_LIMITS = {"uint16": 2 ** 16, "uint32": 2 ** 32}
 ROLES = ("system", "user", "assistant")
 OUTPUTS = ("input_ids.npy", "label_mask.npy", "prepare_info.json")
 MARKER = "\x00sft-content-marker\x00"
@@ -411,12 +410,14 @@ def encode_example(pieces: list[Piece], enc: PieceEncoder, eos: int, bos: int | 
 
 
 def pick_dtype(requested: str, vocab_size: int, tokenizer_path: str) -> str:
-    if requested == "auto":
-        return "uint16" if vocab_size <= DTYPE_LIMITS["uint16"] else "uint32"
-    if vocab_size > DTYPE_LIMITS[requested]:
-        raise UserError(f"tokenizer {tokenizer_path} has ids up to {vocab_size - 1}, which do not fit {requested} "
-                        f"(max {DTYPE_LIMITS[requested] - 1}); use --dtype uint32")
-    return requested
+    """The requested dtype if every token id fits it; "auto" picks the smallest that fits."""
+    from torchtitan.datasets.memmap import token_dtype
+    from torchtitan.tools.errors import DataError
+
+    try:
+        return token_dtype(requested, vocab_size, tokenizer_path)
+    except DataError as e:
+        raise UserError(f"{e}") from None
 
 
 def _one_line(e: BaseException) -> str:

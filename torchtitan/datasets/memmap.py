@@ -51,6 +51,17 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 ORDER_META = "data_order.json"
 
 
+def token_dtype(requested: str, vocab_size: int, tokenizer_path: str) -> str:
+    """The token-file dtype for a vocabulary: `requested` if every id fits it, "auto": the smallest that fits."""
+    if requested == "auto":
+        return "uint16" if vocab_size <= 2 ** 16 else "uint32"
+    limit = np.iinfo(DTYPES[requested]).max + 1
+    if vocab_size > limit:
+        raise DataError(f"tokenizer {tokenizer_path} has ids up to {vocab_size - 1}, which do not fit {requested} "
+                        f"(max {limit - 1}); use --dtype uint32")
+    return requested
+
+
 def indices_filename(epoch: int) -> str:
     return "global_indices.npy" if epoch == 0 else f"global_indices_epoch{epoch}.npy"
 
