@@ -95,6 +95,8 @@ def main() -> int:
     p.add_argument("--join-timeout-ms", type=int, default=1000,
                    help="the lighthouse waits this long for live groups to join a quorum; with DiLoCo, more than a "
                         "sync interval, so a restarted group waits for the live ones' next sync")
+    p.add_argument("--stagger", type=float, default=0.0,
+                   help="start replica group r after r x this many seconds (a job whose groups come up apart)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then trainer options for every group")
     args = p.parse_args()
     if args.train_args[:1] == ["--"]:
@@ -109,7 +111,11 @@ def main() -> int:
     address = f"http://localhost:{port}"
     print(f"lighthouse {address}; {args.replicas} replica groups of {args.nproc} process(es); logs in "
           f"{args.dump_folder}", flush=True)
-    groups = {r: start_group(r, args, address, f"replica_{r}.log") for r in range(args.replicas)}
+    groups = {}
+    for r in range(args.replicas):
+        if r and args.stagger:
+            time.sleep(args.stagger)
+        groups[r] = start_group(r, args, address, f"replica_{r}.log")
     victim, kill_step = (int(x) for x in args.kill.split(":")) if args.kill else (None, None)
     restarted = False
     deadline = time.monotonic() + args.timeout

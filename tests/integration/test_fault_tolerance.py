@@ -157,11 +157,14 @@ def _diloco_intervals(records: list[dict]) -> list[dict]:
 def test_kill_and_rejoin_diloco(tmp_path):
     """DiLoCo (semi-synchronous): each group trains SYNC_STEPS steps on its own block of the global order, then
     the groups average pseudo-gradients. Group 1 dies mid-interval: its block goes back to the queue and the
-    survivor trains it; the restarted group waits for the survivor's next sync, is healed there and syncs with it."""
+    survivor trains it; the restarted group waits for the survivor's next sync, is healed there and syncs with it.
+    Group 1 starts 4 s after group 0 (more than the lighthouse's join timeout): the job's first sync still waits
+    for both, so neither trains the first block alone."""
     dump = str(tmp_path / "ft")
     steps, h = 100, SYNC_STEPS
     proc = run_python([DEMO, "--replicas", "2", "--nproc", "1", "--dump-folder", dump, "--kill", f"1:{KILL_AT}",
-                       "--restart-after", "0.5", "--timeout", "200", "--join-timeout-ms", "3000", "--",
+                       "--restart-after", "0.5", "--timeout", "200", "--join-timeout-ms", "3000", "--stagger", "4",
+                       "--",
                        *_args(steps, ["--fault_tolerance.semi_sync_method", "diloco",
                                       "--fault_tolerance.sync_steps", str(h),
                                       "--checkpoint.enable", "--checkpoint.interval", "50"])], timeout=240)
@@ -177,6 +180,8 @@ def test_kill_and_rejoin_diloco(tmp_path):
     inner0 = [r["step"] for r in survivor if "block" in r]
     first = inner0[0]
     assert first <= h + 1 and inner0 == list(range(first, steps + 1)), inner0
+    first_syncs = [r for r in survivor + restarted if r.get("sync") and r["committed"] and r["step"] == 0]
+    assert [r["sync_present"] for r in first_syncs] == [2, 2], first_syncs  # the job started with both groups
     assert [r["step"] for r in read_metrics(os.path.join(dump, "replica_0"))] == list(range(first, steps + 1))
     syncs0 = {r["step"]: r for r in survivor if r.get("sync")}
     assert all(r["committed"] for r in syncs0.values())

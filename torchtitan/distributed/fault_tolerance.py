@@ -316,6 +316,7 @@ class DiLoCoGroups(_TorchftGroups):
         self._fragment = None  # torchft's DiLoCo fragment, built by register_state
         self._block: Callable[[], int] | None = None  # the data block this group trained since the last sync
         self._settle: Callable[[bool, list[int]], dict] | None = None
+        self._committed = False  # whether the last sync committed
 
     def register_state(self, states: dict[str, Stateful], model_parts: list[torch.nn.Module], optimizers) -> None:
         """Also DiLoCo's state, over `model_parts` trained by `optimizers` (the inner ones)."""
@@ -345,8 +346,14 @@ class DiLoCoGroups(_TorchftGroups):
         """The first quorum is a sync (the live groups' next one): a restarted group waits in it and is healed
         from a live group. Otherwise the checkpoint's step: its weights are the last sync's (checkpoints fall on
         syncs), the outer momentum starts again from zero (it is not checkpointed)."""
-        if self.sync():
-            return self._train_state.step
+        while True:
+            if self.sync(start=True):
+                return self._train_state.step
+            if self._committed:
+                break
+            # The job (re)starts and not every group was in the quorum: a group alone would train the first block
+            # by itself and a second one, alone in the next quorum, the same block again. Wait for all of them.
+            logger.info(f"fault tolerance: the job starts with all {self.cfg.group_size} replica groups; waiting")
         step = load()
         self.manager.load_state_dict({"step": step // self.sync_steps + 1, "batches_committed": 0})
         self._fragment.save_parameters()
@@ -361,12 +368,22 @@ class DiLoCoGroups(_TorchftGroups):
         else:
             self._write(record)
 
-    def sync(self, step: int | None = None, record: dict | None = None) -> bool:
+    def sync(self, step: int | None = None, record: dict | None = None, start: bool = False) -> bool:
         """DiLoCo's outer step across the groups present; True when this group was healed in its quorum. Without
-        `step` (resume()), the step is the train state's after the quorum: a healed group's is the live ones'."""
+        `step` (resume()), the step is the train state's after the quorum: a healed group's is the live ones'.
+        start: the first sync of this process; if no group has synced yet (the job starts), it commits only with
+        every group present, as a synchronous job's first step (torchft reads the attribute at should_commit)."""
         before = self.manager.current_step()
         self._start_quorum()
         healed = self.manager.current_step() != before  # only a heal moves the step before the commit
+        if start and not healed and self.manager.current_step() == 0:
+            self.manager._min_replica_size = self.cfg.group_size
+        try:
+            return self._sync(step, record, healed)
+        finally:
+            self.manager._min_replica_size = self.cfg.min_replica_size
+
+    def _sync(self, step: int | None, record: dict | None, healed: bool) -> bool:
         if step is None:
             step = self._train_state.step if self._train_state is not None else 0
         self._fragment.prepare_sync()  # pseudo-gradients, average over the groups present started
@@ -377,6 +394,7 @@ class DiLoCoGroups(_TorchftGroups):
             blocks[self.rank] = self._block() + 1
         self.manager.allreduce(blocks, reduce_op=dist.ReduceOp.SUM).wait()
         committed = self._fragment.perform_sync()  # should_commit; if so, outer step from the last sync's weights
+        self._committed = committed
         trained = sorted(int(b) - 1 for b in blocks.tolist() if b > 0) if committed else []
         record = dict(record or {"step": step, "replica": self.cfg.replica_id, "present": self.present,
                                  "rank": self.rank, "samples": []})
