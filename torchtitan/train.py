@@ -23,6 +23,7 @@ from torchtitan.components.lr_scheduler import LRSchedulersContainer, build_lr_s
 from torchtitan.components.metrics import MetricsLogger
 from torchtitan.components.optimizer import OptimizersContainer, build_optimizers
 from torchtitan.components.profiling import Profiler
+from torchtitan.components.qk_clip import build_qk_clip
 from torchtitan.components.tokenizer import build_tokenizer, check_vocab_fits
 from torchtitan.config import JobConfig, to_toml
 from torchtitan.distributed.fault_tolerance import build_replica_groups
@@ -139,7 +140,7 @@ def build(cfg: JobConfig, plan: Plan) -> Job | list[dict]:
     balance = ExpertBalance(parts, cfg.moe, dims, plan.batch.step_tokens(), device, pipeline) if args.moe else None
     hooks = StepHooks(guard=NonFiniteGuard(), groups=groups, spike_guard=spike_guard, balance=balance,
                       after_update=functools.partial(precompute_float8_scales, parts, cfg.float8)
-                      if plan.float8 else None)
+                      if plan.float8 else None, qk_clip=build_qk_clip(cfg.optimizer, parts))
     metrics = MetricsLogger(cfg.metrics, groups.log_folder, rank, plan.device_type, flops_per_token, world, t.steps,
                             write_files=(rank == 0), run_config=dataclasses.asdict(cfg))
     active = f" ({active_params:,} active per token)" if active_params != num_params else ""
@@ -190,6 +191,7 @@ def run(job: Job) -> list[dict]:
             extra = {"skipped_steps": int(hooks.spike_guard.skipped)} if hooks.spike_guard else {}
             extra.update(groups.metrics())
             extra.update(hooks.balance.metrics() if hooks.balance is not None else {})
+            extra.update(hooks.qk_clip.metrics() if hooks.qk_clip is not None else {})
             extra.update(job.dataloader.source_metrics())  # a mixture's per-source shares and tokens
             records.append(metrics.log(state.step, loss, float(out.grad_norm), lr, extra))
         if job.validator is not None and job.validator.due(state.step):

@@ -108,8 +108,9 @@ class MetricsLogger:
         logger.info(
             f"step {step:>6d}  loss {loss:8.4f}  grad_norm {grad_norm:8.4f}  lr {lr:.3e}  tps {tps:,.0f}  "
             f"tflops {tflops:.2f}  mfu {mfu_s}  mem {rec['memory_gib']:.2f}GiB  data {rec['data_wait_pct']:.1f}%  "
-            f"eta {_fmt_eta(eta)}" + "".join(f"  {k.replace('_', ' ')} {v}" for k, v in (extra or {}).items()
-                                             if not k.startswith("data/")) + _shares(extra or {}))
+            f"eta {_fmt_eta(eta)}" + "".join(f"  {k.replace('_', ' ')} {_fmt_value(v)}"
+                                             for k, v in (extra or {}).items() if not k.startswith("data/"))
+            + _shares(extra or {}))
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")
         # A mixture's data/<source>/share and data/<source>/tokens keep their names; the rest are train/<key>.
@@ -169,6 +170,10 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()  # flushes the run file (offline) or the upload (online)
             self.wandb = None
+
+
+def _fmt_value(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _shares(extra: dict) -> str:

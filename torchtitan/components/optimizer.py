@@ -10,7 +10,8 @@ for-loop kernels cannot, so with them a skip check costs one sync.
 
 Weight decay follows the parameters' roles (components/param_groups.py): with optimizer.decay_embeddings or
 optimizer.decay_norm_and_bias off, those parameters form a second group with weight_decay 0; with both on (the
-default) each part has one group of every parameter. A resume keeps the config's weight decay per group, not
+default) each part has one group of every parameter. optimizer.name = "Muon" puts the ``matrix`` role on Muon and
+the others on AdamW (components/muon.py). A resume keeps the config's weight decay per group, not
 the checkpoint's (as OLMo's trainer does), so changing these options between runs does what they say.
 """
 from __future__ import annotations
@@ -27,10 +28,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from torchtitan.components.param_groups import describe_groups, excluded_roles, weight_decay_groups
+from torchtitan.components.muon import Muon
+from torchtitan.components.param_groups import (
+    describe_groups,
+    describe_muon_groups,
+    excluded_roles,
+    muon_groups,
+    weight_decay_groups,
+)
 from torchtitan.config.job_config import Optimizer as OptimizerConfig
 
 logger = logging.getLogger("torchtitan")
+MUON_EPS = 1e-7  # torch.optim.Muon's: the floor of the norm Newton-Schulz divides by
 _OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
 
 
@@ -98,10 +107,21 @@ class OptimizersContainer(Stateful):
 
 
 def build_optimizers(model_parts: list[nn.Module], cfg: OptimizerConfig, device_type: str) -> OptimizersContainer:
-    cls = _OPTIMIZERS[cfg.name]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     kwargs.update(_kernel_kwargs(cfg.implementation, device_type))
     excluded = excluded_roles(cfg.decay_embeddings, cfg.decay_norm_and_bias)
-    optimizers = [cls(weight_decay_groups(m, cfg.weight_decay, excluded), **kwargs) for m in model_parts]
+    if cfg.name == "Muon":
+        optimizers = [Muon(muon_groups(m, cfg.weight_decay, excluded), muon_defaults=_muon_defaults(cfg), **kwargs)
+                      for m in model_parts]
+        logger.info(describe_muon_groups(model_parts))
+    else:
+        cls = _OPTIMIZERS[cfg.name]
+        optimizers = [cls(weight_decay_groups(m, cfg.weight_decay, excluded), **kwargs) for m in model_parts]
     logger.info(describe_groups(optimizers, cfg.weight_decay, excluded))
     return OptimizersContainer(model_parts, optimizers)
+
+
+def _muon_defaults(cfg: OptimizerConfig) -> dict:
+    return {"momentum": cfg.muon_momentum, "nesterov": cfg.muon_nesterov,
+            "ns_coefficients": tuple(cfg.muon_ns_coefficients), "ns_steps": cfg.muon_ns_steps,
+            "ns_eps": MUON_EPS, "ns_dtype": cfg.muon_ns_dtype, "adjust_lr_fn": cfg.muon_adjust_lr}

@@ -8,11 +8,13 @@ A parameter's role is read off its module's type, never off a name pattern:
 - ``norm``: weights and biases of a normalization layer (``NORM_CLASSES``);
 - ``bias``: a bias of any other module (``nn.Linear.bias``, the grouped experts' ``b1``/``b2``/``b3``);
 - ``output``: the output layer's weight (``model.output``, the lm head), a matrix like the others;
+- ``router``: the weights of an MoE router (``models/common/moe.py`` ``Router``: its gate);
 - ``matrix``: every other parameter of two or more dimensions (projections, stacked expert weights);
 - ``other``: the remaining vectors (attention sinks).
 
 AdamW's weight-decay groups (OLMo's ``decay_embeddings`` / ``decay_norm_and_bias``) are built from the roles here;
 an optimizer that treats matrices apart (Muon: ``matrix`` on Muon, the other roles on AdamW) reads the same roles.
+AdamW decays ``router`` and ``output`` like ``matrix``.
 Roles are computed per model part (each pipeline stage has its own optimizer) and hold for any parameter the
 module carries: plain tensors, FSDP2's DTensor shards, tensor-parallel DTensors.
 """
@@ -26,7 +28,7 @@ from torch import nn
 
 from torchtitan.distributed.tensor_parallel import HeadShardedRMSNorm
 from torchtitan.models.common.layers import NonParametricLayerNorm, PlusOneRMSNorm
-from torchtitan.models.common.moe import GroupedExperts
+from torchtitan.models.common.moe import GroupedExperts, Router
 
 
 class Role(str, enum.Enum):
@@ -34,6 +36,7 @@ class Role(str, enum.Enum):
     NORM = "norm"
     BIAS = "bias"
     OUTPUT = "output"
+    ROUTER = "router"
     MATRIX = "matrix"
     OTHER = "other"
 
@@ -51,7 +54,10 @@ class ParamRole(NamedTuple):
     role: Role
 
 
-def _role(module: nn.Module, name: str, param: torch.Tensor, output: nn.Module | None, tied: bool) -> Role:
+def _role(module: nn.Module, name: str, param: torch.Tensor, output: nn.Module | None, tied: bool,
+          routed: set[int]) -> Role:
+    if id(param) in routed and param.ndim >= 2:
+        return Role.ROUTER
     if isinstance(module, nn.Embedding):
         return Role.EMBEDDING
     if isinstance(module, NORM_CLASSES):
@@ -71,7 +77,8 @@ def parameter_roles(model: nn.Module) -> list[ParamRole]:
     for module in model.modules():  # the first module holding a shared parameter owns it (a tied embedding)
         for name, p in module.named_parameters(recurse=False):
             owner.setdefault(id(p), (module, name))
-    return [ParamRole(fqn, p, _role(*owner[id(p)], p, output, tied)) for fqn, p in model.named_parameters()]
+    routed = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
+    return [ParamRole(fqn, p, _role(*owner[id(p)], p, output, tied, routed)) for fqn, p in model.named_parameters()]
 
 
 def excluded_roles(decay_embeddings: bool, decay_norm_and_bias: bool) -> frozenset[Role]:
@@ -102,3 +109,34 @@ def describe_groups(optimizers: list[torch.optim.Optimizer], weight_decay: float
         return line
     roles = ", ".join(r.value for r in Role if r in excluded)
     return f"{line}, none on {len(off)} tensors ({sum(p.numel() for p in off):,} parameters: {roles})"
+
+
+def muon_groups(model: nn.Module, weight_decay: float, excluded: frozenset[Role]) -> list[dict]:
+    """Muon's groups of one model part: the ``matrix`` role on Muon (weight decay on), every other role on
+    AdamW, split by weight decay as weight_decay_groups does."""
+    roles = [r for r in parameter_roles(model) if r.param.requires_grad]
+    matrices = [r.param for r in roles if r.role is Role.MATRIX]
+    rest = [r for r in roles if r.role is not Role.MATRIX]
+    decay = [r.param for r in rest if r.role not in excluded or weight_decay == 0]
+    no_decay = [r.param for r in rest if r.role in excluded and weight_decay != 0]
+    groups = [{"params": matrices, "muon": True, "weight_decay": weight_decay},
+              {"params": decay, "muon": False, "weight_decay": weight_decay},
+              {"params": no_decay, "muon": False, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def describe_muon_groups(model_parts: list[nn.Module]) -> str:
+    """One line: which roles step with Muon and which with AdamW, tensors and parameters of each, over this
+    rank's model parts."""
+    counts: dict[Role, list[int]] = {}
+    for part in model_parts:
+        for r in parameter_roles(part):
+            if r.param.requires_grad:
+                c = counts.setdefault(r.role, [0, 0])
+                c[0], c[1] = c[0] + 1, c[1] + r.param.numel()
+
+    def roles(which):
+        return ", ".join(f"{role.value} ({n} tensors, {k:,} parameters)" for role, (n, k) in counts.items()
+                         if which(role)) or "nothing"
+    return (f"optimizer: Muon on {roles(lambda r: r is Role.MATRIX)}; AdamW on "
+            f"{roles(lambda r: r is not Role.MATRIX)}")

@@ -85,7 +85,9 @@ class Model:
 
 @dataclass
 class Optimizer:
-    name: str = opt("AdamW", "Optimizer.", ("AdamW", "Adam"))
+    name: str = opt("AdamW", "Optimizer. Muon: orthogonalized momentum on the matrices, AdamW (lr, betas, eps, "
+                             "weight_decay above) on embeddings, output layer, norms, biases, routers and sinks "
+                             "(docs/optimizers.md).", ("AdamW", "Adam", "Muon"))
     lr: float = opt(8e-4, "Peak learning rate.")
     beta1: float = opt(0.9, "Adam beta1.")
     beta2: float = opt(0.95, "Adam beta2.")
@@ -96,6 +98,26 @@ class Optimizer:
                                        "type: components/param_groups.py.")
     decay_norm_and_bias: bool = opt(True, "Apply weight_decay to the weights and biases of norm layers and to every "
                                           "bias; false trains them without decay (OLMo 1's option of that name).")
+    muon_momentum: float = opt(0.95, "Muon: momentum of the matrices' gradient average.")
+    muon_nesterov: bool = opt(True, "Muon: Nesterov momentum (the update is the gradient lerped toward the "
+                                    "momentum).")
+    muon_ns_steps: int = opt(5, "Muon: Newton-Schulz iterations per orthogonalization.")
+    muon_ns_coefficients: list[float] = opt([3.4445, -4.775, 2.0315], "Muon: the quintic Newton-Schulz "
+                                                                       "coefficients (a, b, c).")
+    muon_ns_dtype: str = opt("bfloat16", "Muon: the dtype Newton-Schulz runs in (and shards travel in). "
+                                         "bfloat16 as torch.optim.Muon; float32 costs twice the traffic and "
+                                         "slower matmuls, and is insensitive to last-bit gradient noise.",
+                             ("bfloat16", "float32"))
+    muon_adjust_lr: str = opt("match_rms_adamw", "Muon: the update scale. match_rms_adamw: lr x 0.2 x "
+                                                 "sqrt(max(rows, cols)), an update RMS like AdamW's, so AdamW "
+                                                 "learning rates carry over (Moonlight); original: lr x "
+                                                 "sqrt(max(1, rows / cols)) (Keller Jordan's).",
+                              ("match_rms_adamw", "original"))
+    qk_clip_threshold: float | None = opt(None, "QK-clip (MuonClip): after each step, a head whose largest "
+                                                "attention logit in the step's forward exceeded this has its "
+                                                "query (and, without grouped K/V, key) weights scaled down to "
+                                                "bring it back to the threshold (Kimi K2: 100). Any optimizer. "
+                                                "None: off.")
     implementation: str = opt("auto", "Kernel. auto: fused (CUDA and CPU), the fastest, and the one that skips a "
                                       "step with a non-finite gradient norm on the device; with foreach or "
                                       "for-loop that check costs a host sync per step.",

@@ -37,6 +37,11 @@ def set_pg_timeout(seconds: int) -> None:
             pass  # not every backend exposes a settable timeout; the init timeout then stays
 
 
+def mesh_group(mesh):
+    """One process group over every rank of `mesh` (a flattened copy of a multi-dimensional one)."""
+    return mesh.get_group() if mesh.ndim == 1 else mesh._flatten().get_group()
+
+
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     """Sum over `group`; None means a trivial group (nothing to reduce), never the world."""
     if group is not None and dist.get_world_size(group) > 1:

@@ -84,3 +84,28 @@ class AttentionCore(nn.Module):
     def extra_repr(self) -> str:
         window = f", window={self.mask.window}" if self.mask.window else ""
         return f"mask={self.mask.kind}{window}, backend={self.backend}"
+
+
+def attention_with_logit_max(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+                             documents: torch.Tensor | None = None,
+                             sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention from its explicit scores, and each head's largest score over the batch and the pairs the mask
+    allows: QK-clip's statistic (components/qk_clip.py), read off the scores the output is computed from. The
+    (S x S) scores of every head exist at once: the price of a statistic no fused SDPA kernel returns."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    pos = torch.arange(q.shape[2], device=q.device).unsqueeze(0)
+    ok = mask.allowed(pos, pos)
+    if documents is not None:
+        ok = ok & (documents[:, None, :, None] == documents[:, None, None, :])
+    scores = scores.masked_fill(~ok, float("-inf"))
+    logit_max = scores.detach().amax(dim=(0, 2, 3))
+    if sinks is not None:  # one more logit per head in every denominator, of value zero
+        sink = sinks.to(acc).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return (probs @ v.to(acc)).to(q.dtype), logit_max

@@ -94,6 +94,14 @@ def _check_optimization(cfg: JobConfig) -> None:
     if steps is not None and (steps < 0 or factor <= 0):
         raise ConfigError(f"lr_scheduler.grad_clip_warmup_steps must be >= 0 and lr_scheduler.grad_clip_warmup_factor "
                           f"> 0, got {steps} and {factor}")
+    if o.name == "Muon":
+        if len(o.muon_ns_coefficients) != 3 or not 1 <= o.muon_ns_steps < 100 or not 0 <= o.muon_momentum < 1:
+            raise ConfigError(f"optimizer.muon_ns_coefficients needs 3 values (a, b, c), optimizer.muon_ns_steps 1..99 "
+                              f"and optimizer.muon_momentum [0, 1), got {o.muon_ns_coefficients}, "
+                              f"{o.muon_ns_steps} and {o.muon_momentum}")
+    if o.qk_clip_threshold is not None and o.qk_clip_threshold <= 0:
+        raise ConfigError(f"optimizer.qk_clip_threshold must be > 0 (a logit, e.g. 100) or unset, got "
+                          f"{o.qk_clip_threshold}")
     if t.spike_guard_sigma < 0 or t.spike_guard_window < 2:
         raise ConfigError(f"training.spike_guard_sigma must be >= 0 and training.spike_guard_window >= 2, got "
                           f"{t.spike_guard_sigma} and {t.spike_guard_window}")
@@ -228,6 +236,8 @@ def _check_model_fits(cfg: JobConfig, spec: TrainSpec, args: DecoderArgs, dims: 
     if args.moe is not None and args.moe.num_experts % dims.ep:
         raise ConfigError(f"parallelism.expert_parallel_degree = {dims.ep} must divide the {args.moe.num_experts} "
                           f"experts of {label}")
+    if cfg.optimizer.qk_clip_threshold is not None:
+        _check_qk_clip(cfg, args, dims, label)
     if cfg.checkpoint.last_save_in_hf:
         try:
             spec.adapter(args).check_expressible()
@@ -236,6 +246,23 @@ def _check_model_fits(cfg: JobConfig, spec: TrainSpec, args: DecoderArgs, dims: 
     if dims.pp > args.n_layers:
         raise ConfigError(f"parallelism.pipeline_parallel_degree = {dims.pp} exceeds the {args.n_layers} layers of "
                           f"{label}")
+
+
+def _check_qk_clip(cfg: JobConfig, args: DecoderArgs, dims: ParallelDims, label: str) -> None:
+    """QK-clip scales the q/k projections of grouped-query attention, tracked in an eager forward."""
+    why = None
+    if args.attention != "gqa":
+        why = f"its {ATTENTION_CLASSES[args.attention].description} has no per-head q/k projections to scale"
+    elif args.qk_norm:
+        why = "it normalizes q and k (qk_norm): scaling their projections would not change the logits"
+    elif args.clip_qkv is not None:
+        why = "model clip_qkv clamps q and k: the logits are bounded already"
+    elif dims.cp > 1:
+        why = "context parallel attends K/V chunks on other ranks, where no rank sees a whole head's logits"
+    elif cfg.compile.enable:
+        why = "compile.enable: the tracked maximum is a side effect a compiled block does not keep"
+    if why is not None:
+        raise ConfigError(f"optimizer.qk_clip_threshold cannot be used with {label}: {why}")
 
 
 def _check_pipeline(cfg: JobConfig, args: DecoderArgs, label: str, on_cpu: bool, compiled: bool) -> None:

@@ -29,6 +29,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torchtitan.components.loss import FusedOutputLoss, logprob_sums
 from torchtitan.components.lr_scheduler import LRSchedulersContainer
 from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.components.qk_clip import QKClip
 from torchtitan.datasets import IGNORE_INDEX
 from torchtitan.distributed.context_parallel import shard_sequence
 from torchtitan.distributed.expert_parallel import reduce_partial_grads
@@ -146,6 +147,7 @@ class StepHooks:
     spike_guard: SpikeGuard | None = None  # skip the update of a loss or gradient-norm spike
     balance: ExpertBalance | None = None  # MoE routing statistics over the global batch
     after_update: Callable[[], None] | None = None  # after the optimizer (float8 scales)
+    qk_clip: QKClip | None = None  # after the optimizer: scale down heads whose logits exceeded the threshold
 
 
 def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tensor]], *, step: int,
@@ -191,6 +193,8 @@ def train_step(runner: ModelRunner, batches: list[tuple[torch.Tensor, torch.Tens
         mean_loss = all_reduce_sum(all_reduce_sum(loss_sum, dims.group("dp_cp")), dims.group("pp")) / n_global
         skip = skip | hooks.spike_guard.skip(mean_loss, grad_norm)
     optimizers.step(skip=skip)
+    if hooks.qk_clip is not None:
+        hooks.qk_clip.apply(skip)
     if hooks.after_update is not None:
         hooks.after_update()
     if balance is not None:

@@ -46,6 +46,10 @@ def _plan(*argv: str, world: int = 1):
     (["--training.max_norm", "0", "--lr_scheduler.grad_clip_warmup_steps", "10",
       "--lr_scheduler.grad_clip_warmup_factor", "5"], "needs training.max_norm > 0"),
     (["--optimizer.weight_decay", "0", "--optimizer.decay_embeddings=false"], "needs optimizer.weight_decay > 0"),
+    (["--optimizer.name", "Muon", "--optimizer.muon_ns_coefficients", "[3.4, -4.7]"],
+     "optimizer.muon_ns_coefficients needs 3 values"),
+    (["--optimizer.name", "Muon", "--optimizer.muon_ns_steps", "0"], "optimizer.muon_ns_steps 1..99"),
+    (["--optimizer.qk_clip_threshold", "0"], "optimizer.qk_clip_threshold must be > 0"),
 ])
 def test_config_checks(argv, fragment):
     with pytest.raises(ConfigError) as e:
@@ -155,3 +159,15 @@ def test_v_schedules_on_old_torch_gloo_fail_in_preflight(monkeypatch):
     _check(cfg, on_cpu=False)  # NCCL sends to the same rank
     cfg.parallelism.pipeline_parallel_schedule = "Interleaved1F1B"
     _check(cfg, on_cpu=True)
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--model.name", "olmo2"], "olmo2 debugmodel: it normalizes q and k (qk_norm)"),
+    (["--model.name", "deepseek_v3"], "has no per-head q/k projections"),
+    (["--parallelism.context_parallel_degree", "2"], "context parallel attends K/V chunks on other ranks"),
+    (["--compile.enable"], "compile.enable: the tracked maximum"),
+])
+def test_qk_clip_where_it_cannot_apply(argv, fragment):
+    with pytest.raises(ConfigError, match="^optimizer.qk_clip_threshold cannot be used with ") as e:
+        _plan("--optimizer.qk_clip_threshold", "100", *argv, world=2 if "context" in argv[0] else 1)
+    assert fragment in str(e.value) and "\n" not in str(e.value)

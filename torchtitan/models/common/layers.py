@@ -18,7 +18,7 @@ from torchtitan.models.common.args import DecoderArgs
 from torchtitan.models.common.mla import MultiHeadLatentAttention
 from torchtitan.models.common.moe import MoE
 from torchtitan.models.common.rope import apply_rope_half, apply_rope_interleaved
-from torchtitan.ops.attention import AttentionCore
+from torchtitan.ops.attention import AttentionCore, attention_with_logit_max
 from torchtitan.ops.moe import local_weight
 
 ROPE = {"interleaved": apply_rope_interleaved, "half": apply_rope_half}
@@ -109,6 +109,10 @@ class Attention(nn.Module):
         scalar = args.query_pre_attn_scalar
         self.q_scale = (self.head_dim / scalar) ** 0.5 if scalar is not None and scalar != self.head_dim else None
         self.sdpa = AttentionCore(args.attention_mask(layer_id), args.sdpa_backend)
+        # QK-clip (components/qk_clip.py) turns tracking on: training forwards then also keep each local head's
+        # largest attention logit since the last reset (a statistic, not state: never checkpointed).
+        self.track_logit_max = False
+        self.logit_max: torch.Tensor | None = None
 
     def norms(self) -> list[nn.Module]:
         return [self.q_norm, self.k_norm] if self.qk_norm else []
@@ -172,10 +176,13 @@ class Attention(nn.Module):
         # Grouped K/V heads go to the core as they are: it repeats them where its kernel needs it, and
         # context parallel passes the smaller tensors between ranks.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.sinks is None:
+        sinks = self.sinks.to_local() if isinstance(self.sinks, DTensor) else self.sinks
+        if self.track_logit_max and self.training:
+            out, logit_max = attention_with_logit_max(q, k, v, self.sdpa.mask, documents, sinks)
+            self.logit_max = logit_max if self.logit_max is None else torch.maximum(self.logit_max, logit_max)
+        elif sinks is None:
             out = self.sdpa(q, k, v, documents)
         else:
-            sinks = self.sinks.to_local() if isinstance(self.sinks, DTensor) else self.sinks
             out = self.sdpa(q, k, v, documents, sinks=sinks)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
