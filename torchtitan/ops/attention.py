@@ -51,6 +51,13 @@ def sdpa_context(backend: str):
     return contextlib.nullcontext() if backend == "default" else sdpa_kernel([SDPA_BACKENDS[backend]])
 
 
+def native_gqa(device_type: str, backend: str) -> bool:
+    """Whether SDPA takes grouped K/V heads as they are (enable_gqa) rather than copies repeated up to the query
+    heads. CPU kernels do (no copy); on CUDA only the flash kernel does,
+    and a GQA call the chosen kernel cannot take would fall back to the math kernel."""
+    return device_type != "cuda" or backend == "flash"
+
+
 LOCAL_TILE = 1024  # tokens per block when a local sequence is attended blockwise (sliding window, documents)
 
 
@@ -74,8 +81,13 @@ class AttentionCore(nn.Module):
         """sinks: (H,) learned per-head logits in the softmax denominators (attention sinks), or None."""
         if self.mask.kind == "causal" and documents is None and sinks is None:
             rep = q.shape[1] // k.shape[1]
-            if rep > 1:
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if rep == 1:
+                with sdpa_context(self.backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if native_gqa(q.device.type, self.backend):
+                with sdpa_context(self.backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             with sdpa_context(self.backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         spans = tiles(q.shape[2], LOCAL_TILE)

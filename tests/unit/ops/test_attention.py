@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from torchtitan.ops import attention
 from torchtitan.ops.attention import CAUSAL, AttentionCore, AttentionMask
@@ -43,3 +44,20 @@ def test_bad_masks_are_config_errors():
         AttentionMask("sliding_window")
     with pytest.raises(ConfigError, match="window"):
         AttentionMask("causal", 4)
+
+
+def test_grouped_kv_heads_without_copies_equal_repeated_heads():
+    """The causal path hands SDPA 2 K/V heads for 8 query heads (enable_gqa): the same output and gradients as
+    the heads repeated up to the queries."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, 128, 32, requires_grad=True) for h in (8, 2, 2))
+    out = AttentionCore(CAUSAL)(q, k, v)
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_causal=True)
+    ref.square().sum().backward()
+    assert torch.equal(out, ref)
+    for got, want in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, want)

@@ -109,11 +109,12 @@ def test_attention_core_on_cuda_sliding_window_and_documents_go_blockwise_with_f
 def test_attention_core_causal_on_cuda_enables_only_the_chosen_sdpa_backend(backend, monkeypatch):
     enabled = {}
 
-    def spy(q, k, v, is_causal):
+    def spy(q, k, v, is_causal, enable_gqa=False):
         enabled.update(cudnn=torch.backends.cuda.cudnn_sdp_enabled(), flash=torch.backends.cuda.flash_sdp_enabled(),
                        efficient=torch.backends.cuda.mem_efficient_sdp_enabled(),
                        math=torch.backends.cuda.math_sdp_enabled())
-        assert is_causal and k.shape[1] == q.shape[1]  # GQA heads repeated for SDPA
+        # GQA heads go to flash as they are; the other kernels take them repeated up to the query heads
+        assert is_causal and enable_gqa == (backend == "flash") and (k.shape[1] == q.shape[1]) != enable_gqa
         return torch.empty_like(q)
 
     monkeypatch.setattr(attention_mod.F, "scaled_dot_product_attention", spy)
@@ -135,6 +136,19 @@ def test_sdpa_fused_kernels_accept_the_trainer_causal_shapes_on_cuda():
     for out, lse in ((cudnn[0], cudnn[1]), (efficient[0], efficient[1]), (flash[0], flash[1])):
         assert (out.shape, out.dtype, lse.dtype) == (q.shape, torch.bfloat16, torch.float32)
         assert lse.shape[:3] == q.shape[:3]
+    assert_no_cpu_tensors(ops)
+
+
+def test_flash_takes_grouped_kv_heads_as_they_are_on_cuda():
+    """AttentionCore's flash path passes enable_gqa: the flash op and its backward take 2 K/V heads for 4 query
+    heads and return K/V gradients of the K/V heads' shape (no repeated copy)."""
+    with fake_cuda() as ops:
+        q, k, v = _qkv(128, heads=4, kv_heads=2, seq=512)
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            torch.empty_like(out[0]), q, k, v, out[0], out[1], out[2], out[3], out[4], out[5], 0.0, True, out[6],
+            out[7])
+    assert out[0].shape == q.shape and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
     assert_no_cpu_tensors(ops)
 
 

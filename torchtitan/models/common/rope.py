@@ -126,19 +126,25 @@ def _select(cache: torch.Tensor, seqlen: int, positions: torch.Tensor | None) ->
 
 
 def apply_rope_interleaved(x: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Meta's layout: rotate adjacent pairs (x0, x1), (x2, x3), ... of each head. x: (B, S, H, D)."""
+    """Meta's layout: rotate adjacent pairs (x0, x1), (x2, x3), ... of each head. x: (B, S, H, D).
+
+    Written as two whole-width multiplies by (cos, +-sin) tables, not per pair: the same bits as the pairwise
+    formula (a - b is a + (-b) exactly), without the strided half-width views that made it several times slower
+    forward and backward."""
     cs = _select(cache, x.shape[1], positions).unsqueeze(2)  # (B|1, S, 1, D/2, 2)
-    cos, sin = cs[..., 0], cs[..., 1]
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    cos = cs[..., 0].repeat_interleave(2, dim=-1)  # (c0, c0, c1, c1, ...)
+    sin = torch.stack([-cs[..., 1], cs[..., 1]], dim=-1).flatten(-2)  # (-s0, s0, -s1, s1, ...)
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 def apply_rope_half(x: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """GPT-NeoX / HF layout: rotate the first half of each head against the second. x: (B, S, H, D)."""
+    """GPT-NeoX / HF layout: rotate the first half of each head against the second. x: (B, S, H, D).
+    Whole-width multiplies, as apply_rope_interleaved."""
     cs = _select(cache, x.shape[1], positions).unsqueeze(2)
-    cos, sin = cs[..., 0], cs[..., 1]
+    cos = torch.cat([cs[..., 0], cs[..., 0]], dim=-1)
+    sin = torch.cat([-cs[..., 1], cs[..., 1]], dim=-1)
     xf = x.float()
-    x0, x1 = xf.chunk(2, dim=-1)
-    return torch.cat([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).type_as(x)
+    swapped = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (second half, first half)
+    return (xf * cos + swapped * sin).type_as(x)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchtitan.models.common.rope import YarnScaling, rope_cache, rope_frequencies
+from torchtitan.models.common.rope import (
+    YarnScaling,
+    apply_rope_half,
+    apply_rope_interleaved,
+    rope_cache,
+    rope_frequencies,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,3 +41,26 @@ def test_yarn_frequencies_and_attention_factor_equal_transformers(params, head_d
     angles = torch.outer(torch.arange(64, dtype=torch.float64), freqs)
     want = torch.stack([angles.cos(), angles.sin()], dim=-1) * want_factor
     assert table.dtype == torch.float32 and torch.equal(table, want.float())
+
+
+def _pairwise(x, cache, positions, layout):
+    """The rotation written per pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), as the layouts define it."""
+    cs = (cache[: x.shape[1]].unsqueeze(0) if positions is None else cache[positions]).unsqueeze(2)
+    cos, sin = cs[..., 0], cs[..., 1]
+    if layout == "interleaved":
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    x0, x1 = x.chunk(2, dim=-1)
+    return torch.cat([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_rope_equals_the_pairwise_rotation_bitwise(layout, with_positions):
+    """Whole-width multiplies by (cos, +-sin) tables (the fast form) give the pairwise formula's bits."""
+    torch.manual_seed(0)
+    cache = rope_cache(32, 128, 500000.0)
+    x = torch.randn(2, 64, 4, 32)
+    positions = torch.randint(0, 128, (2, 64)) if with_positions else None
+    apply = apply_rope_interleaved if layout == "interleaved" else apply_rope_half
+    assert torch.equal(apply(x, cache, positions), _pairwise(x, cache, positions, layout))
