@@ -10,6 +10,8 @@
     python scripts/benchmark.py moe                 # MoE vs dense of the same active size; EP2 all-to-all share
     python scripts/benchmark.py families            # each family's debug model vs a Llama of its active size (CPU)
     python scripts/benchmark.py downstream          # downstream evaluation documents/s vs ai2-olmo-eval's loop (CPU)
+    python scripts/benchmark.py peers               # ours vs transformers' / OLMo-core's code, same OLMo 2 shape (CPU)
+    python scripts/benchmark_muon.py step           # Muon vs AdamW: optimizer step time and communication
 
 `rows` runs the real trainer (run_train.sh) per row, averages the logged steps after `--skip`, and prints
 tokens/s, TFLOP/s, MFU and peak memory. With `--baseline FOLDER`, torchtitan 0.2.2's anchor recipe
@@ -32,6 +34,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import benchmark_peers  # noqa: E402  (scripts/ is on the path when run as a script)
 
 BENCH_8B = os.path.join(ROOT, "train_configs", "bench_llama3_8b_8l.toml")
 BENCH_1B = os.path.join(ROOT, "train_configs", "bench_llama3_1b.toml")
@@ -647,9 +651,11 @@ def main() -> None:
     ds.add_argument("--freq", type=int, default=1000, help="steps between evaluations, for the time share")
     ds.add_argument("--threads", type=int, default=2)
     ds.add_argument("--models", default="debug,1b", help="debug (Llama 3 debug model), 1b (OLMo 2 1B shape)")
+    benchmark_peers.add_parser(sub)
     args = ap.parse_args()
     {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "prepare": cmd_prepare, "loss": cmd_loss,
-     "cp": cmd_cp, "moe": cmd_moe, "families": cmd_families, "downstream": cmd_downstream}[args.cmd](args)
+     "peers": benchmark_peers.run, "cp": cmd_cp, "moe": cmd_moe,
+     "families": cmd_families, "downstream": cmd_downstream}[args.cmd](args)
 
 
 if __name__ == "__main__":

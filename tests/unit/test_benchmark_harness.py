@@ -39,6 +39,16 @@ def test_overhead_and_data_commands_run():
     assert len(rows) == 3 and len({r[-1] for r in rows}) == 1, proc.stdout  # same loss value three ways
 
 
+@pytest.mark.slow
+def test_peers_command_runs_every_contender_it_can_import():
+    proc = run_python(["scripts/benchmark.py", "peers", "--rounds", "1", "--steps", "1", "--warmup", "0",
+                       "--seq-len", "32", "--batch", "2"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0] for line in proc.stdout.splitlines() if line.endswith("x")}
+    assert {"ours", "ours_model", "hf_model"} <= rows, proc.stdout
+    assert "roofline: ours" in proc.stdout and "4,198,144 params" in proc.stdout
+
+
 def test_every_gpu_row_is_a_valid_config():
     """The rows only run on GPUs; their configs and overrides must at least load and pass preflight here."""
     from torchtitan.config import load_config
