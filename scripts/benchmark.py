@@ -1,7 +1,9 @@
 """Throughput benchmarks: named trainer configurations, trainer overhead on CPU, data-path speed.
 
     python scripts/benchmark.py rows --rows 8b8l_compile_sacop,1b_compile_noac --steps 30 --skip 15
-    python scripts/benchmark.py rows --rows ... --baseline .bench/torchtitan_anchor --wheels .bench/whl
+    python scripts/benchmark.py rows --rows ... --baseline benchmarks/torchtitan_baseline --wheels .whl
+    python scripts/benchmark.py rows --rows ... --plan-only   # each row's plan (fake backend), any machine
+    python scripts/benchmark.py profile --row 8b8l_compile_sacop   # top kernels of a traced step, trace gzipped
     python scripts/benchmark.py overhead            # trainer step vs a minimal hand-written loop (CPU)
     python scripts/benchmark.py data                # tokenizer + packing tokens/s on one core
     python scripts/benchmark.py prepare             # prepare_memmap_data.py tokens/s by --workers vs HF encode_batch
@@ -14,9 +16,9 @@
     python scripts/benchmark_muon.py step           # Muon vs AdamW: optimizer step time and communication
 
 `rows` runs the real trainer (run_train.sh) per row, averages the logged steps after `--skip`, and prints
-tokens/s, TFLOP/s, MFU and peak memory. With `--baseline FOLDER`, torchtitan 0.2.2's anchor recipe
-(FOLDER/run_anchor.sh; see docs/debugging.md, "The torchtitan baseline") runs first on the same machine and
-the table gains ratios.
+tokens/s, TFLOP/s, MFU and peak memory. With `--baseline FOLDER`, torchtitan 0.2.2's own trainer
+(FOLDER/run.sh: benchmarks/torchtitan_baseline) runs the rows that have a torchtitan twin first, on the same
+machine, and the table gains ratios. scripts/gpu_check.sh runs all of it on one GPU.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import benchmark_peers  # noqa: E402  (scripts/ is on the path when run as a script)
+import benchmark_peers  # noqa: E402
 
 BENCH_8B = os.path.join(ROOT, "train_configs", "bench_llama3_8b_8l.toml")
 BENCH_1B = os.path.join(ROOT, "train_configs", "bench_llama3_1b.toml")
@@ -57,6 +60,13 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
                                                 "2048", "--training.fused_output_loss"], ""),
     # Mixture of experts (no torchtitan anchor row): grouped experts in bf16, the MoE layers eager under compile.
     "olmoe_1b_7b_compile_fullac": (os.path.join(ROOT, "train_configs", "bench_olmoe_1b_7b.toml"), [], ""),
+    # Blockwise attention at long context (no torchtitan anchor row): packed documents with document masking
+    # (cross-document pairs skipped), and Gemma 3's sliding-window layers (window 512, every sixth layer global).
+    "1b_seq32k_docs_compile_sacop": (BENCH_1B, ["--training.seq_len", "32768", "--training.local_batch_size", "1",
+                                                "--data.document_masking", "--activation_checkpoint.mode",
+                                                "selective", "--activation_checkpoint.selective_ac_option", "op"], ""),
+    "gemma3_1b_seq32k_window_compile_sacop": (os.path.join(ROOT, "train_configs", "bench_gemma3_1b.toml"),
+                                              ["--training.seq_len", "32768"], ""),
     # CPU rows: the harness itself, runnable anywhere.
     "cpu_debug": (os.path.join(ROOT, "train_configs", "debug_model.toml"), ["--training.seq_len", "256",
                                                                           "--training.local_batch_size", "4"], ""),
@@ -88,11 +98,22 @@ def run_row(name: str, steps: int, skip: int, log_freq: int, extra: list[str]) -
     return out
 
 
-def run_baseline(anchor: str, wheels: str) -> dict[str, dict]:
-    """torchtitan's own recipe, same machine, right before ours; parses its 'step:' lines."""
-    proc = subprocess.run(["bash", "run_anchor.sh", os.path.abspath(wheels)], cwd=anchor, capture_output=True,
+def run_baseline(runner: str, wheels: str, rows: list[str]) -> dict[str, dict]:
+    """torchtitan's own trainer (runner: a folder with run.sh, as benchmarks/torchtitan_baseline), same machine,
+    right before ours, on the rows that have a torchtitan twin; parses its 'step:' lines."""
+    twins = [ROWS[r][2] for r in rows if ROWS[r][2]]
+    if not twins:
+        return {}
+    proc = subprocess.run(["bash", "run.sh", os.path.abspath(wheels), *twins], cwd=runner, capture_output=True,
                           text=True)
-    text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)
+    if proc.returncode != 0:
+        print(f"torchtitan baseline failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-500:]}")
+    return parse_baseline(proc.stdout)
+
+
+def parse_baseline(stdout: str) -> dict[str, dict]:
+    """run.sh's output ('== ROW (exit N)', then torchtitan's step lines) -> per row the mean of the last two."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", stdout)
     results, name = {}, None
     for line in text.splitlines():
         m = re.match(r"== (\S+) \(exit", line)
@@ -111,9 +132,32 @@ def run_baseline(anchor: str, wheels: str) -> dict[str, dict]:
             for k, v in results.items()}
 
 
+def plan_row(name: str) -> str:
+    """The row's plan without a step (comm.mode fake_backend: model, layout, memory estimate): its config and
+    overrides are checked on any machine."""
+    config, overrides, _ = ROWS[name]
+    with tempfile.TemporaryDirectory() as dump:
+        cmd = ["./run_train.sh", "--job.dump_folder", dump, "--comm.mode", "fake_backend", *overrides]
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, NGPU="1", CONFIG=config), capture_output=True,
+                              text=True)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        return f"{name:40s} FAILED: {text[-800:]}"
+    lines = [re.sub(r"^\[rank\d+\]:", "", line).strip() for line in text.splitlines()]
+    plan = [line for line in lines if line.startswith("mesh:") or re.match(r"\d+\s+\d+\s+\d+\s", line)]  # + GiB
+    return f"{name:40s} plan ok: " + " | ".join(" ".join(line.split()) for line in plan)
+
+
 def cmd_rows(args) -> None:
-    baseline = run_baseline(args.baseline, args.wheels) if args.baseline else {}
     names = args.rows.split(",")
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"benchmark.py rows: unknown row(s) {', '.join(unknown)}; valid: {', '.join(ROWS)}")
+    if args.plan_only:
+        for name in names:
+            print(plan_row(name))
+        return
+    baseline = run_baseline(args.baseline, args.wheels, names) if args.baseline else {}
     print(f"{'row':40s} {'tok/s':>10s} {'TFLOP/s':>8s} {'MFU':>7s} {'mem GiB':>8s} {'data%':>6s} {'vs tt':>7s} "
           f"{'tt tok/s':>9s}")
     for name in names:
@@ -128,6 +172,47 @@ def cmd_rows(args) -> None:
               f"{r['data_wait_pct']:6.2f} "
               f"{ratio:>7s} {tt['tps'] if tt else 0:9,.0f}")
     print(f"(steps {args.steps}, averaged over logged steps > {args.skip}; same machine, one run after the other)")
+
+
+def top_ops(trace_path: str, top: int) -> list[tuple[str, float, int]]:
+    """(name, total ms, calls) of a chrome trace's GPU kernels, or of its CPU ops when it has no kernels."""
+    with open(trace_path) as f:
+        events = [e for e in json.load(f).get("traceEvents", []) if e.get("ph") == "X"]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    chosen = kernels or [e for e in events if e.get("cat") == "cpu_op"]
+    totals: dict[str, list[float]] = {}
+    for e in chosen:
+        t = totals.setdefault(e["name"], [0.0, 0])
+        t[0] += e.get("dur", 0) / 1000
+        t[1] += 1
+    return sorted(((k, v[0], v[1]) for k, v in totals.items()), key=lambda r: -r[1])[:top]
+
+
+def cmd_profile(args) -> None:
+    """One row with the last of its steps traced: the top kernels (or CPU ops) and the trace, gzipped."""
+    import glob
+    import gzip
+
+    config, overrides, _ = ROWS[args.row]
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as dump:
+        cmd = ["./run_train.sh", "--job.dump_folder", dump, "--training.steps", str(args.steps), *overrides,
+               "--profiling.enable_profiling", "--profiling.profile_freq", str(args.steps),
+               "--profiling.profiler_active", "1", "--metrics.log_freq", str(args.steps)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, NGPU="1", CONFIG=config), capture_output=True,
+                              text=True)
+        traces = sorted(glob.glob(os.path.join(dump, "**", "rank0_trace.json"), recursive=True))
+        if proc.returncode != 0 or not traces:
+            print(f"{args.row} FAILED: {(proc.stdout + proc.stderr)[-1500:]}")
+            return
+        rows = top_ops(traces[-1], args.top)
+        with open(traces[-1], "rb") as f, gzip.open(os.path.join(args.out, f"trace_{args.row}.json.gz"), "wb") as g:
+            shutil.copyfileobj(f, g)
+    total = sum(r[1] for r in rows)
+    print(f"{args.row}: step {args.steps} traced; top {len(rows)} by total time ({total:.1f} ms among them)")
+    for name, ms, calls in rows:
+        print(f"{ms:10.2f} ms {calls:6d}x  {name[:110]}")
+    print(f"trace: {os.path.join(args.out, f'trace_{args.row}.json.gz')}")
 
 
 def cmd_overhead(args) -> None:
@@ -592,8 +677,14 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=30)
     r.add_argument("--skip", type=int, default=15)
     r.add_argument("--log-freq", type=int, default=5)
-    r.add_argument("--baseline", help="folder with torchtitan's anchor recipe (run_anchor.sh)")
-    r.add_argument("--wheels", default=".bench/whl")
+    r.add_argument("--baseline", help="torchtitan's runner folder (benchmarks/torchtitan_baseline: run.sh)")
+    r.add_argument("--wheels", default=".whl", help="wheels for the runner (torchtitan 0.2.2 and its deps)")
+    r.add_argument("--plan-only", action="store_true", help="plan each row (fake backend), run no step")
+    pf = sub.add_parser("profile")
+    pf.add_argument("--row", default="8b8l_compile_sacop")
+    pf.add_argument("--steps", type=int, default=10, help="the last of them is traced")
+    pf.add_argument("--out", default="benchmarks/results")
+    pf.add_argument("--top", type=int, default=25)
     r.add_argument("extra", nargs="*", help="more trainer overrides, after --")
     o = sub.add_parser("overhead")
     o.add_argument("--steps", type=int, default=12)
@@ -654,7 +745,7 @@ def main() -> None:
     benchmark_peers.add_parser(sub)
     args = ap.parse_args()
     {"rows": cmd_rows, "overhead": cmd_overhead, "data": cmd_data, "prepare": cmd_prepare, "loss": cmd_loss,
-     "peers": benchmark_peers.run, "cp": cmd_cp, "moe": cmd_moe,
+     "peers": benchmark_peers.run, "profile": cmd_profile, "cp": cmd_cp, "moe": cmd_moe,
      "families": cmd_families, "downstream": cmd_downstream}[args.cmd](args)
 
 

@@ -111,6 +111,19 @@ def run_parity_driver(world: int, spec: dict, spec_path: str, out_path: str,
     return proc, results
 
 
+def run_parity_world(tmp: str, world: int, common: list[str], layouts: dict[str, list[str]]) -> tuple[dict, list]:
+    """run_parity_driver for one world size under tmp: (results of the layouts that finished, [an error line
+    naming the world and the layouts it did not reach, with the output's tail] when the launch failed)."""
+    spec = {"common": common, "dump_root": os.path.join(tmp, f"runs{world}"), "layouts": layouts}
+    proc, out = run_parity_driver(world, spec, os.path.join(tmp, f"spec{world}.json"),
+                                  os.path.join(tmp, f"out{world}.json"))
+    if proc.returncode == 0:
+        return out, []
+    missing = sorted(set(layouts) - set(out))
+    return out, [f"world {world} failed ({proc.returncode}) before {missing}:\n{proc.stdout[-3000:]}\n"
+                 f"{proc.stderr[-5000:]}"]
+
+
 def run_python(args: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(env), capture_output=True, text=True,
                           timeout=timeout)

@@ -70,13 +70,8 @@ def parity(tmp_path_factory) -> dict:
     results: dict = {"_errors": []}
     for world in (1, 2, 4):
         layouts = {name: args for name, (w, args) in LAYOUTS.items() if w == world}
-        spec = {"common": _common(seed), "dump_root": os.path.join(tmp, f"runs{world}"), "layouts": layouts}
-        proc, out = launch.run_parity_driver(world, spec, os.path.join(tmp, f"spec{world}.json"),
-                                             os.path.join(tmp, f"out{world}.json"))
-        if proc.returncode != 0:
-            missing = sorted(set(layouts) - set(out))
-            results["_errors"].append(f"world {world} failed ({proc.returncode}) before {missing}:\n"
-                                      f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        out, errors = launch.run_parity_world(tmp, world, _common(seed), layouts)
+        results["_errors"] += errors
         results.update(out)
     lines = ["layout         max|dloss|  |dgradnorm1|  max|dval|  max|dlb|   max|dz|   seconds"]
     for name in COMPARED:

@@ -65,13 +65,8 @@ def runs(tmp_path_factory) -> dict:
             step3 = os.path.join(tmp, "runs2", "fsdp2", "checkpoint", "step-3")
             layouts["tp2_resume_from_fsdp2"] = ["--job.config_file", launch.DEBUG_CONFIG, *TP2, *_bs(4),
                                                 "--load_path", step3]
-        spec = {"common": common, "dump_root": os.path.join(tmp, f"runs{world}"), "layouts": layouts}
-        proc, out = launch.run_parity_driver(world, spec, os.path.join(tmp, f"spec{world}.json"),
-                                             os.path.join(tmp, f"out{world}.json"))
-        if proc.returncode != 0:
-            missing = sorted(set(layouts) - set(out))
-            results["_errors"].append(f"world {world} failed ({proc.returncode}) before {missing}:\n"
-                                      f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        out, errors = launch.run_parity_world(tmp, world, common, layouts)
+        results["_errors"] += errors
         results.update(out)
     print("\n" + "\n".join(f"{name:<24} {r['loss']}" for name, r in results.items() if name != "_errors"))
     return results

@@ -35,6 +35,7 @@ def test_cpu_backends_match_reference(backend):
         assert torch.allclose(g, r, atol=1e-4)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient"])
 def test_cuda_backends_match_math(backend):

@@ -74,6 +74,7 @@ def test_bfloat16_close_to_float32():
     torch.testing.assert_close(out.float(), dense_attention(q, k, v, 24), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("window", [None, 300])
 def test_cuda_flash_kernel_matches_math(window):

@@ -51,6 +51,7 @@ def test_dispatch_uses_the_loop_on_cpu():
     assert torch.equal(grouped_mm(x, w, counts), grouped_mm_loop(x, w, counts))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: torch._grouped_mm in bfloat16")
 def test_cuda_bf16_grouped_mm_matches_the_loop():
     x, w, counts = _inputs(torch.bfloat16, "cuda")
