@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check torchtitan scripts tests
 
 test: lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=30
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

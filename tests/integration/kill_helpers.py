@@ -58,7 +58,8 @@ def _wait_gone(pids: list[int], timeout: float = 30) -> None:
 
 def _kill_after_step(dump: str, args: list[str], kill_step: int, timeout: float = 240, nproc: int = 1,
                      config: str = DEBUG_CONFIG) -> int:
-    """Start training, SIGKILL the whole process group once metrics.jsonl shows kill_step; return the last step seen."""
+    """Start training, SIGKILL the whole process group once metrics.jsonl shows kill_step and a checkpoint is
+    complete (an async save can still be writing steps later on a loaded machine); return the last step seen."""
     log = open(os.path.join(dump, "killed_run.log"), "w")
     proc = subprocess.Popen([sys.executable, *train_argv(dump, args, nproc, config)], cwd=ROOT, env=_env(None),
                             stdout=log, stderr=subprocess.STDOUT)
@@ -68,7 +69,7 @@ def _kill_after_step(dump: str, args: list[str], kill_step: int, timeout: float 
             if os.path.isfile(path):
                 with open(path) as f:
                     seen = max([json.loads(line)["step"] for line in f if line.strip()] or [0])
-                if seen >= kill_step:
+                if seen >= kill_step and complete_steps(dump):
                     break
             time.sleep(0.02)
         assert proc.poll() is None, f"the run ended before step {kill_step}: see {log.name}"
@@ -85,6 +86,8 @@ def _kill_after_step(dump: str, args: list[str], kill_step: int, timeout: float 
 
 def complete_steps(dump: str) -> list[int]:
     root = os.path.join(dump, "checkpoint")
+    if not os.path.isdir(root):
+        return []
     return sorted(int(n.split("-")[1]) for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, ".complete")))
 
 
