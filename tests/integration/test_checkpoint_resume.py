@@ -34,17 +34,28 @@ MOE_CKPT = ["--checkpoint.enable_checkpoint", "--checkpoint.interval", "2", "--c
 MOE_METRICS = ("loss", "grad_norm", "load_balance_loss", "router_z_loss", "expert_imbalance")
 
 
-def test_sigkill_between_checkpoints_then_resume_is_bitwise(tmp_path):
+def _guarded_kill_and_resume(tmp_path, optimizer: list[str]) -> str:
+    """The guard's skips, the optimizer's state and the data position survive a SIGKILL: bitwise equal losses."""
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-    run_train(ref, [*TINY, *GUARD, "--training.steps", str(STEPS)])  # uninterrupted, no checkpointing at all
+    run_train(ref, [*TINY, *GUARD, *optimizer, "--training.steps", str(STEPS)])  # uninterrupted, no checkpointing
     reference = {r["step"]: (r["loss"], r["grad_norm"], r["skipped_steps"]) for r in read_metrics(ref)}
     assert 0 < reference[STEPS][2] < STEPS - 2, reference  # the guard skips some steps, not all
 
-    resumed_from, after_restart = kill_and_resume(run, [*TINY, *GUARD, *CKPT], kill_step=6, steps=STEPS)
+    resumed_from, after_restart = kill_and_resume(run, [*TINY, *GUARD, *optimizer, *CKPT], kill_step=6, steps=STEPS)
     assert resumed_from in (4, 8), complete_steps(run)
     for r in after_restart:
         # Bitwise, data order and the spike guard's skips included.
         assert (r["loss"], r["grad_norm"], r["skipped_steps"]) == reference[r["step"]], r["step"]
+    return run
+
+
+def test_muon_with_the_spike_guard_resumes_bitwise(tmp_path):
+    """Muon skips a guarded step on the device flag like fused AdamW; its momentum is in the checkpoint."""
+    _guarded_kill_and_resume(tmp_path, ["--optimizer.name", "Muon"])
+
+
+def test_sigkill_between_checkpoints_then_resume_is_bitwise(tmp_path):
+    run = _guarded_kill_and_resume(tmp_path, [])
 
     # Earlier checkpoints stay full; the final one is weights only, really cast to bfloat16.
     ck = os.path.join(run, "checkpoint")

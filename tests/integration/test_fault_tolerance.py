@@ -129,10 +129,15 @@ def test_kill_and_rejoin_one_process_groups(tmp_path):
 
 
 def test_kill_and_rejoin_fsdp_groups(tmp_path):
-    """Two processes per replica group, FSDP inside each: rank r of each group reduces with rank r of the other."""
+    """Two processes per replica group, FSDP inside each: rank r of each group reduces with rank r of the other.
+    The optimizer is Muon: its Newton-Schulz gathers each matrix inside a group (the owner round-robin over that
+    group's two ranks) after torchft averaged the gradients across groups, and healing hands the rejoining group
+    Muon's momentum as well (else the weights would part again at the next step)."""
     dump = str(tmp_path / "ft")
-    steps = 70  # 4 trainer processes on the test machine's 2 cores: ~0.35 s a step, ~12 s to restart
-    _run_kill_scenario(dump, nproc=2, steps=steps, extra=["--checkpoint.enable", "--checkpoint.interval", "1000"])
+    steps = 70  # 4 trainer processes on the test machine's 2 cores: ~0.4 s a step, ~12 s to restart
+    _run_kill_scenario(dump, nproc=2, steps=steps, extra=["--checkpoint.enable", "--checkpoint.interval", "1000",
+                                                          "--optimizer.name", "Muon"])
+    assert "optimizer: Muon on matrix" in open(os.path.join(dump, "replica_0.log")).read()
     fresh = str(tmp_path / "fresh")
     run_train(fresh, [*TINY, "--checkpoint.enable", "--checkpoint.initial_load_path",
                       os.path.join(dump, "checkpoint", f"step-{steps}"), "--training.steps", "1"], nproc=2)

@@ -3,9 +3,10 @@
 Each layout starts from a seed checkpoint and sees the same global batch (4 x 64 tokens), as in
 test_parallel_parity.py; here the matrices step with Muon, whose Newton-Schulz runs on the full matrix gathered
 from the shards (components/muon.py). Per-step losses over 5 steps and the first gradient norm must agree within
-1e-5. A checkpoint written under FSDP2 resumes under TP2 (Muon's momentum and AdamW's moments resharded) with the
-losses of the uninterrupted FSDP2 run. The OLMoE layouts cover stacked experts (EP2: each rank orthogonalizes its
-own experts, batched) and the router on AdamW. One parity_driver.py launch per world size.
+1e-5, also with gradient accumulation (Muon steps once on the accumulated gradient). A checkpoint written under
+FSDP2 resumes under TP2 (Muon's momentum and AdamW's moments resharded) with the losses of the uninterrupted FSDP2
+run. The OLMoE layouts cover stacked experts (EP2: each rank orthogonalizes its own experts, batched) and the
+router on AdamW. One parity_driver.py launch per world size.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def _bs(n: int) -> list[str]:
     return ["--training.local_batch_size", str(n)]
 
 
+GBS4 = ["--training.global_batch_size", "4"]
+
+
 # Newton-Schulz in float32 for OLMoE: in bfloat16 (the default, torch's) a last-bit difference of a gradient between
 # layouts can round an element of the momentum to the neighbouring bfloat16 value, and the routing of later steps
 # amplifies that (1e-4 by step 4); in float32 every layout agrees to 1e-6. The dense layouts run the default.
@@ -37,7 +41,9 @@ F32 = ["--optimizer.muon_ns_dtype", "float32"]
 LAYOUTS: dict[str, tuple[int, str, list[str]]] = {
     "single": (1, "dense", _bs(4)),
     "moe_single": (1, "moe", _bs(4) + F32),
+    "accum2": (1, "dense", _bs(2) + GBS4),  # gradient accumulation: two micro-batches of 2 per step
     "fsdp2": (2, "dense", FSDP + _bs(2) + ["--checkpoint.interval", "3"]),
+    "fsdp2_accum2": (2, "dense", FSDP + _bs(1) + GBS4),
     "tp2": (2, "dense", TP2 + _bs(4)),
     "pp2": (2, "dense", ["--parallelism.pipeline_parallel_degree", "2"] + _bs(4)),
     "moe_ep2": (2, "moe", FSDP + _bs(2) + ["--parallelism.expert_parallel_degree", "2"] + F32),
