@@ -23,6 +23,7 @@ machine, and the table gains ratios. scripts/gpu_check.sh runs all of it on one 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -153,9 +154,10 @@ def cmd_rows(args) -> None:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         raise SystemExit(f"benchmark.py rows: unknown row(s) {', '.join(unknown)}; valid: {', '.join(ROWS)}")
-    if args.plan_only:
-        for name in names:
-            print(plan_row(name))
+    if args.plan_only:  # each plan is its own launch: run them side by side, print them in order
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
+            for line in pool.map(plan_row, names):
+                print(line, flush=True)
         return
     baseline = run_baseline(args.baseline, args.wheels, names) if args.baseline else {}
     print(f"{'row':40s} {'tok/s':>10s} {'TFLOP/s':>8s} {'MFU':>7s} {'mem GiB':>8s} {'data%':>6s} {'vs tt':>7s} "

@@ -78,7 +78,13 @@ def test_no_file_over_500_lines():
 
 _IMPORT_EACH = """
 import importlib, os, sys, traceback
-import torch  # paid once; every module is then imported by a forked child that has no torchtitan module yet
+import importlib.util
+# Third-party imports paid once; every module is then imported by a forked child that has no torchtitan module yet.
+import torch, torch._dynamo, torch.distributed.tensor, torch.distributed.checkpoint, torch.distributed.fsdp  # noqa
+import torch.distributed.pipelining, numpy  # noqa
+for extra in ("torchdata.stateful_dataloader", "tokenizers", "safetensors.torch", "tiktoken", "datasets"):
+    if importlib.util.find_spec(extra.split(".")[0]) is not None:
+        importlib.import_module(extra)
 failed = []
 for name in sys.argv[1:]:
     pid = os.fork()
