@@ -1,4 +1,4 @@
-"""Our trainer and model against the peers' code on the same OLMo 2 shape, interleaved in one process (CPU).
+"""Our trainer and model against the peers' code on the same OLMo 2 shape, interleaved step by step (CPU).
 
     python scripts/benchmark.py peers                      # 5 rounds; OLMo-core rows when olmo_core >= 2 imports
     python scripts/benchmark.py peers --compile            # also our trainer with torch.compile
@@ -10,11 +10,15 @@ AdamW with the trainer's defaults, clipping at 1.0):
   vocab 2048; 4.2M parameters) and its train_step;
 - ours_model: our model in the minimal loop below (forward, cross-entropy, backward, clip, AdamW);
 - hf_model: transformers' Olmo2ForCausalLM (its default SDPA attention) in that same loop, our initial weights;
+- hf_model_kept: the same, with the trainer's host-memory setting (training.cpu_keep_freed_memory) applied, so
+  what that setting gives is not counted as the model's;
 - olmo_core_model / olmo_core: OLMo-core's Transformer (olmo2_30M with 4 K/V heads: the same shape) in the
   loop, and its TransformerTrainModule's train_batch + optim_step (the trainer's per-step work).
-Rounds interleave the contenders, so drift of the machine hits all alike; the medians over every round's steps
-after its warm-up are compared. The roofline fraction is the model FLOP/s our trainer reaches (the model's
-flops_per_token, attention included) over the best float32 GEMM rate measured in the same invocation.
+Each contender runs in a process of its own (its own heap and malloc settings, as when launched alone), one process
+computing at a time. Each round takes one step of each contender in turn, its order rotated per round, so drift of the
+machine hits all alike; a ratio is the median over rounds of the two contenders' medians in that round (paired). The
+roofline fraction is the model FLOP/s our trainer reaches (the model's flops_per_token, attention included) over the
+best float32 GEMM rate measured in the same invocation.
 """
 from __future__ import annotations
 
@@ -24,11 +28,13 @@ import statistics
 import tempfile
 import time
 
+VOCAB = 2048  # the olmo2 debugmodel's
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_configs", "olmo2_debug.toml")
 
 
 def _gemm_peak(threads: int) -> float:
-    """Best float32 matmul FLOP/s over a few square sizes (the machine's practical ceiling for this model)."""
+    """Best float32 matmul FLOP/s over a few square sizes (the machine's practical ceiling for this model); run
+    once per round, the best of all rounds is the ceiling."""
     import torch
 
     torch.set_num_threads(threads)
@@ -37,7 +43,7 @@ def _gemm_peak(threads: int) -> float:
         a, b = torch.randn(n, n), torch.randn(n, n)
         for _ in range(2):
             a @ b
-        reps = max(3, int(2e9 / (2 * n ** 3)))
+        reps = max(3, int(1e10 / (2 * n ** 3)))
         t0 = time.perf_counter()
         for _ in range(reps):
             a @ b
@@ -166,52 +172,129 @@ def _profile(step, batch, steps: int = 3) -> list[tuple[str, float]]:
     return [(e.key, e.self_cpu_time_total / 1000 / steps) for e in rows[:15]]
 
 
-def run(args) -> None:
+def _build(name: str, args, dump: str):
+    """One contender's step function and what the report needs from it; None when it cannot be built here."""
+    import torch
+
+    from torchtitan.tools.host_memory import keep_freed_memory
+
+    lr = 3e-3
+    if name in ("ours", "ours_compiled"):
+        job, step = _ours(args, dump, compile_=name == "ours_compiled")
+        return step, {"flops_per_token": job.runner.parts[0].flops_per_token(args.seq_len)}
+    model, step = _our_model(lr)
+    info = {"params": sum(p.numel() for p in model.parameters())}
+    if name == "ours_model":
+        return step, info
+    if name.startswith("hf_model"):
+        if name == "hf_model_kept":  # the trainer's host-memory setting (training.cpu_keep_freed_memory)
+            keep_freed_memory(torch.device("cpu"))
+        return _hf_model(model, lr), info
+    oc = _olmo_core(args, lr)
+    if oc is None:
+        return None
+    version, loop, trainer_step = oc
+    return (loop if name == "olmo_core_model" else trainer_step), {"version": version}
+
+
+def _worker(name: str, args, conn) -> None:
+    """A contender in a process of its own (its own heap and malloc settings); steps when the parent says so."""
     import torch
 
     torch.set_num_threads(args.threads)
-    peak = _gemm_peak(args.threads)
-    lr = 3e-3
-    with tempfile.TemporaryDirectory() as dump, tempfile.TemporaryDirectory() as dump_c:
-        job, ours = _ours(args, dump, compile_=False)
-        contenders = {"ours": ours}
-        if args.compile:
-            contenders["ours_compiled"] = _ours(args, dump_c, compile_=True)[1]
-        our_model, contenders["ours_model"] = _our_model(lr)
-        contenders["hf_model"] = _hf_model(our_model, lr)
-        oc = _olmo_core(args, lr)
-        if oc is not None:
-            version, contenders["olmo_core_model"], contenders["olmo_core"] = oc
-        vocab = job.plan.model_args.vocab_size
-        batches = [torch.randint(0, vocab, (args.batch, args.seq_len + 1)) for _ in range(4)]
+    with tempfile.TemporaryDirectory() as dump:
+        built = _build(name, args, dump)
+        if built is None:
+            conn.send(None)
+            return
+        step, info = built
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, VOCAB, (args.batch, args.seq_len + 1), generator=g) for _ in range(4)]
+        for i in range(args.warmup):
+            step(batches[i % len(batches)])
+        conn.send(info)
+        while (msg := conn.recv()) is not None:
+            if msg == "profile":
+                conn.send(_profile(step, batches[0]))
+                continue
+            t0 = time.perf_counter()
+            step(batches[msg % len(batches)])
+            conn.send(time.perf_counter() - t0)
+
+
+def _interleaved(workers: dict, args) -> tuple[dict[str, list[list[float]]], float]:
+    """Seconds per step, per contender and round: each round takes one step of each in turn, its order rotated
+    by one per round, so drift of the machine and whoever-runs-first hit all alike. Only one process computes
+    at a time; the GEMM ceiling is measured once per round, between the steps."""
+    names = list(workers)
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
+    peak = 0.0
+    for r in range(args.rounds):
+        peak = max(peak, _gemm_peak(args.threads))
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append([])
+        for i in range(args.steps):
+            for name in order:
+                workers[name].send(i)
+                times[name][-1].append(workers[name].recv())
+    return times, peak
+
+
+CONTENDERS = ("ours", "ours_compiled", "ours_model", "hf_model", "hf_model_kept", "olmo_core_model", "olmo_core")
+
+
+def run(args) -> None:
+    import multiprocessing as mp
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ctx = mp.get_context("spawn")
+    workers, infos, procs = {}, {}, []
+    for name in CONTENDERS:
+        if name == "ours_compiled" and not args.compile:
+            continue
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(name, args, child), daemon=True)
+        proc.start()
+        procs.append(proc)
+        info = parent.recv()  # built and warmed up one at a time, so setups do not compete either
+        if info is not None:
+            workers[name], infos[name] = parent, info
+    try:
         if args.profile:
             for name in ("ours_model", "hf_model"):
+                workers[name].send("profile")
                 print(f"top ops by self CPU time, {name} (ms per step):")
-                for key, ms in _profile(contenders[name], batches[0]):
+                for key, ms in workers[name].recv():
                     print(f"  {ms:9.2f}  {key}")
-        times: dict[str, list[float]] = {name: [] for name in contenders}
-        for _ in range(args.rounds):
-            for name, step in contenders.items():
-                for i in range(args.warmup + args.steps):
-                    t0 = time.perf_counter()
-                    step(batches[i % len(batches)])
-                    if i >= args.warmup:
-                        times[name].append(time.perf_counter() - t0)
-        flops_per_token = job.runner.parts[0].flops_per_token(args.seq_len)
-    med = {name: statistics.median(t) for name, t in times.items()}
+        times, peak = _interleaved(workers, args)
+    finally:
+        for conn in workers.values():
+            conn.send(None)
+        for proc in procs:
+            proc.join(timeout=60)
+    _report(times, peak, infos, args)
+
+
+def _report(times: dict, peak: float, infos: dict, args) -> None:
+    med = {name: statistics.median(t for r in rounds for t in r) for name, rounds in times.items()}
+
+    def paired(a: str, b: str) -> float:  # b's time over a's, median over the rounds of each round's medians
+        return statistics.median(statistics.median(rb) / statistics.median(ra) for ra, rb in zip(times[a], times[b]))
+
     tokens = args.batch * args.seq_len
-    print(f"olmo2 debugmodel ({sum(p.numel() for p in our_model.parameters()):,} params), batch {args.batch} x seq "
-          f"{args.seq_len}, float32, {args.threads} threads, median of {len(times['ours'])} steps per contender "
-          f"({args.rounds} interleaved rounds of {args.steps} after {args.warmup} warm-up)")
-    if oc is None:
-        print("olmo_core >= 2 not importable: its rows are left out")
-    else:
-        print(f"olmo_core {version}")
+    print(f"olmo2 debugmodel ({infos['ours_model']['params']:,} params), batch {args.batch} x seq {args.seq_len}, "
+          f"float32, {args.threads} threads, one process per contender, median of {args.rounds * args.steps} steps "
+          f"each ({args.rounds} rounds of {args.steps} steps, interleaved step by step, after {args.warmup} warm-up)")
+    print(f"olmo_core {infos['olmo_core']['version']}" if "olmo_core" in infos
+          else "olmo_core >= 2 not importable: its rows are left out")
     print(f"{'contender':16s} {'ms/step':>9s} {'tokens/s':>10s} {'ours is':>9s}")
     for name, t in med.items():
-        print(f"{name:16s} {t * 1000:9.1f} {tokens / t:10,.0f} {t / med['ours']:8.3f}x")
-    print(f"ours_model vs hf_model (same loop): {med['hf_model'] / med['ours_model']:.3f}x")
-    achieved = flops_per_token * tokens / med["ours"]
+        print(f"{name:16s} {t * 1000:9.1f} {tokens / t:10,.0f} {paired('ours', name):8.3f}x")
+    print(f"ours_model vs hf_model (same loop, glibc's default malloc): {paired('ours_model', 'hf_model'):.3f}x")
+    achieved = infos["ours"]["flops_per_token"] * tokens / med["ours"]
     print(f"roofline: ours {achieved / 1e9:.1f} GFLOP/s of model FLOPs / best fp32 GEMM {peak / 1e9:.1f} GFLOP/s "
           f"= {achieved / peak:.2f}")
 

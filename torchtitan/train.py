@@ -32,6 +32,7 @@ from torchtitan.distributed.utils import init_distributed, set_determinism, set_
 from torchtitan.models.common.parallelize import parallelize_decoder
 from torchtitan.tools.device import local_device
 from torchtitan.tools.errors import EXIT_USER_ERROR, UserError
+from torchtitan.tools.host_memory import keep_freed_memory
 from torchtitan.tools.logging import init_logging
 from torchtitan.trainer.balance import ExpertBalance
 from torchtitan.trainer.downstream_eval import DownstreamEvaluator, build_downstream_evaluator
@@ -71,6 +72,7 @@ def build(cfg: JobConfig, plan: Plan) -> Job | list[dict]:
     t, dims, args = cfg.training, plan.dims, plan.model_args
     rank, world = init_distributed(plan.device_type, cfg.comm.init_timeout_seconds, fake=plan.dry_run)
     device = torch.device("meta") if plan.dry_run else local_device(plan.device_type)
+    keep_freed_memory(device, t.cpu_keep_freed_memory)  # CPU: each step reuses the last one's pages
     if world > 1 or plan.dry_run:
         dims.build_mesh("cpu" if plan.dry_run else plan.device_type)
     # A dry run does not apply async TP (CUDA symmetric memory): the plan says so.

@@ -205,6 +205,10 @@ class Training:
                                      ("bfloat16", "float32"))
     mixed_precision_reduce: str = opt("float32", "FSDP gradient reduction dtype.", ("float32", "bfloat16"))
     gc_freq: int = opt(50, "Run Python's garbage collector every N steps (automatic GC is disabled).")
+    cpu_keep_freed_memory: bool = opt(True, "CPU runs on glibc: keep freed host memory in the process for the next "
+                                            "step instead of returning it to the kernel, so activations do not "
+                                            "page-fault fresh memory every step; the process keeps its peak "
+                                            "resident size. No effect on GPU runs.")
     seed: int | None = opt(None, "Seed for weight init and RNG. None: 0 for init, nothing forced.")
     deterministic: bool = opt(False, "Use deterministic algorithms (slower).")
     z_loss_multiplier: float = opt(0.0, "Auxiliary z-loss weight (OLMo 2 uses 1e-5).")

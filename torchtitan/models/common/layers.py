@@ -20,6 +20,7 @@ from torchtitan.models.common.moe import MoE
 from torchtitan.models.common.rope import apply_rope_half, apply_rope_interleaved
 from torchtitan.ops.attention import AttentionCore, attention_with_logit_max
 from torchtitan.ops.moe import local_weight
+from torchtitan.ops.rms_norm import RMSNorm, rms_norm
 
 ROPE = {"interleaved": apply_rope_interleaved, "half": apply_rope_half}
 
@@ -50,9 +51,7 @@ class PlusOneRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        return rms_norm(x.float(), 1.0 + self.weight.float(), self.eps).type_as(x)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight)
@@ -65,12 +64,12 @@ def build_norm(args: DecoderArgs, dim: int | None = None) -> nn.Module:
     dim = dim or args.dim
     if args.norm == "rms_plus_one":
         return PlusOneRMSNorm(dim, args.norm_eps)
-    return nn.RMSNorm(dim, eps=args.norm_eps) if args.norm == "rms" else NonParametricLayerNorm(dim, args.norm_eps)
+    return RMSNorm(dim, eps=args.norm_eps) if args.norm == "rms" else NonParametricLayerNorm(dim, args.norm_eps)
 
 
 def _qk_norm(args: DecoderArgs, dim: int) -> nn.Module:
-    """QK-norms are RMSNorms: Gemma's (1 + w) one in a Gemma model, torch's otherwise."""
-    return PlusOneRMSNorm(dim, args.norm_eps) if args.norm == "rms_plus_one" else nn.RMSNorm(dim, eps=args.norm_eps)
+    """QK-norms are RMSNorms: Gemma's (1 + w) one in a Gemma model, the plain one otherwise."""
+    return PlusOneRMSNorm(dim, args.norm_eps) if args.norm == "rms_plus_one" else RMSNorm(dim, eps=args.norm_eps)
 
 
 class Attention(nn.Module):

@@ -23,6 +23,7 @@ from torch.distributed.tensor.parallel import PrepareModuleInput, RowwiseParalle
 from torchtitan.models.common.rope import YarnScaling, apply_rope_interleaved
 from torchtitan.ops.attention import AttentionCore
 from torchtitan.ops.moe import local_weight
+from torchtitan.ops.rms_norm import RMSNorm, rms_norm
 
 
 @dataclass
@@ -50,7 +51,7 @@ def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 
 def _rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
-    return F.rms_norm(x, norm.normalized_shape, local_weight(norm.weight), norm.eps)
+    return rms_norm(x, local_weight(norm.weight), norm.eps)
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -69,14 +70,14 @@ class MultiHeadLatentAttention(nn.Module):
         h, dim = args.n_heads, args.dim
         if m.q_lora_rank:
             self.wq_a = nn.Linear(dim, m.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(m.q_lora_rank, eps=args.norm_eps)
+            self.q_norm = RMSNorm(m.q_lora_rank, eps=args.norm_eps)
             self.wq_b = nn.Linear(m.q_lora_rank, h * m.qk_head_dim, bias=False)
             self.wq = None
         else:
             self.wq = nn.Linear(dim, h * m.qk_head_dim, bias=False)
             self.wq_a = self.q_norm = self.wq_b = None
         self.wkv_a = nn.Linear(dim, m.kv_lora_rank + m.qk_rope_head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(m.kv_lora_rank, eps=args.norm_eps)
+        self.kv_norm = RMSNorm(m.kv_lora_rank, eps=args.norm_eps)
         self.wkv_b = nn.Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
         self.wo = nn.Linear(h * m.v_head_dim, dim, bias=False)
         scaling = args.layer_rope_scaling(layer_id)
