@@ -10,6 +10,7 @@ process keeps its peak resident size until it exits. Other C libraries (musl, ma
 from __future__ import annotations
 
 import ctypes
+import logging
 import platform
 
 import torch
@@ -17,6 +18,7 @@ import torch
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _INT_MAX = 2 ** 31 - 1
+logger = logging.getLogger("torchtitan")
 
 
 def keep_freed_memory(device: torch.device, enabled: bool = True) -> bool:
@@ -25,5 +27,8 @@ def keep_freed_memory(device: torch.device, enabled: bool = True) -> bool:
     if not enabled or device.type != "cpu" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
-    return all(libc.mallopt(param, value) == 1 for param, value in
-               ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX), (_M_TOP_PAD, 64 << 20)))
+    applied = all(libc.mallopt(param, value) == 1 for param, value in
+                  ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX), (_M_TOP_PAD, 64 << 20)))
+    if applied:
+        logger.info("host memory: freed blocks stay in the heap for the next step (training.cpu_keep_freed_memory)")
+    return applied
