@@ -3,7 +3,7 @@
 glibc's malloc hands blocks above its mmap threshold (at most 32 MiB) straight back to the kernel when they are
 freed, and trims the top of the heap once enough of it is free. A training step frees and reallocates the same
 activation sizes every step, so each step then touches fresh pages: on the OLMo 2 debug shape (seq 512 x batch 8)
-about 40,000 page faults per step, each page zeroed by the kernel. Serving every block from the heap and never
+about 42,000 page faults per step, each page zeroed by the kernel. Serving every block from the heap and never
 trimming it lets the next step reuse the same pages (docs/performance.md has the measurement). The cost: the
 process keeps its peak resident size until it exits. Other C libraries (musl, macOS) are left as they are.
 """
