@@ -385,6 +385,9 @@ def layout_notes(cfg: JobConfig, dims: ParallelDims, device_type: str) -> list[s
     if "training.mixed_precision_param" in set_by and t.mixed_precision_param != "float32" and device_type != "cuda":
         notes.append(f"training.mixed_precision_param = {t.mixed_precision_param} has no effect on {device_type}: "
                      f"training runs in float32 there")
+    if "training.cpu_keep_freed_memory" in set_by and device_type != "cpu":
+        notes.append(f"training.cpu_keep_freed_memory has no effect on {device_type}: it sets how host memory "
+                     f"holding CPU activations is reused")
     blockwise = "context parallel" if dims.cp > 1 else "document masking" if cfg.data.document_masking else None
     if "model.sdpa_backend" in set_by and cfg.model.sdpa_backend not in ("auto", "default") and blockwise:
         notes.append(f"model.sdpa_backend = {cfg.model.sdpa_backend} has no effect with {blockwise}: attention runs "

@@ -107,6 +107,9 @@ def test_layout_and_device_notes():
     assert [n.split(" ")[0] for n in notes] == ["training.enable_cpu_offload", "training.mixed_precision_reduce",
                                                 "training.mixed_precision_param"]
     assert layout_notes(cfg, two, "cuda") == []
+    host = checked(["--training.cpu_keep_freed_memory", "false"], env={})
+    assert layout_notes(host, one, "cpu") == []
+    assert layout_notes(host, one, "cuda")[0].startswith("training.cpu_keep_freed_memory has no effect on cuda")
     # mixed_precision_param takes effect everywhere on CUDA: FSDP's policy, or autocast without FSDP.
     assert str(autocast_dtype(cfg, one, "cuda")) == "torch.bfloat16"
     assert autocast_dtype(cfg, two, "cuda") is None and autocast_dtype(cfg, one, "cpu") is None
