@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from torchtitan.ops.blockwise import BlockPlan, blockwise_attention, tiles
+from torchtitan.ops.cpu_attention import causal_attention_cpu, explicit_causal_eligible
 from torchtitan.ops.masks import CAUSAL, AttentionMask
 from torchtitan.tools.errors import ConfigError
 
@@ -65,8 +66,10 @@ class AttentionCore(nn.Module):
     """The swappable core: (B, H, S, D) queries, (B, Hkv, S, D) keys/values -> (B, H, S, D).
 
     Plain causal attention runs SDPA with is_causal (no mask tensor: the flash and cuDNN kernels stay
-    eligible). A sliding window, document masking or attention sinks run blockwise (ops/blockwise.py): tiles
-    outside the window are skipped and no (S x S) mask is built. documents: (B, S) document ids of the whole
+    eligible), except short float32 sequences on CPU under the default backend, which run from explicit
+    scores (ops/cpu_attention.py: faster there than torch's CPU flash kernel). A sliding window, document
+    masking or attention sinks run blockwise (ops/blockwise.py): tiles outside the window are skipped and no
+    (S x S) mask is built. documents: (B, S) document ids of the whole
     sequence.
     """
 
@@ -80,6 +83,8 @@ class AttentionCore(nn.Module):
                 documents: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """sinks: (H,) learned per-head logits in the softmax denominators (attention sinks), or None."""
         if self.mask.kind == "causal" and documents is None and sinks is None:
+            if self.backend == "default" and explicit_causal_eligible(q, k):
+                return causal_attention_cpu(q, k, v)
             rep = q.shape[1] // k.shape[1]
             if rep == 1:
                 with sdpa_context(self.backend):

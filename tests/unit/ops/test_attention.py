@@ -48,10 +48,11 @@ def test_bad_masks_are_config_errors():
 
 def test_grouped_kv_heads_without_copies_equal_repeated_heads():
     """The causal path hands SDPA 2 K/V heads for 8 query heads (enable_gqa): the same output and gradients as
-    the heads repeated up to the queries."""
+    the heads repeated up to the queries. The flash backend is named: float32 CPU calls this short would
+    otherwise run from explicit scores (test_cpu_attention.py)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, h, 128, 32, requires_grad=True) for h in (8, 2, 2))
-    out = AttentionCore(CAUSAL)(q, k, v)
+    out = AttentionCore(CAUSAL, backend="flash")(q, k, v)
     out.square().sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):

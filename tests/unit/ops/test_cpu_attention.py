@@ -1,0 +1,77 @@
+"""The explicit-score causal attention for CPU against SDPA, and which calls AttentionCore hands it."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from torchtitan.ops import cpu_attention
+from torchtitan.ops.attention import AttentionCore
+from torchtitan.ops.cpu_attention import causal_attention_cpu, explicit_causal_eligible
+from torchtitan.ops.masks import AttentionMask
+
+
+def _run(fn, q, k, v, g):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(g)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+# seq 200 leaves a partial last block; heads 8 over 2 K/V heads is GQA 4; (B, S, H, D) transposed as the model does
+@pytest.mark.parametrize("b,h,hkv,s,d", [(2, 4, 4, 128, 16), (2, 8, 2, 200, 32), (1, 4, 2, 64, 64), (3, 2, 1, 7, 8)])
+def test_values_and_gradients_as_accurate_as_sdpas(b, h, hkv, s, d):
+    torch.manual_seed(0)
+    q = torch.randn(b, s, h, d).transpose(1, 2) * 2
+    k, v = torch.randn(b, s, hkv, d).transpose(1, 2) * 2, torch.randn(b, s, hkv, d).transpose(1, 2)
+    g = torch.randn(b, h, s, d)
+    ref = _run(_sdpa, q.double(), k.double(), v.double(), g.double())
+    torchs = _run(_sdpa, q, k, v, g)
+    ours = _run(causal_attention_cpu, q, k, v, g)
+    for o, t, r in zip(ours, torchs, ref):
+        assert o.shape == r.shape and o.dtype == torch.float32
+        err_ours, err_torch = (o.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
+        assert err_ours <= 4 * err_torch + 1e-6, (err_ours, err_torch)
+
+
+def test_future_keys_get_no_weight_and_no_gradient():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 150, 8, requires_grad=True) for _ in range(3))
+    out = causal_attention_cpu(q, k, v)
+    out[:, :, :70].sum().backward()  # rows before 70 may only have looked at keys before 70
+    assert torch.count_nonzero(k.grad[:, :, 70:]) == 0 and torch.count_nonzero(v.grad[:, :, 70:]) == 0
+    assert torch.count_nonzero(v.grad[:, :, :70]) > 0
+
+
+def test_attention_core_takes_it_only_for_default_backend_float32_cpu():
+    q, k, v = (torch.randn(2, 4, 32, 8, requires_grad=True) for _ in range(3))
+    assert type(AttentionCore()(q, k, v).grad_fn).__name__ == "_CausalAttentionCPUBackward"
+    assert type(AttentionCore(backend="math")(q, k, v).grad_fn).__name__ != "_CausalAttentionCPUBackward"
+    window = AttentionCore(AttentionMask("sliding_window", window=8))
+    assert type(window(q, k, v).grad_fn).__name__ != "_CausalAttentionCPUBackward"
+    with sdpa_kernel([SDPBackend.MATH]):  # a caller that asks for the math kernel gets it
+        assert type(AttentionCore()(q, k, v).grad_fn).__name__ != "_CausalAttentionCPUBackward"
+    bf = [t.detach().bfloat16() for t in (q, k, v)]
+    assert not explicit_causal_eligible(bf[0], bf[1])
+
+
+def test_long_or_large_calls_keep_the_flash_kernel():
+    assert explicit_causal_eligible(torch.empty(8, 8, 512, 32), torch.empty(8, 4, 512, 32))
+    assert not explicit_causal_eligible(torch.empty(1, 1, cpu_attention.MAX_SEQ + 1, 8),
+                                        torch.empty(1, 1, cpu_attention.MAX_SEQ + 1, 8))
+    assert not explicit_causal_eligible(torch.empty(64, 8, 1024, 8), torch.empty(64, 8, 1024, 8))  # 1 GiB kept
+
+
+def test_compiled_graph_uses_sdpa():
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    torch.compile(AttentionCore(), backend=record, fullgraph=True)(q, k, v)
+    assert "scaled_dot_product_attention" in graphs[0] and "autograd_function_apply" not in graphs[0]
