@@ -92,6 +92,12 @@ def runs(tmp_path_factory) -> dict:
     return out
 
 
+# The per-token losses summed per rank and then across ranks, instead of all in one sum, move the last bits
+# of a float32 loss near 8 (one ulp is 4.8e-7): a few ulps, in one process as well when a batch is summed in
+# halves. A wrong shard or a missed weight moves it by more than 1e-3.
+SUM_ORDER = 1e-5
+
+
 def test_seed_command_writes_step0_and_exits(runs):
     assert runs["seed_listing"] == ["checkpoint"]  # no metrics: it did not train
     assert ".complete" in runs["seed_files"] and ".metadata" in runs["seed_files"]
@@ -101,7 +107,7 @@ def test_seed_loaded_by_1_2_and_4_processes_gives_the_same_step1_loss(runs):
     l1, l2, l4 = runs["seed1"]["loss"][0], runs["seed2"]["loss"][0], runs["ref"]["loss"][0]
     print(f"step-1 loss from the seed: 1 proc {l1!r}, 2 procs {l2!r}, 4 procs {l4!r}")
     assert len(runs["seed1"]["loss"]) == len(runs["seed2"]["loss"]) == 1
-    assert abs(l1 - l2) <= 1e-6 and abs(l1 - l4) <= 1e-6
+    assert abs(l1 - l2) <= SUM_ORDER and abs(l1 - l4) <= SUM_ORDER
 
 
 def test_resume_on_fewer_processes_continues_the_same_run(runs):
@@ -116,7 +122,7 @@ def test_resume_on_fewer_processes_continues_the_same_run(runs):
 
 def test_hf_initial_load_under_fsdp_matches_one_process(runs):
     l1, l2 = runs["hf1"]["loss"][0], runs["hf2"]["loss"][0]
-    assert abs(l1 - l2) <= 1e-6 and abs(l1 - runs["seed1"]["loss"][0]) > 1e-3  # HF weights, not the seed's
+    assert abs(l1 - l2) <= SUM_ORDER and abs(l1 - runs["seed1"]["loss"][0]) > 1e-3  # HF weights, not the seed's
 
 
 # ------------------------------------------------------------------ expert parallel: EP2 -> EP1 -> EP4

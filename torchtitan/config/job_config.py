@@ -79,7 +79,9 @@ class Model:
     converters: list[str] = opt([], "Model converters applied before parallelization (float8: torchao's float8 "
                                      "linears, CUDA only).", ("float8",))
     sdpa_backend: str = opt("auto", "scaled_dot_product_attention backend; auto picks cuDNN on Hopper+, flash on "
-                                    "other CUDA, the default on CPU.",
+                                    "other CUDA, the default on CPU (where short float32 causal sequences run from "
+                                    "explicit scores, faster than the CPU flash kernel; flash or math there to keep "
+                                    "SDPA's kernel).",
                             ("auto", "default", "cudnn", "flash", "efficient", "math"))
 
 

@@ -75,3 +75,19 @@ def test_compiled_graph_uses_sdpa():
     q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
     torch.compile(AttentionCore(), backend=record, fullgraph=True)(q, k, v)
     assert "scaled_dot_product_attention" in graphs[0] and "autograd_function_apply" not in graphs[0]
+
+
+def test_selective_op_checkpointing_recomputes_it_to_the_same_gradients():
+    """The op-level policy keeps matmul outputs and hands them back on recompute: they must come back unchanged
+    (a masked_fill_ on the scores made torch refuse the cached tensor)."""
+    from torchtitan.config.job_config import ActivationCheckpoint
+    from torchtitan.distributed.activation_checkpoint import wrap_block
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 150, 8), torch.randn(2, 2, 150, 8), torch.randn(2, 2, 150, 8)
+    g = torch.randn(2, 4, 150, 8)
+    plain = _run(AttentionCore(), q, k, v, g)
+    core = wrap_block(AttentionCore(), ActivationCheckpoint(mode="selective", selective_ac_option="op"), 0)
+    checkpointed = _run(core, q, k, v, g)
+    for a, b in zip(plain, checkpointed):
+        assert torch.equal(a, b)
