@@ -133,6 +133,7 @@ def _worker(rank: int, world: int, port: int) -> None:
             assert torch.equal(a.detach(), b.full_tensor()), f"matrix {i} {SHAPES[i % 4]} {pl[i]}"
         # Only the split matrices travelled: each rank sent its shards once and received its results once.
         assert opt.bytes_communicated > 0
+        dist.barrier()  # neither rank tears its group down while the other's gloo threads still finish work
     finally:
         dist.destroy_process_group()
 
