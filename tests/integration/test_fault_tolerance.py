@@ -135,10 +135,8 @@ def test_kill_and_rejoin_fsdp_groups(tmp_path):
     Muon's momentum as well (else the weights would part again at the next step)."""
     dump = str(tmp_path / "ft")
     steps = 70  # 4 trainer processes on the test machine's 2 cores: ~0.4 s a step, ~12 s to restart
-    # Newton-Schulz in float32: CPUs without bfloat16 matmul units run it ~60x slower in bfloat16 (14 s a step).
     _run_kill_scenario(dump, nproc=2, steps=steps, extra=["--checkpoint.enable", "--checkpoint.interval", "1000",
-                                                          "--optimizer.name", "Muon",
-                                                          "--optimizer.muon_ns_dtype", "float32"])
+                                                          "--optimizer.name", "Muon"])
     assert "optimizer: Muon on matrix" in open(os.path.join(dump, "replica_0.log")).read()
     fresh = str(tmp_path / "fresh")
     run_train(fresh, [*TINY, "--checkpoint.enable", "--checkpoint.initial_load_path",

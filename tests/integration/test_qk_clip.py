@@ -17,8 +17,7 @@ pytestmark = pytest.mark.slow
 
 THRESHOLD = 0.7
 STEPS = 40
-ARGS = [*TINY, "--training.steps", str(STEPS), "--optimizer.name", "Muon", "--optimizer.lr", "1.6e-3",
-        "--optimizer.muon_ns_dtype", "float32"]
+ARGS = [*TINY, "--training.steps", str(STEPS), "--optimizer.name", "Muon", "--optimizer.lr", "1.6e-3"]
 
 
 def _fixed_batch_config(tmp) -> str:

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from torchtitan.components.muon import Muon
+from torchtitan.components.muon import MUON_KEYS, Muon
 from torchtitan.components.param_groups import (
     describe_groups,
     describe_muon_groups,
@@ -39,6 +39,7 @@ from torchtitan.components.param_groups import (
 from torchtitan.config.job_config import Optimizer as OptimizerConfig
 
 logger = logging.getLogger("torchtitan")
+_KEPT_ON_LOAD = ("weight_decay", *MUON_KEYS)  # hyperparameters this run's config decides, not the checkpoint
 MUON_EPS = 1e-7  # torch.optim.Muon's: the floor of the norm Newton-Schulz divides by
 _OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
 
@@ -98,12 +99,13 @@ class OptimizersContainer(Stateful):
     def load_state_dict(self, state_dict: dict) -> None:
         for model, opt in zip(self.model_parts, self.optimizers):
             # A group takes its hyperparameters from the checkpoint's entry of its first parameter: keep the
-            # weight decay this run's groups were built with (a checkpoint of another grouping would move it).
-            decays = [g["weight_decay"] for g in opt.param_groups]
+            # weight decay this run's groups were built with (a checkpoint of another grouping would move it) and
+            # this run's Muon settings (a run resumed on another device or with another Newton-Schulz dtype).
+            kept = [{k: g[k] for k in _KEPT_ON_LOAD if k in g} for g in opt.param_groups]
             set_optimizer_state_dict(model, opt, optim_state_dict=state_dict,
                                      options=StateDictOptions(flatten_optimizer_state_dict=True))
-            for group, decay in zip(opt.param_groups, decays):
-                group["weight_decay"] = decay
+            for group, values in zip(opt.param_groups, kept):
+                group.update(values)
 
 
 def build_optimizers(model_parts: list[nn.Module], cfg: OptimizerConfig, device_type: str) -> OptimizersContainer:
@@ -111,7 +113,8 @@ def build_optimizers(model_parts: list[nn.Module], cfg: OptimizerConfig, device_
     kwargs.update(_kernel_kwargs(cfg.implementation, device_type))
     excluded = excluded_roles(cfg.decay_embeddings, cfg.decay_norm_and_bias)
     if cfg.name == "Muon":
-        optimizers = [Muon(muon_groups(m, cfg.weight_decay, excluded), muon_defaults=_muon_defaults(cfg), **kwargs)
+        defaults = _muon_defaults(cfg, device_type)
+        optimizers = [Muon(muon_groups(m, cfg.weight_decay, excluded), muon_defaults=defaults, **kwargs)
                       for m in model_parts]
         logger.info(describe_muon_groups(model_parts))
     else:
@@ -121,7 +124,16 @@ def build_optimizers(model_parts: list[nn.Module], cfg: OptimizerConfig, device_
     return OptimizersContainer(model_parts, optimizers)
 
 
-def _muon_defaults(cfg: OptimizerConfig) -> dict:
+def muon_ns_dtype(name: str, device_type: str) -> str:
+    """`optimizer.muon_ns_dtype` resolved: auto is torch's bfloat16 on CUDA and float32 elsewhere, where bfloat16
+    matmuls often run without hardware support (docs/optimizers.md)."""
+    if name != "auto":
+        return name
+    return "bfloat16" if device_type == "cuda" else "float32"
+
+
+def _muon_defaults(cfg: OptimizerConfig, device_type: str) -> dict:
     return {"momentum": cfg.muon_momentum, "nesterov": cfg.muon_nesterov,
             "ns_coefficients": tuple(cfg.muon_ns_coefficients), "ns_steps": cfg.muon_ns_steps,
-            "ns_eps": MUON_EPS, "ns_dtype": cfg.muon_ns_dtype, "adjust_lr_fn": cfg.muon_adjust_lr}
+            "ns_eps": MUON_EPS, "ns_dtype": muon_ns_dtype(cfg.muon_ns_dtype, device_type),
+            "adjust_lr_fn": cfg.muon_adjust_lr}

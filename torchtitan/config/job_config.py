@@ -106,10 +106,11 @@ class Optimizer:
     muon_ns_steps: int = opt(5, "Muon: Newton-Schulz iterations per orthogonalization.")
     muon_ns_coefficients: list[float] = opt([3.4445, -4.775, 2.0315], "Muon: the quintic Newton-Schulz "
                                                                        "coefficients (a, b, c).")
-    muon_ns_dtype: str = opt("bfloat16", "Muon: the dtype Newton-Schulz runs in (and shards travel in). "
-                                         "bfloat16 as torch.optim.Muon; float32 costs twice the traffic and "
-                                         "slower matmuls, and is insensitive to last-bit gradient noise.",
-                             ("bfloat16", "float32"))
+    muon_ns_dtype: str = opt("auto", "Muon: the dtype Newton-Schulz runs in (and shards travel in). auto: "
+                                     "bfloat16 on CUDA (torch.optim.Muon's), float32 elsewhere (CPUs without "
+                                     "bfloat16 matmul units run it ~60x slower); float32 costs twice the traffic "
+                                     "and is insensitive to last-bit gradient noise.",
+                             ("auto", "bfloat16", "float32"))
     muon_adjust_lr: str = opt("match_rms_adamw", "Muon: the update scale. match_rms_adamw: lr x 0.2 x "
                                                  "sqrt(max(rows, cols)), an update RMS like AdamW's, so AdamW "
                                                  "learning rates carry over (Moonlight); original: lr x "

@@ -11,7 +11,7 @@ import torch
 
 from tests.launch import ROOT
 from torchtitan.components.loss import cross_entropy_sum
-from torchtitan.components.optimizer import build_optimizers
+from torchtitan.components.optimizer import build_optimizers, muon_ns_dtype
 from torchtitan.config.job_config import Optimizer
 from torchtitan.models import get_train_spec
 
@@ -97,13 +97,33 @@ def test_state_dict_round_trip_and_resume_keeps_the_configs_decay(caplog):
     assert [g["weight_decay"] for g in two.param_groups] == [WD, 0.0]
 
 
+
+def test_muon_ns_dtype_auto_is_bfloat16_on_cuda_float32_elsewhere_and_the_run_keeps_its_own_on_resume():
+    """auto resolves by device (CPUs without bfloat16 matmul units run Newton-Schulz ~60x slower in it); a
+    checkpoint written with another Newton-Schulz dtype resumes with this run's."""
+    assert muon_ns_dtype("auto", "cuda") == "bfloat16" and muon_ns_dtype("auto", "cpu") == "float32"
+    assert muon_ns_dtype("bfloat16", "cpu") == "bfloat16" and muon_ns_dtype("float32", "cuda") == "float32"
+    model = _model()
+    bf16 = build_optimizers([model], Optimizer(name="Muon", lr=LR, muon_ns_dtype="bfloat16"), "cpu")
+    _backward(model, 0)
+    bf16.step()
+    bf16.zero_grad()
+    state = bf16.state_dict()
+    assert state["param_groups.layers.0.attention.wq.weight.ns_dtype"] == "bfloat16"
+    auto = build_optimizers([model], Optimizer(name="Muon", lr=LR), "cpu")
+    assert {g["ns_dtype"] for g in auto.param_groups if g["muon"]} == {"float32"}
+    auto.load_state_dict(state)
+    assert {g["ns_dtype"] for g in auto.param_groups if g["muon"]} == {"float32"}
+    momentum = "state.layers.0.attention.wq.weight.momentum_buffer"
+    assert torch.equal(auto.state_dict()[momentum], state[momentum])
+
 _FSDP = """
 import torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from torchtitan.components.optimizer import build_optimizers
+from torchtitan.components.optimizer import build_optimizers, muon_ns_dtype
 from torchtitan.config.job_config import Optimizer
 from torchtitan.models import get_train_spec
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
