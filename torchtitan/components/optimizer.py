@@ -116,7 +116,7 @@ def build_optimizers(model_parts: list[nn.Module], cfg: OptimizerConfig, device_
         defaults = _muon_defaults(cfg, device_type)
         optimizers = [Muon(muon_groups(m, cfg.weight_decay, excluded), muon_defaults=defaults, **kwargs)
                       for m in model_parts]
-        logger.info(describe_muon_groups(model_parts))
+        logger.info(f"{describe_muon_groups(model_parts)}; Newton-Schulz in {defaults['ns_dtype']}")
     else:
         cls = _OPTIMIZERS[cfg.name]
         optimizers = [cls(weight_decay_groups(m, cfg.weight_decay, excluded), **kwargs) for m in model_parts]

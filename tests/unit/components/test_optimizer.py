@@ -98,7 +98,7 @@ def test_state_dict_round_trip_and_resume_keeps_the_configs_decay(caplog):
 
 
 
-def test_muon_ns_dtype_auto_is_bfloat16_on_cuda_float32_elsewhere_and_the_run_keeps_its_own_on_resume():
+def test_muon_ns_dtype_auto_is_bfloat16_on_cuda_float32_elsewhere_and_the_run_keeps_its_own_on_resume(caplog):
     """auto resolves by device (CPUs without bfloat16 matmul units run Newton-Schulz ~60x slower in it); a
     checkpoint written with another Newton-Schulz dtype resumes with this run's."""
     assert muon_ns_dtype("auto", "cuda") == "bfloat16" and muon_ns_dtype("auto", "cpu") == "float32"
@@ -110,7 +110,9 @@ def test_muon_ns_dtype_auto_is_bfloat16_on_cuda_float32_elsewhere_and_the_run_ke
     bf16.zero_grad()
     state = bf16.state_dict()
     assert state["param_groups.layers.0.attention.wq.weight.ns_dtype"] == "bfloat16"
-    auto = build_optimizers([model], Optimizer(name="Muon", lr=LR), "cpu")
+    with caplog.at_level(logging.INFO, logger="torchtitan"):
+        auto = build_optimizers([model], Optimizer(name="Muon", lr=LR), "cpu")
+    assert "; Newton-Schulz in float32" in caplog.text
     assert {g["ns_dtype"] for g in auto.param_groups if g["muon"]} == {"float32"}
     auto.load_state_dict(state)
     assert {g["ns_dtype"] for g in auto.param_groups if g["muon"]} == {"float32"}
