@@ -47,6 +47,7 @@ _DOWNSTREAM_OPTIONS = ("tasks", "freq", "limit", "batch_tokens", "local_batch_si
 _FT_OPTIONS = ("replica_id", "group_size", "min_replica_size", "lighthouse", "timeout_seconds",
                "quorum_timeout_seconds", "log_weight_digest", "semi_sync_method")
 _DILOCO_OPTIONS = ("sync_steps", "outer_lr", "outer_momentum")
+_MUON_OPTIONS = ("momentum", "nesterov", "ns_steps", "ns_coefficients", "ns_dtype", "adjust_lr")
 _WANDB_OPTIONS = ("wandb_project", "wandb_entity", "wandb_run_name", "wandb_group", "wandb_tags", "wandb_mode")
 
 REQUIREMENTS: tuple[Requirement, ...] = (
@@ -83,6 +84,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
                 lambda c: c.training.max_norm > 0, "training.max_norm > 0 (gradient clipping on)"),
     Requirement(("optimizer.decay_embeddings", "optimizer.decay_norm_and_bias"), "optimizer.weight_decay",
                 lambda c: c.optimizer.weight_decay > 0, "optimizer.weight_decay > 0"),
+    Requirement(tuple(f"optimizer.muon_{k}" for k in _MUON_OPTIONS), "optimizer.name",
+                lambda c: c.optimizer.name == "Muon", 'optimizer.name = "Muon"'),
     Requirement(("training.loss_chunk_size",), "parallelism.disable_loss_parallel",
                 lambda c: c.parallelism.tensor_parallel_degree == 1 or c.parallelism.disable_loss_parallel,
                 "parallelism.disable_loss_parallel = true under tensor parallel (loss parallel already keeps "

@@ -45,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
     (["--activation_checkpoint.mode", "full", "--activation_checkpoint.selective_ac_option", "op"],
      "activation_checkpoint.selective_ac_option", 'mode = "selective"'),
     (["--compile.components", "model"], "compile.components", "compile.enable = true"),
+    (["--optimizer.muon_ns_dtype", "bfloat16"], "optimizer.muon_ns_dtype", 'optimizer.name = "Muon"'),
     (["--metrics.save_tb_folder", "x"], "metrics.save_tb_folder", "metrics.enable_tensorboard = true"),
     (["--metrics.wandb_project", "p"], "metrics.wandb_project", "metrics.enable_wandb = true"),
     (["--metrics.wandb_mode", "offline"], "metrics.wandb_mode", "metrics.enable_wandb = true"),
