@@ -37,6 +37,14 @@ def test_values_and_gradients_as_accurate_as_sdpas(b, h, hkv, s, d):
         assert err_ours <= 4 * err_torch + 1e-6, (err_ours, err_torch)
 
 
+def test_output_comes_in_the_layout_the_model_reshapes_for_free():
+    """The model turns (B, H, S, D) into (B, S, H * D) for its output projection: no copy may be left to it."""
+    q, k, v = torch.randn(2, 8, 70, 16), torch.randn(2, 2, 70, 16), torch.randn(2, 2, 70, 16)
+    out = causal_attention_cpu(q, k, v)
+    assert out.shape == (2, 8, 70, 16) and out.transpose(1, 2).is_contiguous()
+    assert torch.allclose(out, _sdpa(q, k, v), atol=1e-5)
+
+
 def test_future_keys_get_no_weight_and_no_gradient():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 150, 8, requires_grad=True) for _ in range(3))
