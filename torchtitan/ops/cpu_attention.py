@@ -6,7 +6,7 @@ tokens) that made attention a third of a step, at under half the rate of the mod
 of 64 query rows meets only the keys up to its own end (the causal triangle plus one diagonal block, the only
 one masked) as batched matmuls, with the query heads that share a K/V head stacked into one matrix (GQA: more
 rows per matmul, K/V never repeated); its probabilities are kept for backward, and backward accumulates the K/V
-gradients block by block: forward + backward 1.5x-1.8x the flash kernel's speed at seq 512 (docs/performance.md). The
+gradients block by block: forward + backward 1.5x-1.7x the flash kernel's speed at seq 512 (docs/performance.md). The
 price is memory, about B * H * S * S / 2 floats, so only calls whose kept probabilities stay under
 `MAX_KEPT_BYTES` take it. Values agree with SDPA's to float32 rounding (a test bounds both against float64).
 """
