@@ -138,9 +138,10 @@ def plan_row(name: str) -> str:
     overrides are checked on any machine."""
     config, overrides, _ = ROWS[name]
     with tempfile.TemporaryDirectory() as dump:
-        cmd = ["./run_train.sh", "--job.dump_folder", dump, "--comm.mode", "fake_backend", *overrides]
-        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, NGPU="1", CONFIG=config), capture_output=True,
-                              text=True)
+        # COMM_MODE=fake_backend: run_train.sh starts the one process itself, no launcher or torchrun around it.
+        cmd = ["./run_train.sh", "--job.dump_folder", dump, *overrides]
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, NGPU="1", CONFIG=config, COMM_MODE="fake_backend"),
+                              capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
         return f"{name:40s} FAILED: {text[-800:]}"

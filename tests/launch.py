@@ -29,10 +29,20 @@ def _env(extra: dict | None) -> dict:
 
 def run_train(dump_folder: str, args: list[str], nproc: int = 1, timeout: int = 300, config: str = DEBUG_CONFIG,
               env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """torchrun -m torchtitan.train with a config and overrides; dump_folder is forced."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "localhost:0", "-m", "torchtitan.train", "--job.config_file", config,
-           "--job.dump_folder", dump_folder, "--comm.init_timeout_seconds", "120", *args]
+    """torchrun -m torchtitan.train with a config and overrides; dump_folder is forced.
+
+    One process is started without torchrun, with the environment torchrun would give it (a world of one on a
+    free port): torchrun's agent adds ~3.5 s per launch here, and the multi-process tests and run_train_sh
+    exercise it."""
+    train = ["-m", "torchtitan.train", "--job.config_file", config, "--job.dump_folder", dump_folder,
+             "--comm.init_timeout_seconds", "120", *args]
+    if nproc == 1:
+        cmd = [sys.executable, *train]
+        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **(env or {})}
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend",
+               "c10d", "--rdzv_endpoint", "localhost:0", *train]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
