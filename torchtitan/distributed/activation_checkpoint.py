@@ -9,6 +9,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from torchtitan.config.job_config import ActivationCheckpoint
+from torchtitan.ops import cpu_attention  # noqa: F401  (registers torch.ops.torchtitan.cpu_causal_attention)
 
 
 def _save_list() -> set:
@@ -19,7 +20,8 @@ def _save_list() -> set:
            aten._scaled_dot_product_flash_attention.default,
            aten._scaled_dot_product_flash_attention_for_cpu.default,
            aten._scaled_dot_product_cudnn_attention.default,
-           aten.max.default}
+           aten.max.default,
+           torch.ops.torchtitan.cpu_causal_attention.default}  # ops/cpu_attention.py
     return ops
 
 

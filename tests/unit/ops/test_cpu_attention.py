@@ -54,14 +54,18 @@ def test_future_keys_get_no_weight_and_no_gradient():
     assert torch.count_nonzero(v.grad[:, :, :70]) > 0
 
 
+def _explicit(out: torch.Tensor) -> bool:
+    return type(out.grad_fn).__name__ == "_CausalAttentionCPUBackward"
+
+
 def test_attention_core_takes_it_only_for_default_backend_float32_cpu():
     q, k, v = (torch.randn(2, 4, 32, 8, requires_grad=True) for _ in range(3))
-    assert type(AttentionCore()(q, k, v).grad_fn).__name__ == "_CausalAttentionCPUBackward"
-    assert type(AttentionCore(backend="math")(q, k, v).grad_fn).__name__ != "_CausalAttentionCPUBackward"
+    assert _explicit(AttentionCore()(q, k, v))
+    assert not _explicit(AttentionCore(backend="math")(q, k, v))
     window = AttentionCore(AttentionMask("sliding_window", window=8))
-    assert type(window(q, k, v).grad_fn).__name__ != "_CausalAttentionCPUBackward"
+    assert not _explicit(window(q, k, v))
     with sdpa_kernel([SDPBackend.MATH]):  # a caller that asks for the math kernel gets it
-        assert type(AttentionCore()(q, k, v).grad_fn).__name__ != "_CausalAttentionCPUBackward"
+        assert not _explicit(AttentionCore()(q, k, v))
     bf = [t.detach().bfloat16() for t in (q, k, v)]
     assert not explicit_causal_eligible(bf[0], bf[1])
 
@@ -73,16 +77,47 @@ def test_long_or_large_calls_keep_the_flash_kernel():
     assert not explicit_causal_eligible(torch.empty(64, 8, 1024, 8), torch.empty(64, 8, 1024, 8))  # 1 GiB kept
 
 
-def test_compiled_graph_uses_sdpa():
+def test_compiled_graph_keeps_it_as_one_op_with_eager_values_and_gradients():
+    """torch.compile sees one opaque call (no unrolled block loop, no SDPA), and through AOT autograd it gives
+    eager's output and gradients."""
     graphs = []
 
     def record(gm, example_inputs):
         graphs.append(gm.code)
         return gm.forward
 
-    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 150, 8), torch.randn(2, 2, 150, 8), torch.randn(2, 2, 150, 8)
+    g = torch.randn(2, 4, 150, 8)
     torch.compile(AttentionCore(), backend=record, fullgraph=True)(q, k, v)
-    assert "scaled_dot_product_attention" in graphs[0] and "autograd_function_apply" not in graphs[0]
+    assert "torchtitan.cpu_causal_attention" in graphs[0] and "scaled_dot_product" not in graphs[0]
+    eager = _run(AttentionCore(), q, k, v, g)
+    compiled = _run(torch.compile(AttentionCore(), backend="aot_eager", fullgraph=True), q, k, v, g)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+def test_fake_shapes_and_strides_match_the_real_op():
+    """The fake kernels compile plans with must describe what the real ones return (layouts included)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # (B, S, H, D) transposed, as the model passes them: a fake kernel must not copy its inputs' layouts
+    q, k, v = (torch.randn(2, 150, h, 8).transpose(1, 2) for h in (4, 2, 2))
+
+    def both(q, k, v):
+        out, qs, kg, vg, out_grouped, probs = cpu_attention._forward(q, k, v)
+        grads = cpu_attention._backward(torch.empty_like(out), qs, kg, vg, out_grouped, probs)
+        return [out, qs, kg, vg, out_grouped, *probs, *grads]
+
+    real = both(q, k, v)
+    with FakeTensorMode() as mode:
+        fake = both(*(mode.from_tensor(t) for t in (q, k, v)))
+    assert len(real) == len(fake) == 5 + 3 + 3  # 150 positions: blocks of 64, 64 and 22
+    for a, b in zip(real, fake):
+        assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
+    # torch's own checks of a custom op: schema, autograd registration, fake kernel, AOT dispatch
+    checks = torch.library.opcheck(cpu_attention._forward, tuple(t.requires_grad_() for t in (q, k, v)))
+    assert set(checks.values()) == {"SUCCESS"}, checks
 
 
 def test_selective_op_checkpointing_recomputes_it_to_the_same_gradients():
