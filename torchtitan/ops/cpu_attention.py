@@ -101,8 +101,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
 
 
 # The same two functions as custom ops, so that torch.compile keeps the attention as one opaque call (its block
-# loop is not unrolled into the graph). Eager code calls them through the autograd.Function below instead: the
-# op's dispatch costs a few percent of the call there.
+# loop is not unrolled into the graph). Eager code calls them through the autograd.Function below instead, which
+# skips the op's Python dispatch (about 0.15 ms a call here).
 _forward = torch.library.custom_op("torchtitan::cpu_causal_attention", _attention, mutates_args=())
 
 
@@ -117,7 +117,7 @@ def _forward_fake(q, k, v):
 
 
 def _attention_backward(grad: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              probs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        probs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k, v: (B * Hkv, S, D) as the forward returned them."""
     b, h, s, d = grad.shape
     hkv = k.shape[0] // b

@@ -120,6 +120,19 @@ def test_fake_shapes_and_strides_match_the_real_op():
     assert set(checks.values()) == {"SUCCESS"}, checks
 
 
+def test_compiled_under_selective_op_checkpointing_gives_eager_gradients():
+    from torchtitan.config.job_config import ActivationCheckpoint
+    from torchtitan.distributed.activation_checkpoint import wrap_block
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 150, 8), torch.randn(2, 2, 150, 8), torch.randn(2, 2, 150, 8)
+    g = torch.randn(2, 4, 150, 8)
+    core = wrap_block(AttentionCore(), ActivationCheckpoint(mode="selective", selective_ac_option="op"), 0)
+    compiled = _run(torch.compile(core, backend="aot_eager", fullgraph=True), q, k, v, g)
+    for a, b in zip(_run(AttentionCore(), q, k, v, g), compiled):
+        assert torch.equal(a, b)
+
+
 def test_selective_op_checkpointing_recomputes_it_to_the_same_gradients():
     """The op-level policy keeps matmul outputs and hands them back on recompute: they must come back unchanged
     (a masked_fill_ on the scores made torch refuse the cached tensor)."""
